@@ -1,0 +1,66 @@
+"""Masked-diffusion language model (MDLM / LLaDA style) over characters.
+
+Input vocabulary = the corpus characters plus one [MASK] id (the last id).
+The head predicts only characters: a [MASK] is never an output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .transformer import ModelConfig, Trunk
+
+
+class DiffusionLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.trunk = Trunk(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, self.n_chars, bias=False)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.02)
+
+    @property
+    def n_chars(self) -> int:
+        return self.cfg.vocab_size - 1
+
+    @property
+    def mask_id(self) -> int:
+        return self.cfg.vocab_size - 1
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) with [MASK] at unknown positions -> logits (B, T, n_chars)."""
+        return self.lm_head(self.trunk(idx))
+
+
+def mask_tokens(x: torch.Tensor, mask_id: int, generator: torch.Generator | None = None,
+                t_min: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward process: t ~ U(t_min, 1) per sequence, each token masked with prob t.
+
+    Returns (noisy input, boolean mask of masked positions, t of shape (B,)).
+    """
+    B, T = x.shape
+    t = t_min + (1 - t_min) * torch.rand(B, generator=generator, device=x.device)
+    masked = torch.rand(B, T, generator=generator, device=x.device) < t[:, None]
+    return torch.where(masked, torch.full_like(x, mask_id), x), masked, t
+
+
+def diffusion_loss(model: DiffusionLM, x: torch.Tensor, generator: torch.Generator | None = None,
+                   elbo_weight: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked-diffusion loss on clean windows x (B, T).
+
+    Returns (loss to optimise, masked-token cross-entropy in nats). With
+    elbo_weight the loss is the MDLM bound: sum over masked tokens of CE / t,
+    divided by the number of tokens; otherwise the mean CE over masked tokens.
+    """
+    noisy, masked, t = mask_tokens(x, model.mask_id, generator)
+    logits = model(noisy)
+    ce = F.cross_entropy(logits.float().flatten(0, 1), x.flatten(), reduction="none").view_as(x)
+    n_masked = masked.sum().clamp_min(1)
+    token_ce = (ce * masked).sum() / n_masked
+    if elbo_weight:
+        loss = (ce * masked / t[:, None]).sum() / x.numel()
+    else:
+        loss = token_ce
+    return loss, token_ce.detach()
