@@ -1,0 +1,132 @@
+"""Supervised masked-diffusion pretraining of the generator (pure torch, no Ray)."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..corpus import Corpus, check_length, fixed_windows, random_windows
+from .checkpoint import load_checkpoint, save_checkpoint
+from .diffusion import DiffusionLM, diffusion_loss, mask_tokens
+from .sampler import autocast_context, resolve_precision
+from .transformer import preset_config
+
+
+
+def cosine_lr(it: int, max_iters: int, lr: float, min_lr: float, warmup: int,
+              time_fraction: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to min_lr; with a wall-time budget the
+    decay follows whichever of iterations or time is further along."""
+    if it < warmup:
+        return lr * (it + 1) / warmup
+    progress = min(1.0, max(time_fraction, (it - warmup) / max(1, max_iters - warmup)))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate_masked_ce(model: DiffusionLM, windows: torch.Tensor, batch_size: int, seed: int = 0,
+                       autocast_dtype=None) -> float:
+    """Masked-token cross-entropy (nats) averaged over t ~ U(0,1), masked tokens only.
+
+    The masking draws come from a fixed seed so successive evaluations are comparable.
+    """
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        x = windows[start:start + batch_size]
+        noisy, masked, _ = mask_tokens(x, model.mask_id, g)
+        with autocast_context(x.device, autocast_dtype):
+            logits = model(noisy)
+        ce = F.cross_entropy(logits.float()[masked], x[masked], reduction="sum")
+        total += float(ce)
+        count += int(masked.sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
+
+
+def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progress: bool = True,
+             log=print) -> dict:
+    """Train a DiffusionLM per `cfg` (PretrainConfig); the checkpoint directory is cfg.out."""
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    overrides = {"block_size": cfg.block_size} if cfg.block_size else {}
+    model_cfg = preset_config(cfg.preset, corpus.tokenizer.vocab_size, **overrides)
+    check_length(corpus.train, model_cfg.block_size, "train")
+    check_length(corpus.val, model_cfg.block_size, "validation")
+    model = DiffusionLM(model_cfg)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    mask_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    start_iter, tokens_seen, elapsed, history = 0, 0, 0.0, []
+    if resume and (out / "config.json").exists():
+        ckpt = load_checkpoint(out, expect_kind="generator")
+        ckpt.load_weights_into(model)
+        ckpt.load_optimizer_into(optimizer)
+        rng = ckpt.load_tensors("rng")
+        data_gen.set_state(rng["data"])
+        mask_gen.set_state(rng["mask"])
+        start_iter = ckpt.state["iter"]
+        tokens_seen = ckpt.state["tokens_seen"]
+        elapsed = ckpt.state["wall_time_s"]
+        history = ckpt.state.get("history", [])
+        log(f"resumed from {out} at iter {start_iter}")
+    autocast_dtype = resolve_precision(cfg.precision)
+    val_windows = fixed_windows(corpus.val, cfg.eval_batches * cfg.batch_size, model_cfg.block_size, seed=cfg.seed)
+    state = {}
+
+    def save(it: int, val_loss: float | None):
+        nonlocal state
+        state = {"iter": it, "tokens_seen": tokens_seen, "wall_time_s": elapsed, "val_loss": val_loss,
+                 "preset": cfg.preset, "history": history}
+        save_checkpoint(out, kind="generator", model_config=model_cfg, vocab=corpus.tokenizer.to_dict(),
+                        weights=model, state=state, config=config_dict, optimizer=optimizer,
+                        extra_tensors={"rng": {"data": data_gen.get_state(), "mask": mask_gen.get_state()}})
+
+    model.train()
+    t_start = time.perf_counter() - elapsed
+    bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters,
+               disable=not progress, desc="pretrain", dynamic_ncols=True)
+    val_loss = None
+    it = start_iter
+    for it in bar:
+        time_fraction = elapsed / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
+        lr = cosine_lr(it, cfg.max_iters, cfg.lr, cfg.min_lr, cfg.warmup_iters, time_fraction)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x = random_windows(corpus.train, cfg.batch_size, model_cfg.block_size, data_gen)
+        with autocast_context("cpu", autocast_dtype):
+            loss, ce = diffusion_loss(model, x, generator=mask_gen, elbo_weight=cfg.elbo_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        tokens_seen += x.numel()
+        elapsed = time.perf_counter() - t_start
+        bar.set_postfix(loss=f"{float(ce):.3f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}")
+        last = it + 1 == cfg.max_iters
+        out_of_time = cfg.max_minutes is not None and elapsed > 60 * cfg.max_minutes
+        if (it + 1) % cfg.eval_every == 0 or last or out_of_time:
+            val_loss = evaluate_masked_ce(model, val_windows, cfg.batch_size, seed=cfg.seed, autocast_dtype=autocast_dtype)
+            history.append({"iter": it + 1, "val_loss": val_loss, "train_ce": float(ce), "wall_time_s": elapsed})
+            log(f"iter {it + 1}: val masked-token CE {val_loss:.4f} nats, {elapsed:.0f} s, "
+                f"{tokens_seen / elapsed:.0f} tokens/s")
+            save(it + 1, val_loss)
+        if out_of_time:
+            log(f"stopping: max_minutes={cfg.max_minutes} reached at iter {it + 1}")
+            break
+    bar.close()
+    return state

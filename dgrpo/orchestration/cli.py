@@ -1,0 +1,197 @@
+"""`dgrpo` command line. Each command: config file + `--set a.b=v` overrides + a few flags.
+
+Errors a user can fix (bad config, missing files, wrong vocabulary, ...) are
+printed as one clear message with exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .config import ConfigError, JudgeTrainConfig, PretrainConfig, TrainConfig, load_config, to_dict, to_yaml
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from ..corpus import CorpusError, VocabularyError
+    from ..models.checkpoint import CheckpointError
+    from ..protocols import CodecError
+    from .errors import RunError
+    return USER_ERRORS + (CorpusError, VocabularyError, CheckpointError, CodecError, RunError, FileNotFoundError)
+
+
+def friendly(fn):
+    """Turn the errors a user can fix into `error: ...` and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except user_errors() as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+def config_options(fn):
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                      help="override a config key, e.g. --set grpo.kl_coef=0.02 (repeatable)")(fn)
+    fn = click.option("--config", "-c", "config_file", type=click.Path(), default=None,
+                      help="YAML/JSON config file")(fn)
+    return fn
+
+
+def flag_overrides(**flags) -> list[str]:
+    return [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+
+
+def set_threads(n: int | None = None) -> None:
+    import torch
+    if n:
+        torch.set_num_threads(n)
+
+
+@click.group()
+@click.version_option(package_name="diffusion-grpo")
+def main():
+    """diffusion-grpo: GRPO fine-tuning of masked-diffusion language models on Ray."""
+
+
+@main.command()
+@config_options
+@click.option("--preset", type=click.Choice(["tiny", "small", "base"]), default=None)
+@click.option("--corpus", "corpus_path", type=click.Path(), default=None,
+              help="local UTF-8 text file (default: download tiny Shakespeare)")
+@click.option("--max-iters", type=int, default=None)
+@click.option("--max-minutes", type=float, default=None)
+@click.option("--out", type=click.Path(), default=None, help="checkpoint directory")
+@click.option("--resume", is_flag=True, help="continue from the checkpoint in --out")
+@click.option("--threads", type=int, default=None, help="torch threads (default: all cores)")
+@friendly
+def pretrain(config_file, overrides, preset, corpus_path, max_iters, max_minutes, out, resume, threads):
+    """Supervised masked-diffusion pretraining of the generator."""
+    from ..corpus import load_corpus
+    from ..models.pretrain import pretrain as run_pretrain
+    cfg = load_config(PretrainConfig, config_file, flag_overrides(
+        preset=preset, max_iters=max_iters, max_minutes=max_minutes, out=out,
+        **{"corpus.path": corpus_path}) + list(overrides))
+    set_threads(threads)
+    click.echo(to_yaml(cfg))
+    corpus = load_corpus(cfg.corpus.path, cfg.corpus.cache_dir, cfg.corpus.val_fraction)
+    state = run_pretrain(cfg, corpus, to_dict(cfg), resume=resume)
+    click.echo(f"done: iter {state.get('iter')}, val masked-token CE {state.get('val_loss'):.4f} nats, "
+               f"{state.get('wall_time_s', 0):.0f} s, checkpoint {cfg.out}")
+
+
+@main.command()
+@click.option("--checkpoint", "-k", required=True, type=click.Path(), help="generator checkpoint")
+@click.option("--num", "-n", default=3, show_default=True)
+@click.option("--length", type=int, default=None, help="characters per unconditional sample")
+@click.option("--prompt", default=None, help="text with mask characters to infill")
+@click.option("--mask-char", default="_", show_default=True)
+@click.option("--steps", default=64, show_default=True)
+@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--top-k", default=0, show_default=True)
+@click.option("--order", type=click.Choice(["random", "confidence"]), default="confidence", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--judge", "judge_ckpt", type=click.Path(), default=None, help="judge checkpoint for best-of-N")
+@click.option("--best-of", default=1, show_default=True, help="samples per output; the judge keeps the best")
+@friendly
+def sample(checkpoint, num, length, prompt, mask_char, steps, temperature, top_k, order, seed, judge_ckpt, best_of):
+    """Print samples from a generator checkpoint (infill with --prompt; best-of-N with --judge)."""
+    from ..models.generation import generate_texts
+    for text, reward in generate_texts(checkpoint, num=num, length=length, prompt=prompt, mask_char=mask_char,
+                                       steps=steps, temperature=temperature, top_k=top_k, order=order,
+                                       seed=seed, judge_checkpoint=judge_ckpt, best_of=best_of):
+        head = f"--- reward {reward:.4f}" if reward is not None else "---"
+        click.echo(f"{head}\n{text}")
+
+
+@main.group()
+def judge():
+    """Train and evaluate the learned judge."""
+
+
+@judge.command("train")
+@config_options
+@click.option("--generator", type=click.Path(), default=None, help="generator checkpoint")
+@click.option("--corpus", "corpus_path", type=click.Path(), default=None)
+@click.option("--preset", type=click.Choice(["tiny", "small", "base"]), default=None)
+@click.option("--max-iters", type=int, default=None)
+@click.option("--max-minutes", type=float, default=None)
+@click.option("--out", type=click.Path(), default=None)
+@click.option("--resume", is_flag=True)
+@click.option("--threads", type=int, default=None)
+@friendly
+def judge_train(config_file, overrides, generator, corpus_path, preset, max_iters, max_minutes, out, resume, threads):
+    """Train the judge on real windows partly re-filled by the generator."""
+    from ..models.judge_training import train_judge
+    cfg = load_config(JudgeTrainConfig, config_file, flag_overrides(
+        generator=generator, preset=preset, max_iters=max_iters, max_minutes=max_minutes, out=out,
+        **{"corpus.path": corpus_path}) + list(overrides))
+    set_threads(threads)
+    click.echo(to_yaml(cfg))
+    train_judge(cfg, to_dict(cfg), resume=resume)
+
+
+@judge.command("eval")
+@click.option("--judge", "judge_ckpt", required=True, type=click.Path())
+@click.option("--generator", type=click.Path(), default=None, help="default: the judge's own generator")
+@click.option("--corpus", "corpus_path", type=click.Path(), default=None)
+@click.option("--windows", default=256, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@friendly
+def judge_eval(judge_ckpt, generator, corpus_path, windows, seed):
+    """AUC, Spearman and mean scores on held-out windows; writes eval.json beside the judge."""
+    from ..models.judge_training import evaluate_judge_cli
+    figures = evaluate_judge_cli(judge_ckpt, generator, corpus_path, windows, seed)
+    click.echo(json.dumps(figures, indent=2))
+
+
+@main.command()
+@config_options
+@click.option("--resume", is_flag=True, help="continue from the last checkpoint in run.out_dir")
+@friendly
+def train(config_file, overrides, resume):
+    """GRPO fine-tuning on Ray (embedded local cluster unless RAY_ADDRESS / run.ray_address is set)."""
+    from .driver import run_training
+    cfg = load_config(TrainConfig, config_file, list(overrides))
+    click.echo(to_yaml(cfg))
+    summary = run_training(cfg, resume=resume)
+    click.echo(json.dumps(summary, indent=2))
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(["pretrain", "judge", "train"]), default="train")
+def config(kind):
+    """Print the default config tree of a command as YAML."""
+    cls = {"pretrain": PretrainConfig, "judge": JudgeTrainConfig, "train": TrainConfig}[kind]
+    if cls is JudgeTrainConfig:
+        click.echo(to_yaml(cls(generator="GENERATOR_CHECKPOINT")))
+    else:
+        click.echo(to_yaml(cls()))
+
+
+@main.group()
+def rollouts():
+    """Rollout log files."""
+
+
+@rollouts.command("inspect")
+@click.argument("path", type=click.Path())
+@friendly
+def rollouts_inspect(path):
+    """Summarise a rollout log written with run.log_rollouts."""
+    from ..protocols.rollout_log import format_summary, summarize_rollout_log
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"rollout log {path} does not exist")
+    click.echo(format_summary(summarize_rollout_log(path)))
+
+
+if __name__ == "__main__":
+    main()

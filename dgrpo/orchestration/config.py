@@ -1,0 +1,262 @@
+"""One config tree per command: YAML/JSON file + dotted CLI overrides, validated.
+
+Every loss option, resource and schedule lives here; nothing is hidden in code.
+Unknown keys and out-of-range values are errors that name the key and the
+allowed range (pydantic, extra="forbid").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CorpusConfig(Section):
+    path: Optional[str] = Field(None, description="local UTF-8 text file; None downloads tiny Shakespeare")
+    cache_dir: Optional[str] = None
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+
+
+class SamplerConfig(Section):
+    steps: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    top_p: float = Field(1.0, gt=0, le=1)
+    order: Literal["random", "confidence"] = "random"
+
+
+class PretrainConfig(Section):
+    preset: Literal["tiny", "small", "base"] = "small"
+    out: str = "runs/pretrain"
+    seed: int = 0
+    max_iters: int = Field(3000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    block_size: Optional[int] = Field(None, ge=8, description="override the preset's block size")
+    lr: float = Field(2e-3, gt=0)
+    min_lr: float = Field(2e-4, ge=0)
+    warmup_iters: int = Field(100, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = Field(1.0, gt=0)
+    elbo_weight: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    eval_every: int = Field(250, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    max_minutes: Optional[float] = Field(None, gt=0, description="stop (and checkpoint) after this wall time")
+    corpus: CorpusConfig = CorpusConfig()
+
+
+class JudgeTrainConfig(Section):
+    generator: str = Field(..., description="generator checkpoint directory")
+    preset: Literal["tiny", "small", "base"] = "small"
+    out: str = "runs/judge"
+    seed: int = 0
+    max_iters: int = Field(1500, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-4, ge=0)
+    warmup_iters: int = Field(50, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    p_real: float = Field(0.25, ge=0, le=1, description="share of windows with x = 0")
+    p_generated: float = Field(0.25, ge=0, le=1, description="share of windows with x = 1")
+    refill_pool: int = Field(512, ge=8, description="generator refills cached per refresh")
+    refill_every: int = Field(50, ge=1, description="iterations between refreshing a quarter of the pool")
+    eval_every: int = Field(250, ge=1)
+    eval_windows: int = Field(256, ge=8)
+    max_minutes: Optional[float] = Field(None, gt=0)
+    sampler: SamplerConfig = SamplerConfig(steps=16)
+    corpus: CorpusConfig = CorpusConfig()
+
+
+class GeneratorConfig(Section):
+    checkpoint: Optional[str] = Field(None, description="pretrained generator; None = fresh init of `preset`")
+    preset: Literal["tiny", "small", "base"] = "tiny"
+
+
+class RewardConfig(Section):
+    kind: Literal["judge", "char_frequency", "regex"] = "judge"
+    judge_checkpoint: Optional[str] = None
+    chars: str = Field("e", description="char_frequency: characters whose frequency is the reward")
+    pattern: str = Field(r"\b(the|and|to|of)\b", description="regex: pattern whose match count is rewarded")
+    normalize: bool = Field(True, description="regex: divide match count by text length")
+
+    @model_validator(mode="after")
+    def _judge_needs_checkpoint(self):
+        if self.kind == "judge" and not self.judge_checkpoint:
+            raise ValueError("reward.kind 'judge' needs reward.judge_checkpoint (a `dgrpo judge train --out` directory)")
+        if self.kind == "char_frequency" and not self.chars:
+            raise ValueError("reward.chars must name at least one character")
+        return self
+
+
+class PromptConfig(Section):
+    kind: Literal["unconditional", "infill"] = "unconditional"
+    mask_fraction: float = Field(0.5, gt=0, le=1)
+    length: Optional[int] = Field(None, ge=2, description="window length; default: model block size")
+
+
+class GRPOConfig(Section):
+    group_size: int = Field(8, ge=2)
+    prompts_per_step: int = Field(8, ge=1)
+    advantage: Literal["zscore", "center", "loo"] = "zscore"
+    adv_eps: float = Field(1e-6, gt=0)
+    skip_zero_std_groups: bool = True
+    clip_eps: float = Field(0.2, gt=0)
+    clip_eps_high: Optional[float] = Field(None, gt=0, description="asymmetric upper clip; None = clip_eps")
+    kl_coef: float = Field(0.04, ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    epochs: int = Field(1, ge=1, description="inner epochs (mu) over each batch")
+    minibatch_size: int = Field(32, ge=1, description="samples per optimizer step")
+    lr: float = Field(3e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = Field(1.0, gt=0)
+    old_logprob: Literal["behaviour", "recompute"] = Field(
+        "behaviour", description="PPO's old policy: the rollout's recorded log-probs, or recomputed by the "
+                                 "learner before the update (then the rollout's give a truncated IS weight)")
+    tis_cap: float = Field(2.0, gt=0, description="cap of the truncated importance weight (recompute mode)")
+    replay_steps: Optional[int] = Field(None, ge=1, description="replay this many random steps per sample "
+                                                                "(None = all: exact)")
+    replay_rows_per_chunk: int = Field(256, ge=1)
+
+
+class RoleResources(Section):
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    max_restarts: int = Field(3, ge=0)
+
+
+class RolloutResources(RoleResources):
+    num_workers: int = Field(2, ge=1)
+    num_cpus: float = Field(0.5, ge=0)
+
+
+class JudgeResources(RoleResources):
+    num_workers: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, ge=0)
+
+
+class ResourcesConfig(Section):
+    rollout: RolloutResources = RolloutResources()
+    judge: JudgeResources = JudgeResources()
+    learner: RoleResources = RoleResources(max_restarts=0)
+    torch_threads: int = Field(1, ge=1, description="torch threads per actor")
+
+
+class RunConfig(Section):
+    out_dir: str = "runs/grpo"
+    seed: int = 0
+    steps: int = Field(50, ge=1)
+    mode: Literal["sync", "async"] = "sync"
+    max_staleness: int = Field(1, ge=0)
+    eval_every: int = Field(10, ge=1)
+    eval_prompts: int = Field(32, ge=1)
+    eval_seed: int = 1234
+    checkpoint_every: int = Field(25, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    sample_dump_every: int = Field(10, ge=1)
+    log_rollouts: bool = False
+    actor_timeout_s: float = Field(300.0, gt=0)
+    max_worker_failures: int = Field(10, ge=0, description="stop the run after this many actor deaths")
+    ray_address: Optional[str] = Field(None, description="None: $RAY_ADDRESS or an embedded local cluster")
+    metrics_export: bool = True
+    tensorboard: bool = False
+    wandb_project: Optional[str] = None
+
+
+class TrainConfig(Section):
+    run: RunConfig = RunConfig()
+    corpus: CorpusConfig = CorpusConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    reward: RewardConfig = RewardConfig(kind="char_frequency")
+    prompts: PromptConfig = PromptConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+
+def _format_errors(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check spelling; see `dgrpo config --print-defaults`)")
+        else:
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(cls: type[Section], path: str | Path | None = None, overrides: list[str] | tuple = (),
+                base: dict | None = None) -> Section:
+    """Load `cls` from a YAML/JSON file (optional), apply `a.b=value` overrides, validate."""
+    data: dict = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML/JSON: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at top level")
+        data = deep_merge(data, loaded)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k} is not a section")
+        node[keys[-1]] = value
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{where}:\n{_format_errors(e)}") from None
+
+
+def deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def to_dict(cfg: Section) -> dict:
+    return cfg.model_dump(mode="json")
+
+
+def to_yaml(cfg: Section) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Section, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2))

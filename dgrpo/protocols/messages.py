@@ -1,0 +1,206 @@
+"""Messages exchanged between the learner, rollout workers and judges.
+
+Plain dataclasses: tensors are torch tensors in memory and travel as
+dtype + shape + raw bytes (see codec.py). Weight snapshots hold numpy arrays
+so Ray's object store can share them between processes without a copy.
+
+Nothing here imports Ray; these classes are the contract between the actors,
+and `validate()` is what a receiver calls before trusting a batch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+SCHEMA_VERSION = 1
+
+
+def _fmt_rows(rows: torch.Tensor, limit: int = 8) -> str:
+    rows = rows.flatten().tolist()
+    shown = ", ".join(str(r) for r in rows[:limit])
+    return f"[{shown}{', ...' if len(rows) > limit else ''}]"
+
+
+def _check_tensor(name: str, t: object, dtype: torch.dtype, shape: tuple[int, ...] | None = None,
+                  ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}; convert it with .to({dtype})")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+@dataclass(eq=False)
+class RolloutRequest:
+    """Learner -> worker: fill the [MASK] positions of each prompt `group_size` times."""
+
+    SCHEMA = "rollout_request"
+
+    request_id: int  # unique per run, used to deduplicate
+    prompts: torch.Tensor  # (G, T) long, [MASK] at positions to fill; one row per group
+    group_size: int  # k samples per prompt
+    seed: int  # sampler seed for this request
+    min_version: int = 0  # worker must hold at least this policy version
+
+
+@dataclass(eq=False)
+class RolloutBatch:
+    """Worker -> judge/learner: G*k sampled completions plus their trajectories."""
+
+    SCHEMA = "rollout_batch"
+
+    request_id: int
+    tokens: torch.Tensor  # (G*k, T) long
+    reveal_step: torch.Tensor  # (G*k, T) long, -1 at prompt positions
+    logprobs: torch.Tensor  # (G*k, T) float32 behaviour log-probs, 0 at prompt positions
+    group_index: torch.Tensor  # (G*k,) long, group of each row (0..G-1 within this batch)
+    policy_version: int
+    worker_id: int
+    steps: int  # sampler steps S
+    temperature: float
+    top_k: int
+    top_p: float
+    timings: dict[str, float] = field(default_factory=dict)  # e.g. {"generate_s": ...}
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.group_index.max()) + 1 if self.group_index.numel() else 0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field."""
+        _check_tensor("RolloutBatch.tokens", self.tokens, torch.long, ndim=2)
+        shape = tuple(self.tokens.shape)
+        _check_tensor("RolloutBatch.reveal_step", self.reveal_step, torch.long, shape)
+        _check_tensor("RolloutBatch.logprobs", self.logprobs, torch.float32, shape)
+        _check_tensor("RolloutBatch.group_index", self.group_index, torch.long, (shape[0],))
+        if self.steps < 1:
+            raise ValueError(f"RolloutBatch.steps must be >= 1, got {self.steps}")
+        bad = ((self.reveal_step < -1) | (self.reveal_step >= self.steps)).any(dim=1)
+        if bool(bad.any()):
+            raise ValueError(f"RolloutBatch.reveal_step must lie in [-1, steps={self.steps}); "
+                             f"out of range at rows {_fmt_rows(bad.nonzero())}")
+        bad = ~torch.isfinite(self.logprobs).all(dim=1)
+        if bool(bad.any()):
+            raise ValueError(f"RolloutBatch.logprobs has NaN/inf at rows {_fmt_rows(bad.nonzero())}")
+        if self.num_samples == 0:
+            return
+        g = self.group_index
+        if int(g.min()) < 0:
+            raise ValueError(f"RolloutBatch.group_index must be >= 0, got min {int(g.min())}")
+        counts = torch.bincount(g)
+        if bool((counts == 0).any()):
+            missing = (counts == 0).nonzero().flatten()
+            raise ValueError(f"RolloutBatch.group_index must use every group 0..{len(counts) - 1}; "
+                             f"groups {_fmt_rows(missing)} have no rows")
+        if bool((counts != counts[0]).any()):
+            raise ValueError(f"RolloutBatch.group_index must give every group the same number of rows "
+                             f"(G*k layout), got counts {counts.tolist()}")
+
+
+@dataclass(eq=False)
+class ScoredBatch:
+    """Judge -> learner: a rollout batch with one scalar reward per sample."""
+
+    SCHEMA = "scored_batch"
+
+    rollout: RolloutBatch
+    rewards: torch.Tensor  # (G*k,) float32
+    judge_id: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return self.rollout.num_samples
+
+    def validate(self) -> None:
+        self.rollout.validate()
+        _check_tensor("ScoredBatch.rewards", self.rewards, torch.float32, (self.num_samples,))
+        bad = ~torch.isfinite(self.rewards)
+        if bool(bad.any()):
+            raise ValueError(f"reward returned NaN/inf at rows {_fmt_rows(bad.nonzero())} "
+                             f"(judge {self.judge_id}, request {self.rollout.request_id}); "
+                             "fix the reward function or clamp its output")
+
+
+def _wire_dtype(t: torch.Tensor) -> torch.dtype:
+    if t.is_floating_point():
+        return torch.float32
+    if t.dtype == torch.bool:
+        return torch.bool
+    if t.is_complex():
+        raise ValueError(f"cannot snapshot complex tensor of dtype {t.dtype}")
+    return torch.long
+
+
+@dataclass(eq=False)
+class WeightSnapshot:
+    """Learner -> workers: the policy's state_dict as CPU numpy arrays.
+
+    Floating tensors are stored as float32 (numpy has no bfloat16), integer
+    tensors as int64 and bool tensors as bool.
+    """
+
+    SCHEMA = "weight_snapshot"
+
+    version: int
+    tensors: dict[str, np.ndarray]
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module, version: int) -> "WeightSnapshot":
+        tensors = {}
+        for name, t in module.state_dict().items():
+            copy = t.detach().to("cpu", dtype=_wire_dtype(t), copy=True).contiguous()
+            tensors[name] = copy.numpy()
+        return cls(version=version, tensors=tensors)
+
+    def load_into(self, module: torch.nn.Module) -> None:
+        """Strictly load into `module`, casting to each parameter's dtype and device."""
+        own = module.state_dict()
+        missing = sorted(set(own) - set(self.tensors))
+        unexpected = sorted(set(self.tensors) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"weight snapshot v{self.version} does not match the model: missing keys {missing}, "
+                f"unexpected keys {unexpected}; build the worker's model from the same config as the learner's")
+        mismatched = [f"{k}: snapshot {tuple(self.tensors[k].shape)} vs model {tuple(own[k].shape)}"
+                      for k in own if tuple(self.tensors[k].shape) != tuple(own[k].shape)]
+        if mismatched:
+            raise ValueError(f"weight snapshot v{self.version} has shape mismatches ({'; '.join(mismatched)}); "
+                             "build the worker's model from the same config as the learner's")
+        state = {}
+        with warnings.catch_warnings():
+            # Arrays coming out of Ray's object store are read-only; we only read them.
+            warnings.simplefilter("ignore", UserWarning)
+            for k, target in own.items():
+                state[k] = torch.from_numpy(self.tensors[k]).to(device=target.device, dtype=target.dtype)
+        module.load_state_dict(state, strict=True)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.tensors.values()))
+
+
+@dataclass
+class MetricsRecord:
+    """Learner -> metrics sinks: one training step's scalars."""
+
+    SCHEMA = "metrics_record"
+
+    step: int
+    policy_version: int
+    wall_time: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+MESSAGE_TYPES: tuple[type, ...] = (RolloutRequest, RolloutBatch, ScoredBatch, WeightSnapshot, MetricsRecord)
