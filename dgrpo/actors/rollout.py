@@ -1,0 +1,69 @@
+"""RolloutWorker: a generator replica that samples groups with the weights it was sent.
+
+A plain class; the driver turns it into a Ray actor with the resources of the
+`resources.rollout` config section. Given a GPU it samples there, otherwise on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from ..models.diffusion import DiffusionLM
+from ..models.sampler import resolve_precision, sample
+from ..models.transformer import ModelConfig
+from ..protocols import RolloutBatch, RolloutRequest, WeightSnapshot
+from .telemetry import ActorTelemetry, pick_device
+
+
+class StaleWorkerError(RuntimeError):
+    pass
+
+
+class RolloutWorker:
+    def __init__(self, worker_id: int, model_config: dict, sampler: dict, precision: str = "auto",
+                 torch_threads: int = 1, metrics: bool = False):
+        torch.set_num_threads(torch_threads)
+        self.worker_id = worker_id
+        self.device = pick_device()
+        self.model = DiffusionLM(ModelConfig.from_dict(model_config)).to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.sampler = dict(sampler)
+        self.autocast_dtype = resolve_precision(precision, self.device)
+        self.version = -1  # no weights yet
+        self.telemetry = ActorTelemetry("rollout", str(worker_id), enabled=metrics)
+
+    def set_weights(self, snapshot: WeightSnapshot) -> dict:
+        t0 = time.perf_counter()
+        snapshot.load_into(self.model)
+        self.version = snapshot.version
+        load_s = time.perf_counter() - t0
+        self.telemetry.gauge("policy_version", self.version)
+        return {"worker_id": self.worker_id, "version": self.version, "load_s": load_s}
+
+    def generate(self, request: RolloutRequest) -> RolloutBatch:
+        if self.version < request.min_version:
+            raise StaleWorkerError(f"worker {self.worker_id} holds policy v{self.version}, "
+                                   f"request {request.request_id} needs >= v{request.min_version}")
+        t0 = time.perf_counter()
+        k = request.group_size
+        prompts = request.prompts.to(self.device).repeat_interleave(k, dim=0)
+        g = torch.Generator(device=self.device).manual_seed(request.seed)
+        out = sample(self.model, prompts, generator=g, autocast_dtype=self.autocast_dtype, **self.sampler)
+        generate_s = time.perf_counter() - t0
+        n_generated = int((out.reveal_step >= 0).sum())
+        self.telemetry.observe_rollout(samples=len(prompts), tokens=n_generated, seconds=generate_s)
+        return RolloutBatch(
+            request_id=request.request_id, tokens=out.tokens.cpu(), reveal_step=out.reveal_step.cpu(),
+            logprobs=out.logprobs.cpu(),
+            group_index=torch.arange(request.prompts.shape[0]).repeat_interleave(k),
+            policy_version=self.version, worker_id=self.worker_id, steps=self.sampler["steps"],
+            temperature=float(self.sampler["temperature"]), top_k=int(self.sampler["top_k"]),
+            top_p=float(self.sampler["top_p"]),
+            timings={"generate_s": generate_s, "tokens_generated": float(n_generated)})
+
+    def info(self) -> dict:
+        return {"worker_id": self.worker_id, "version": self.version, "pid": os.getpid(),
+                "device": str(self.device)}

@@ -1,0 +1,66 @@
+"""Learner actor: a thin Ray shell over LearnerCore (train, publish weights, checkpoint)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..actors.telemetry import pick_device
+from ..models.checkpoint import load_checkpoint, save_checkpoint
+from ..models.diffusion import DiffusionLM
+from ..models.sampler import resolve_precision
+from ..models.transformer import ModelConfig
+from ..orchestration.config import GRPOConfig
+from ..protocols import ScoredBatch, WeightSnapshot
+from .core import LearnerCore
+
+
+class LearnerActor:
+    def __init__(self, grpo_cfg: dict, model_config: dict, vocab: dict, init_weights: WeightSnapshot,
+                 seed: int = 0, precision: str = "fp32", torch_threads: int = 1):
+        torch.set_num_threads(torch_threads)
+        torch.manual_seed(seed)
+        self.model_config = ModelConfig.from_dict(model_config)
+        self.vocab = vocab
+        device = pick_device()
+        policy = DiffusionLM(self.model_config)
+        init_weights.load_into(policy)
+        self.core = LearnerCore(policy, GRPOConfig(**grpo_cfg), seed=seed, device=str(device),
+                                autocast_dtype=resolve_precision(precision, device))
+
+    def train(self, *batches: ScoredBatch) -> dict:
+        return self.core.train(list(batches))
+
+    def publish(self) -> list:
+        """Put the current weights in the object store once; every worker loads the same object."""
+        import ray
+        t0 = time.perf_counter()
+        snap = self.core.snapshot()
+        ref = ray.put(snap)
+        return [ref, {"version": snap.version, "nbytes": snap.nbytes, "publish_s": time.perf_counter() - t0}]
+
+    def version(self) -> int:
+        return self.core.version
+
+    def save(self, path: str, driver_state: dict, config: dict) -> str:
+        core = self.core
+        state = {"step": core.step, "version": core.version, "driver": driver_state}
+        save_checkpoint(path, kind="generator", model_config=self.model_config, vocab=self.vocab,
+                        weights=core.policy, state=state, config=config, optimizer=core.optimizer,
+                        extra_tensors=core.state_tensors())
+        return path
+
+    def load(self, path: str) -> dict:
+        ckpt = load_checkpoint(path, expect_kind="generator")
+        ckpt.load_weights_into(self.core.policy)
+        ckpt.load_optimizer_into(self.core.optimizer)
+        self.core.load_state(ckpt.load_tensors("reference"), ckpt.load_tensors("learner_rng"),
+                             version=int(ckpt.state["version"]), step=int(ckpt.state["step"]))
+        return ckpt.state["driver"]
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "version": self.core.version, "step": self.core.step,
+                "device": str(self.core.device), "path": str(Path.cwd())}

@@ -1,0 +1,184 @@
+"""Reward functions behind one interface: tokens (B, T) long -> rewards (B,) float32, higher is better.
+
+- JudgeReward: 1 - judge.score(tokens), the learned judge (higher = more real).
+- CharFrequencyReward: fraction of positions holding any of the given characters.
+- SubstringFrequencyReward: occurrences of a substring (overlapping) per possible start.
+- RegexReward: number of regular-expression matches, per character (normalize) or raw.
+
+Select one by name with build_reward(cfg) (cfg.kind: judge | char_frequency | regex).
+Call them through compute_rewards(fn, tokens), which rejects NaN, infinities and
+wrong shapes with a clear ValueError instead of letting them become silent zeros.
+Pure torch: no Ray here.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..corpus import CharTokenizer, VocabularyError
+from ..learner.grpo import validate_rewards
+
+_DECODE_MASK = "\x00"  # a [MASK] left in a sequence decodes to NUL, never to a corpus character
+
+
+def _check_tokens(tokens, what: str) -> torch.Tensor:
+    if not isinstance(tokens, torch.Tensor):
+        tokens = torch.as_tensor(tokens)
+    if tokens.dim() != 2:
+        raise ValueError(f"{what} takes token ids of shape (batch, length), got shape {tuple(tokens.shape)}")
+    if tokens.dtype not in (torch.long, torch.int32, torch.int64):
+        raise ValueError(f"{what} takes integer token ids, got dtype {tokens.dtype}")
+    return tokens.long()
+
+
+class RewardFunction:
+    """Base class: `fn(tokens (B, T) long) -> (B,) float32`, higher is better."""
+
+    name: str = "reward"
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class JudgeReward(RewardFunction):
+    """reward = 1 - judge.score(tokens): higher means the judge finds the text more real.
+
+    The judge was trained on windows of exactly its block size, so other lengths are an error.
+    """
+
+    name = "judge"
+
+    def __init__(self, judge, tokenizer: CharTokenizer | None = None, device: torch.device | str = "cpu",
+                 autocast_dtype: torch.dtype | None = None):
+        self.judge = judge.to(device).eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype
+
+    @classmethod
+    def from_checkpoint(cls, path, tokenizer: CharTokenizer | None = None, device: torch.device | str = "cpu",
+                        autocast_dtype: torch.dtype | None = None) -> "JudgeReward":
+        from .judge import load_judge
+        judge, judge_tok, _ = load_judge(path, tokenizer=tokenizer, device=device)
+        return cls(judge, judge_tok, device, autocast_dtype)
+
+    @property
+    def block_size(self) -> int:
+        return self.judge.cfg.block_size
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = _check_tokens(tokens, "the judge reward")
+        T = tokens.shape[1]
+        if T != self.block_size:
+            raise ValueError(f"the judge scores windows of exactly {self.block_size} characters (its training "
+                             f"block), got {T}; generate/prompt windows of length {self.block_size} or train a "
+                             f"judge for that length")
+        return (1.0 - self.judge.score(tokens.to(self.device), self.autocast_dtype)).float().cpu()
+
+
+class CharFrequencyReward(RewardFunction):
+    """Fraction of positions (of T) whose character is any of `chars`. [MASK] never counts."""
+
+    name = "char_frequency"
+
+    def __init__(self, tokenizer: CharTokenizer, chars: str):
+        if not chars:
+            raise ValueError("char_frequency reward needs at least one character (reward.chars)")
+        missing = sorted(set(chars) - set(tokenizer.chars))
+        if missing:
+            raise VocabularyError(f"reward.chars {chars!r}: character(s) {missing} are not in the corpus "
+                                  f"vocabulary of {tokenizer.n_chars} characters, so the reward could never "
+                                  f"be earned; choose characters that occur in the corpus")
+        self.chars = chars
+        self.ids = torch.tensor(sorted({tokenizer.stoi[c] for c in chars}), dtype=torch.long)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = _check_tokens(tokens, "the char_frequency reward")
+        if tokens.shape[1] == 0:
+            raise ValueError("the char_frequency reward needs sequences of length >= 1")
+        hit = torch.isin(tokens, self.ids.to(tokens.device))
+        return hit.float().mean(dim=1).cpu()
+
+
+class SubstringFrequencyReward(RewardFunction):
+    """Occurrences of `substring` (overlapping) divided by the number of possible starts T - len + 1."""
+
+    name = "substring_frequency"
+
+    def __init__(self, tokenizer: CharTokenizer, substring: str):
+        if not substring:
+            raise ValueError("substring_frequency reward needs a non-empty substring")
+        try:
+            self.ids = tokenizer.encode(substring)
+        except VocabularyError as e:
+            raise VocabularyError(f"substring {substring!r}: {e}") from None
+        self.substring = substring
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = _check_tokens(tokens, "the substring_frequency reward")
+        L = len(self.ids)
+        if tokens.shape[1] < L:
+            raise ValueError(f"sequences of length {tokens.shape[1]} are shorter than the substring "
+                             f"{self.substring!r}")
+        windows = tokens.unfold(1, L, 1)  # (B, T - L + 1, L)
+        hits = (windows == self.ids.to(tokens.device)).all(dim=-1)
+        return hits.float().mean(dim=1).cpu()
+
+
+class RegexReward(RewardFunction):
+    """Number of non-overlapping matches of `pattern` (re.finditer), divided by the text length if normalize."""
+
+    name = "regex"
+
+    def __init__(self, tokenizer: CharTokenizer, pattern: str, normalize: bool = True):
+        try:
+            self.regex = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"reward pattern {pattern!r} is not a valid regular expression: {e}") from None
+        self.tokenizer = tokenizer
+        self.pattern = pattern
+        self.normalize = normalize
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = _check_tokens(tokens, "the regex reward")
+        texts = self.tokenizer.decode_batch(tokens.cpu(), mask_char=_DECODE_MASK)
+        counts = torch.tensor([sum(1 for _ in self.regex.finditer(t)) for t in texts], dtype=torch.float32)
+        if self.normalize:
+            counts = counts / max(tokens.shape[1], 1)
+        return counts
+
+
+REWARD_KINDS = ("judge", "char_frequency", "regex")
+
+
+def build_reward(cfg, tokenizer: CharTokenizer, device: torch.device | str = "cpu",
+                 autocast_dtype: torch.dtype | None = None) -> RewardFunction:
+    """A reward by name from a RewardConfig-like object (.kind, .judge_checkpoint, .chars, .pattern, .normalize)."""
+    kind = getattr(cfg, "kind", None)
+    if kind == "judge":
+        path = getattr(cfg, "judge_checkpoint", None)
+        if not path:
+            raise ValueError("reward.kind 'judge' needs reward.judge_checkpoint (a `dgrpo judge train --out` "
+                             "directory)")
+        return JudgeReward.from_checkpoint(path, tokenizer=tokenizer, device=device, autocast_dtype=autocast_dtype)
+    if kind == "char_frequency":
+        return CharFrequencyReward(tokenizer, getattr(cfg, "chars", ""))
+    if kind == "regex":
+        return RegexReward(tokenizer, getattr(cfg, "pattern", ""), bool(getattr(cfg, "normalize", True)))
+    raise ValueError(f"unknown reward kind {kind!r}; choose one of {', '.join(REWARD_KINDS)}")
+
+
+def compute_rewards(fn: RewardFunction, tokens: torch.Tensor) -> torch.Tensor:
+    """fn(tokens), checked: shape (B,) and every value finite, else ValueError naming the reward. float32."""
+    B = int(tokens.shape[0])
+    rewards = fn(tokens)
+    try:
+        validate_rewards(rewards, B)
+    except ValueError as e:
+        raise ValueError(f"reward {getattr(fn, 'name', type(fn).__name__)!r}: {e}") from None
+    return torch.as_tensor(rewards).detach().to(dtype=torch.float32, device="cpu")

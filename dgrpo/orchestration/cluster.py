@@ -1,0 +1,57 @@
+"""Connecting to Ray and placing the actors of each role with the resources from config."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import ray
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .config import TrainConfig
+
+
+def required_resources(cfg: TrainConfig) -> dict[str, float]:
+    r = cfg.resources
+    return {
+        "CPU": r.rollout.num_workers * r.rollout.num_cpus + r.judge.num_workers * r.judge.num_cpus + r.learner.num_cpus,
+        "GPU": r.rollout.num_workers * r.rollout.num_gpus + r.judge.num_workers * r.judge.num_gpus + r.learner.num_gpus,
+    }
+
+
+def connect(cfg: TrainConfig) -> bool:
+    """Join the cluster at run.ray_address / $RAY_ADDRESS, else start an embedded local one.
+
+    Returns True when this call started a local cluster (the caller shuts it down).
+    """
+    if ray.is_initialized():
+        return False
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"OMP_NUM_THREADS": str(cfg.resources.torch_threads)}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return False
+    need = required_resources(cfg)
+    # Logical CPUs on the embedded cluster: at least the machine's, more if the
+    # roles ask for more (actors then share cores; torch threads stay as set).
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need["CPU"])), include_dashboard=False,
+             runtime_env=env, _node_ip_address="127.0.0.1", log_to_driver=True)
+    return True
+
+
+def role_options(role_cfg, name: str | None = None) -> dict:
+    """Ray actor options for one role; inside a Tune trial, schedule into the trial's placement group."""
+    opts = {"num_cpus": role_cfg.num_cpus, "num_gpus": role_cfg.num_gpus,
+            "max_restarts": role_cfg.max_restarts, "max_task_retries": 0}
+    pg = get_current_placement_group()
+    if pg is not None:
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=pg, placement_group_capture_child_tasks=True)
+    if name:
+        opts["name"] = name
+    return opts
+
+
+def make_actor(cls, role_cfg, *args, **kwargs):
+    return ray.remote(cls).options(**role_options(role_cfg)).remote(*args, **kwargs)

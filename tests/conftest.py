@@ -1,0 +1,51 @@
+"""Shared session fixtures: a small made-up corpus and a tiny generator pretrained on it (~1 s)."""
+
+import random
+
+import pytest
+
+
+def _make_corpus_text(n_chars: int = 24000, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    speakers = ["KING", "QUEEN", "ROMEO", "NURSE"]
+    words = ("the king and queen of rome shall speak to my lord good night sweet prince "
+             "what is this that i see here now thou art a fool come away with me").split()
+    parts = []
+    size = 0
+    while size < n_chars:
+        line = " ".join(rng.choice(words) for _ in range(rng.randint(4, 9)))
+        block = f"{rng.choice(speakers)}:\n{line.capitalize()}.\n\n"
+        parts.append(block)
+        size += len(block)
+    return "".join(parts)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus_file(tmp_path_factory):
+    """Path (str) to a ~24k-character structured text file (speaker lines from a small word list)."""
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text(_make_corpus_text())
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tmp_path_factory, tiny_corpus_file):
+    """Path (str) to a `tiny` generator checkpoint (block 32) pretrained 60 iterations on tiny_corpus_file."""
+    import torch
+
+    from dgrpo.corpus import load_corpus
+    from dgrpo.models.pretrain import pretrain
+    from dgrpo.orchestration.config import PretrainConfig, to_dict
+
+    out = tmp_path_factory.mktemp("gen") / "tiny_gen"
+    cfg = PretrainConfig(preset="tiny", out=str(out), max_iters=60, batch_size=16, warmup_iters=5,
+                         lr=3e-3, eval_every=30, eval_batches=1, precision="fp32",
+                         corpus={"path": tiny_corpus_file})
+    corpus = load_corpus(cfg.corpus.path, val_fraction=cfg.corpus.val_fraction)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only adds contention on a shared 2-core box
+    try:
+        pretrain(cfg, corpus, to_dict(cfg), progress=False, log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
+    return str(out)

@@ -1,0 +1,412 @@
+"""Trunk / diffusion LM / sampler / exact trajectory replay.
+
+The key invariant (DESIGN.md, "GRPO, exactly"): with the same weights, the
+learner's replayed per-token log-probs equal the sampler's recorded ones.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dgrpo.models.diffusion import DiffusionLM, diffusion_loss, mask_tokens
+from dgrpo.models.sampler import (PROMPT_STEP, autocast_context, bf16_is_fast, resolve_precision,
+                                  reveal_schedule, sample, sampling_logprobs, validate_sampling)
+from dgrpo.models.trajectory import (replay_rows, replay_states, row_logprobs, scatter_rows,
+                                     trajectory_logprobs)
+from dgrpo.models.transformer import (PRESETS, ModelConfig, Trunk, count_params,
+                                      forward_flops_per_token, preset_config)
+
+N_CHARS = 12
+VOCAB = N_CHARS + 1  # + [MASK]
+MASK = N_CHARS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is faster, and far faster when other jobs share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    return preset_config("tiny", VOCAB, **kw)
+
+
+@pytest.fixture(scope="module")
+def model() -> DiffusionLM:
+    """A tiny random model with sharpened logits, so log-probs are far from uniform."""
+    torch.manual_seed(0)
+    m = DiffusionLM(tiny_cfg())
+    with torch.no_grad():
+        m.lm_head.weight.mul_(10.0)
+    return m.eval()
+
+
+def all_masked(B: int, T: int = 32) -> torch.Tensor:
+    return torch.full((B, T), MASK, dtype=torch.long)
+
+
+def partly_masked(B: int, T: int = 32, frac: float = 0.5, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, N_CHARS, (B, T), generator=g)
+    return x.masked_fill(torch.rand(B, T, generator=g) < frac, MASK)
+
+
+class FixedLogits(nn.Module):
+    """A 'model' whose logits ignore the input: logits[t] at position t for every sample."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.register_buffer("logits", logits)
+        self.calls = 0
+
+    @property
+    def mask_id(self) -> int:
+        return self.logits.shape[-1]
+
+    def forward(self, idx):
+        self.calls += 1
+        return self.logits[None].expand(idx.shape[0], -1, -1)
+
+
+# --- trunk and LM -----------------------------------------------------------------------------
+
+def test_trunk_and_lm_shapes():
+    cfg = tiny_cfg()
+    idx = torch.randint(0, VOCAB, (3, cfg.block_size))
+    assert Trunk(cfg)(idx).shape == (3, cfg.block_size, cfg.n_embd)
+    lm = DiffusionLM(cfg)
+    assert lm.mask_id == VOCAB - 1 and lm.n_chars == N_CHARS
+    logits = lm(idx)
+    assert logits.shape == (3, cfg.block_size, N_CHARS) and logits.dtype == torch.float32
+    assert lm(idx[:, :7]).shape == (3, 7, N_CHARS)  # shorter windows work too
+
+
+def test_trunk_is_bidirectional():
+    lm = DiffusionLM(tiny_cfg()).eval()
+    idx = torch.randint(0, N_CHARS, (1, 16))
+    changed = idx.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % N_CHARS
+    with torch.no_grad():
+        a, b = lm(idx), lm(changed)
+    assert not torch.allclose(a[0, 0], b[0, 0])  # position 0 sees the last position: no causal mask
+
+
+def test_presets_and_config_validation():
+    for name in PRESETS:
+        cfg = preset_config(name, 66)
+        assert cfg.vocab_size == 66 and cfg.n_embd % cfg.n_head == 0
+    assert preset_config("tiny", 66, block_size=48).block_size == 48
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_config("huge", 66)
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(n_embd=30, n_head=4).validate()
+    with pytest.raises(ValueError, match="dropout"):
+        ModelConfig(dropout=1.0).validate()
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        ModelConfig.from_dict({"n_layer": 2, "bogus": 1})
+    cfg = tiny_cfg()
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_forward_flops_counts_every_linear_weight():
+    """Without attention scores (seq_len 0), forward FLOPs = 2 x weights of every matmul."""
+    cfg = tiny_cfg()
+    lm = DiffusionLM(cfg)
+    linear = sum(m.weight.numel() for m in lm.modules() if isinstance(m, nn.Linear))
+    assert forward_flops_per_token(cfg, 0, N_CHARS) == 2 * linear
+    extra = forward_flops_per_token(cfg, 32, N_CHARS) - forward_flops_per_token(cfg, 0, N_CHARS)
+    assert extra == cfg.n_layer * 4 * 32 * cfg.n_embd  # QK^T and AV
+    assert count_params(lm) > linear
+
+
+# --- diffusion loss ---------------------------------------------------------------------------
+
+def test_mask_tokens_forward_process():
+    x = torch.randint(0, N_CHARS, (4000, 32))
+    noisy, masked, t = mask_tokens(x, MASK, torch.Generator().manual_seed(0))
+    assert torch.equal(noisy[masked], torch.full_like(noisy[masked], MASK))
+    assert torch.equal(noisy[~masked], x[~masked])
+    assert float(t.min()) >= 1e-3 and float(t.max()) <= 1.0
+    assert abs(float(t.mean()) - 0.5) < 0.02 and abs(float(t.std()) - 1 / math.sqrt(12)) < 0.02  # U(0,1)
+    frac = masked.float().mean(1)
+    assert float(torch.corrcoef(torch.stack([frac, t]))[0, 1]) > 0.95  # each token masked w.p. t
+
+
+class RecordingLM(DiffusionLM):
+    def forward(self, idx):
+        self.last_logits = super().forward(idx)
+        self.last_logits.retain_grad()
+        return self.last_logits
+
+
+def test_diffusion_loss_is_ce_on_masked_tokens_only():
+    torch.manual_seed(0)
+    lm = RecordingLM(tiny_cfg())
+    x = torch.randint(0, N_CHARS, (8, 32))
+    loss, ce = diffusion_loss(lm, x, generator=torch.Generator().manual_seed(5))
+    _, masked, t = mask_tokens(x, MASK, torch.Generator().manual_seed(5))  # the same draws
+    assert 0 < masked.sum() < masked.numel()
+    logits = lm.last_logits
+    expected = F.cross_entropy(logits[masked], x[masked])
+    assert torch.allclose(loss, expected, atol=1e-6) and torch.allclose(ce, expected, atol=1e-6)
+    loss.backward()
+    grad_norm = logits.grad.abs().sum(-1)
+    assert float(grad_norm[~masked].max()) == 0.0  # visible positions carry no loss
+    assert bool((grad_norm[masked] > 0).all())
+
+    lm.zero_grad()
+    elbo, ce2 = diffusion_loss(lm, x, generator=torch.Generator().manual_seed(5), elbo_weight=True)
+    per_tok = F.cross_entropy(lm.last_logits.flatten(0, 1), x.flatten(), reduction="none").view_as(x)
+    assert torch.allclose(elbo, (per_tok * masked / t[:, None]).sum() / x.numel(), atol=1e-6)
+    assert torch.allclose(ce2, expected, atol=1e-6)
+
+
+# --- sampler ----------------------------------------------------------------------------------
+
+def test_reveal_schedule_is_linear_and_sums_to_n():
+    n = torch.tensor([0, 1, 7, 32, 100, 5])
+    for steps in (1, 4, 8, 13, 64):
+        counts = reveal_schedule(n, steps)
+        assert counts.shape == (len(n), steps)
+        assert torch.equal(counts.sum(1), n)
+        assert bool((counts >= 0).all())
+        lo, hi = n // steps, -(-n // steps)
+        assert bool(((counts >= lo[:, None]) & (counts <= hi[:, None])).all())
+        cum = counts.cumsum(1)
+        s = torch.arange(1, steps + 1)
+        assert torch.equal(cum, n[:, None] * s // steps)
+
+
+@pytest.mark.parametrize("order", ["random", "confidence"])
+@pytest.mark.parametrize("steps", [1, 8, 40])  # 40 > T: some steps reveal nothing
+def test_sampler_fills_masks_and_records_steps(model, order, steps):
+    prompt = torch.cat([all_masked(3), partly_masked(3)])
+    out = sample(model, prompt, steps=steps, order=order, generator=torch.Generator().manual_seed(0))
+    was_masked = prompt == MASK
+    assert out.tokens.shape == prompt.shape and out.tokens.dtype == torch.long
+    assert not bool((out.tokens == MASK).any())
+    assert bool((out.tokens < N_CHARS).all() and (out.tokens >= 0).all())
+    assert torch.equal(out.tokens[~was_masked], prompt[~was_masked])
+    assert bool((out.reveal_step[~was_masked] == PROMPT_STEP).all())
+    assert bool((out.logprobs[~was_masked] == 0).all())
+    rs = out.reveal_step[was_masked]
+    assert bool(((rs >= 0) & (rs < steps)).all())
+    assert bool((out.logprobs[was_masked] <= 0).all()) and bool(torch.isfinite(out.logprobs).all())
+    # the number revealed at each step follows the schedule
+    expected = reveal_schedule(was_masked.sum(1), steps)
+    for b in range(prompt.shape[0]):
+        got = torch.bincount(out.reveal_step[b][was_masked[b]], minlength=steps)
+        assert torch.equal(got, expected[b])
+
+
+def test_sampler_nothing_to_fill(model):
+    prompt = partly_masked(2, frac=0.0)
+    out = sample(model, prompt, steps=4)
+    assert torch.equal(out.tokens, prompt) and bool((out.reveal_step == PROMPT_STEP).all())
+
+
+def test_sampler_is_deterministic_with_a_seeded_generator(model):
+    prompt = partly_masked(4)
+    for order in ("random", "confidence"):
+        a = sample(model, prompt, steps=8, order=order, generator=torch.Generator().manual_seed(7))
+        b = sample(model, prompt, steps=8, order=order, generator=torch.Generator().manual_seed(7))
+        c = sample(model, prompt, steps=8, order=order, generator=torch.Generator().manual_seed(8))
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.reveal_step, b.reveal_step)
+        assert torch.equal(a.logprobs, b.logprobs)
+        assert not torch.equal(a.tokens, c.tokens)
+
+
+def test_sampler_validates_arguments(model):
+    prompt = all_masked(1)
+    for kwargs, match in [(dict(steps=0), "steps"), (dict(temperature=0.0), "temperature"),
+                          (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"),
+                          (dict(top_p=1.5), "top_p"), (dict(order="lifo"), "order")]:
+        with pytest.raises(ValueError, match=match):
+            sample(model, prompt, **{"steps": 4, **kwargs})
+    validate_sampling(4, 0.5, 3, 0.9, "confidence")
+
+
+def test_top_k_restricts_tokens_to_the_top_k_set():
+    T, V, k = 16, 10, 3
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(T, V, generator=g) * 0.3  # flat: without top-k all tokens would show up
+    fixed = FixedLogits(logits)
+    prompt = torch.full((200, T), fixed.mask_id)
+    top = logits.topk(k, dim=-1).indices  # (T, k)
+    out = sample(fixed, prompt, steps=4, top_k=k, generator=g)
+    allowed = torch.zeros(T, V, dtype=torch.bool).scatter_(1, top, True)
+    assert bool(allowed.gather(1, out.tokens.T).all())
+    assert len(out.tokens.unique()) > k  # positions differ in their top-k sets; it is per position
+    free = sample(fixed, prompt, steps=4, generator=g)
+    assert not bool(allowed.gather(1, free.tokens.T).all())
+    # the recorded log-prob is under the renormalised top-k distribution
+    lp = sampling_logprobs(logits, top_k=k)
+    assert bool(torch.isinf(lp).sum(-1).eq(V - k).all())
+    assert torch.allclose(out.logprobs, lp.gather(1, out.tokens.T).T)
+
+
+def test_top_p_and_temperature_in_sampling_logprobs():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    assert torch.allclose(sampling_logprobs(logits, 0.5), F.log_softmax(logits / 0.5, -1))
+    p = F.softmax(logits, -1)[0]  # 0.64, 0.24, 0.09, 0.03
+    lp = sampling_logprobs(logits, top_p=0.7)  # keeps the first token that crosses 0.7
+    assert torch.isfinite(lp[0, :2]).all() and torch.isinf(lp[0, 2:]).all()
+    assert torch.allclose(lp[0, :2].exp(), p[:2] / p[:2].sum())
+
+
+def test_confidence_order_reveals_confident_tokens_first():
+    """Position t has one dominant token whose logit grows with t, so later positions are
+    more confident: confidence order fills them first; random order shows no such trend."""
+    T, V = 16, 6
+    logits = torch.zeros(T, V)
+    logits[:, 0] = torch.linspace(0.0, 6.0, T)
+    fixed = FixedLogits(logits)
+    prompt = torch.full((300, T), fixed.mask_id)
+    pos = torch.arange(T, dtype=torch.float32).expand(300, T).flatten()
+
+    def corr(order):
+        out = sample(fixed, prompt, steps=T, order=order, generator=torch.Generator().manual_seed(0))
+        return float(torch.corrcoef(torch.stack([pos, out.reveal_step.flatten().float()]))[0, 1]), out
+
+    c_conf, out = corr("confidence")
+    c_rand, _ = corr("random")
+    assert c_conf < -0.6 and abs(c_rand) < 0.1
+    # the mean recorded log-prob falls step by step
+    by_step = torch.stack([out.logprobs[out.reveal_step == s].mean() for s in range(T)])
+    assert float(by_step[: T // 4].mean()) > float(by_step[-T // 4:].mean()) + 0.5
+
+
+# --- exact replay -----------------------------------------------------------------------------
+
+REPLAY_CASES = [
+    dict(),
+    dict(temperature=0.7),
+    dict(temperature=1.6),
+    dict(top_k=4),
+    dict(temperature=0.8, top_k=5),
+    dict(top_p=0.8),
+]
+
+
+@pytest.mark.parametrize("order", ["random", "confidence"])
+@pytest.mark.parametrize("prompt_kind", ["all_masked", "partly_masked"])
+@pytest.mark.parametrize("opts", REPLAY_CASES, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "plain")
+def test_replay_equals_recorded_logprobs(model, order, prompt_kind, opts):
+    prompt = all_masked(4) if prompt_kind == "all_masked" else partly_masked(4)
+    steps = 8
+    out = sample(model, prompt, steps=steps, order=order, generator=torch.Generator().manual_seed(3), **opts)
+    assert float(out.logprobs.min()) < -0.01  # not a degenerate, deterministic trajectory
+    with torch.no_grad():
+        for rows_per_chunk in (256, 3, 1):
+            replay = trajectory_logprobs(model, out.tokens, out.reveal_step, steps,
+                                         rows_per_chunk=rows_per_chunk, **opts)
+            assert replay.dtype == torch.float32
+            assert float((replay - out.logprobs).abs().max()) <= 1e-5, rows_per_chunk
+            assert bool((replay[out.reveal_step == PROMPT_STEP] == 0).all())
+
+
+def test_replay_with_more_steps_than_tokens(model):
+    """Steps that reveal nothing for some samples (S > masked count) are skipped consistently."""
+    prompt = partly_masked(5, frac=0.3, seed=4)
+    out = sample(model, prompt, steps=20, order="confidence", temperature=0.9,
+                 generator=torch.Generator().manual_seed(0))
+    rows = replay_rows(out.reveal_step, 20)
+    assert len(rows) == sum(len(out.reveal_step[b][out.reveal_step[b] >= 0].unique()) for b in range(5))
+    with torch.no_grad():
+        replay = trajectory_logprobs(model, out.tokens, out.reveal_step, 20, temperature=0.9, rows_per_chunk=7)
+    assert float((replay - out.logprobs).abs().max()) <= 1e-5
+
+
+def test_replay_states_rebuild_the_sampler_state():
+    tokens = torch.tensor([[5, 6, 7, 8]])
+    reveal_step = torch.tensor([[-1, 1, 0, 1]])
+    rows = replay_rows(reveal_step, 3)
+    assert rows.step_idx.tolist() == [0, 1]  # step 2 revealed nothing
+    inputs, targets = replay_states(tokens, reveal_step, rows, MASK)
+    assert inputs.tolist() == [[5, MASK, MASK, MASK], [5, MASK, 7, MASK]]
+    assert targets.tolist() == [[False, False, True, False], [False, True, False, True]]
+
+
+def test_replay_has_gradients(model):
+    out = sample(model, partly_masked(3), steps=6, generator=torch.Generator().manual_seed(0))
+    model.zero_grad()
+    lp = trajectory_logprobs(model, out.tokens, out.reveal_step, 6, rows_per_chunk=4)
+    assert lp.requires_grad
+    lp.sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads.values())
+    assert float(grads["lm_head.weight"].abs().sum()) > 0
+    assert float(grads["trunk.wte.weight"].abs().sum()) > 0
+    assert float(grads["trunk.blocks.0.attn.qkv.weight"].abs().sum()) > 0
+    model.zero_grad()
+
+
+def test_replay_rows_subsampling(model):
+    steps = 8
+    out = sample(model, torch.cat([all_masked(3), partly_masked(3, frac=0.15)]), steps=steps,
+                 generator=torch.Generator().manual_seed(1))
+    full = replay_rows(out.reveal_step, steps)
+    for k in (1, 2, 5, 100):
+        rows = replay_rows(out.reveal_step, steps, steps_per_sample=k, generator=torch.Generator().manual_seed(k))
+        per_sample = torch.bincount(rows.sample_idx, minlength=6)
+        full_per_sample = torch.bincount(full.sample_idx, minlength=6)
+        assert torch.equal(per_sample, full_per_sample.clamp(max=k))
+        for b, s in zip(rows.sample_idx.tolist(), rows.step_idx.tolist()):
+            assert bool((out.reveal_step[b] == s).any())  # every chosen step revealed tokens
+        # chosen tokens keep their exact log-probs; the rest are 0
+        with torch.no_grad():
+            lp = trajectory_logprobs(model, out.tokens, out.reveal_step, steps, rows=rows)
+        chosen = torch.zeros_like(out.reveal_step, dtype=torch.bool)
+        for b, s in zip(rows.sample_idx.tolist(), rows.step_idx.tolist()):
+            chosen[b] |= out.reveal_step[b] == s
+        assert float((lp[chosen] - out.logprobs[chosen]).abs().max()) <= 1e-5
+        assert bool((lp[~chosen] == 0).all())
+
+
+def test_row_logprobs_entropy_and_scatter(model):
+    out = sample(model, all_masked(2), steps=4, generator=torch.Generator().manual_seed(0))
+    rows = replay_rows(out.reveal_step, 4)
+    with torch.no_grad():
+        r = row_logprobs(model, out.tokens, out.reveal_step, rows, with_entropy=True, top_k=3)
+    assert r.entropy is not None and bool((r.entropy[r.targets] >= 0).all())
+    assert float(r.entropy[r.targets].max()) <= math.log(3) + 1e-5
+    assert bool((r.entropy[~r.targets] == 0).all())
+    assert int(r.targets.sum()) == 2 * 32  # each token belongs to exactly one row
+    summed = scatter_rows(r.targets.float(), rows, 2)
+    assert bool((summed == 1).all())
+
+
+# --- precision --------------------------------------------------------------------------------
+
+def test_resolve_precision():
+    assert resolve_precision("fp32") is None
+    assert resolve_precision("bf16") is torch.bfloat16
+    auto = resolve_precision("auto")
+    assert auto == (torch.bfloat16 if bf16_is_fast("cpu") else None)
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp16")
+    with autocast_context("cpu", None):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast_context("cpu", torch.float32):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast_context("cpu", torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu")
+
+
+def test_bf16_replay_matches_bf16_sampling_closely():
+    """Same precision on both sides keeps the ratio near 1 (small model: bf16 is cheap enough)."""
+    torch.manual_seed(0)
+    lm = DiffusionLM(tiny_cfg(n_layer=1)).eval()
+    out = sample(lm, all_masked(2, 16), steps=4, autocast_dtype=torch.bfloat16,
+                 generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        replay = trajectory_logprobs(lm, out.tokens, out.reveal_step, 4, autocast_dtype=torch.bfloat16)
+        fp32 = trajectory_logprobs(lm, out.tokens, out.reveal_step, 4)
+    assert float((replay - out.logprobs).abs().max()) < 1e-2
+    assert float((fp32 - out.logprobs).abs().mean()) < 0.05

@@ -1,0 +1,148 @@
+"""Supervised pretraining: it learns, it resumes exactly, and the CLI wraps it with clear errors."""
+
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dgrpo.corpus import load_corpus
+from dgrpo.models.checkpoint import load_checkpoint
+from dgrpo.models.diffusion import DiffusionLM
+from dgrpo.models.pretrain import cosine_lr, pretrain
+from dgrpo.orchestration.cli import main
+from dgrpo.orchestration.config import PretrainConfig
+
+LINES = ["the cat sat on the mat.", "a dog ran to the park.", "we eat bread and jam.",
+         "she reads a good book.", "it is cold in winter."]
+TEXT = "\n".join(LINES[i % len(LINES)] for i in range(160)) + "\n"  # ~3.6 KB
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    f = tmp_path / "corpus.txt"
+    f.write_text(TEXT)
+    return f
+
+
+def cfg(out, **kw) -> PretrainConfig:
+    base = dict(preset="tiny", out=str(out), batch_size=16, lr=3e-3, min_lr=3e-3, warmup_iters=0,
+                eval_every=10, eval_batches=2, precision="fp32", max_iters=20)
+    return PretrainConfig(**{**base, **kw})
+
+
+def weights(path):
+    ck = load_checkpoint(path, expect_kind="generator")
+    return ck, ck.load_weights_into(DiffusionLM(ck.model_config)).state_dict()
+
+
+def test_cosine_lr():
+    assert cosine_lr(0, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
+    assert cosine_lr(9, 100, 1.0, 0.1, 10) == pytest.approx(1.0)
+    assert cosine_lr(10, 100, 1.0, 0.1, 10) == pytest.approx(1.0)
+    assert cosine_lr(100, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
+    assert cosine_lr(20, 100, 1.0, 0.1, 10, time_fraction=1.0) == pytest.approx(0.1)  # time budget
+
+
+def test_pretraining_lowers_val_loss(tmp_path, corpus_file):
+    corpus = load_corpus(str(corpus_file))
+    logs = []
+    state = pretrain(cfg(tmp_path / "run", max_iters=60, lr=1e-2, min_lr=1e-3, warmup_iters=5),
+                     corpus, {"test": True}, progress=False, log=logs.append)
+    hist = state["history"]
+    assert [h["iter"] for h in hist] == [10, 20, 30, 40, 50, 60]
+    assert state["iter"] == 60 and state["tokens_seen"] == 60 * 16 * 32
+    uniform = math.log(corpus.tokenizer.n_chars)
+    assert hist[0]["val_loss"] < uniform + 0.2
+    assert hist[-1]["val_loss"] < hist[0]["val_loss"] - 0.3 and hist[-1]["val_loss"] < uniform - 0.5
+    assert any("val masked-token CE" in line for line in logs)
+    ck, _ = weights(tmp_path / "run")
+    assert ck.state["val_loss"] == hist[-1]["val_loss"] and ck.config == {"test": True}
+    assert ck.has("rng") and "optimizer.safetensors" in ck.files
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, corpus_file):
+    """20 iterations straight == 10 + resumed 10 (constant lr: the schedule depends on max_iters)."""
+    corpus = load_corpus(str(corpus_file))
+    straight = pretrain(cfg(tmp_path / "a"), corpus, {}, progress=False, log=lambda *_: None)
+    first = pretrain(cfg(tmp_path / "b", max_iters=10), corpus, {}, progress=False, log=lambda *_: None)
+    assert first["iter"] == 10
+    logs = []
+    resumed = pretrain(cfg(tmp_path / "b"), corpus, {}, resume=True, progress=False, log=logs.append)
+    assert "resumed from" in logs[0] and "at iter 10" in logs[0]
+    assert straight["iter"] == resumed["iter"] == 20
+    assert straight["tokens_seen"] == resumed["tokens_seen"]
+    ck_a, wa = weights(tmp_path / "a")
+    ck_b, wb = weights(tmp_path / "b")
+    assert ck_b.state["iter"] == 20
+    for k in wa:
+        assert float((wa[k] - wb[k]).abs().max()) <= 1e-6, k
+    assert resumed["val_loss"] == pytest.approx(straight["val_loss"], abs=1e-5)
+    assert [h["iter"] for h in resumed["history"]] == [10, 20]
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path, corpus_file):
+    corpus = load_corpus(str(corpus_file))
+    state = pretrain(cfg(tmp_path / "c", max_iters=3), corpus, {}, resume=True, progress=False,
+                     log=lambda *_: None)
+    assert state["iter"] == 3
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+def invoke(args):
+    return CliRunner().invoke(main, args)
+
+
+def test_cli_pretrain_writes_a_loadable_checkpoint(tmp_path, corpus_file):
+    out = tmp_path / "ckpt"
+    r = invoke(["pretrain", "--preset", "tiny", "--corpus", str(corpus_file), "--max-iters", "20",
+                "--out", str(out), "--threads", "1", "--set", "batch_size=8", "--set", "eval_batches=1"])
+    assert r.exit_code == 0, r.output
+    assert "done: iter 20" in r.output
+    ck, _ = weights(out)
+    assert ck.state["iter"] == 20 and ck.model_config.block_size == 32
+    assert ck.config["preset"] == "tiny" and ck.config["corpus"]["path"] == str(corpus_file)
+    assert ck.config["batch_size"] == 8
+
+
+def _assert_user_error(r, *needles):
+    assert r.exit_code == 2, r.output
+    assert "error:" in r.output
+    assert "Traceback" not in r.output
+    for n in needles:
+        assert n in r.output, (n, r.output)
+
+
+def test_cli_missing_corpus(tmp_path):
+    r = invoke(["pretrain", "--preset", "tiny", "--corpus", str(tmp_path / "missing.txt"),
+                "--max-iters", "2", "--out", str(tmp_path / "o")])
+    _assert_user_error(r, "missing.txt", "does not exist")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_invalid_value(tmp_path, corpus_file):
+    r = invoke(["pretrain", "--corpus", str(corpus_file), "--out", str(tmp_path / "o"), "--set", "lr=-1"])
+    _assert_user_error(r, "lr", "greater than 0")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_unknown_key(tmp_path, corpus_file):
+    r = invoke(["pretrain", "--corpus", str(corpus_file), "--out", str(tmp_path / "o"), "--set", "foo=1"])
+    _assert_user_error(r, "foo", "unknown key")
+
+
+def test_cli_corpus_too_short_for_block(tmp_path):
+    f = tmp_path / "short.txt"
+    f.write_text("abc" * 20)
+    r = invoke(["pretrain", "--preset", "tiny", "--corpus", str(f), "--max-iters", "2",
+                "--out", str(tmp_path / "o")])
+    _assert_user_error(r, "block_size")
