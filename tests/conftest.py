@@ -49,3 +49,14 @@ def tiny_generator(tmp_path_factory, tiny_corpus_file):
     finally:
         torch.set_num_threads(threads)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test session (starting one takes ~5 s here)."""
+    import ray
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -211,6 +211,16 @@ def test_sampler_nothing_to_fill(model):
     assert torch.equal(out.tokens, prompt) and bool((out.reveal_step == PROMPT_STEP).all())
 
 
+def test_sampler_skips_steps_that_reveal_nothing():
+    fixed = FixedLogits(torch.zeros(8, 5))
+    prompt = torch.zeros(2, 8, dtype=torch.long)
+    prompt[0, :3] = fixed.mask_id  # 3 masked positions here, 2 in the other row; 20 steps
+    prompt[1, 5:] = fixed.mask_id
+    prompt[1, 5] = 1
+    out = sample(fixed, prompt, steps=20)
+    assert fixed.calls == len(set(out.reveal_step[out.reveal_step >= 0].tolist())) <= 5  # not 20
+
+
 def test_sampler_is_deterministic_with_a_seeded_generator(model):
     prompt = partly_masked(4)
     for order in ("random", "confidence"):

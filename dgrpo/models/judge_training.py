@@ -221,6 +221,31 @@ def load_generator(path, device: torch.device | str = "cpu"):
     return model, tokenizer, ckpt
 
 
+def copy_generator_trunk(judge: Judge, generator: DiffusionLM) -> bool:
+    """Copy the generator's trunk into the judge when the shapes allow (same width/depth/block).
+
+    The usual reward-model recipe (initialise from the policy): the generator's trunk already
+    knows the corpus's spelling and words, so the judge starts from useful features. The
+    [CLS] embedding row, which the generator lacks, keeps its fresh initialisation.
+    Returns False (and changes nothing) when the architectures differ.
+    """
+    src, dst = generator.trunk.state_dict(), judge.trunk.state_dict()
+    if set(src) != set(dst):
+        return False
+    for k, v in src.items():
+        if k == "wte.weight":
+            if v.shape[1] != dst[k].shape[1] or v.shape[0] != dst[k].shape[0] - 1:
+                return False
+        elif v.shape != dst[k].shape:
+            return False
+    merged = dict(src)
+    wte = dst["wte.weight"].clone()
+    wte[:src["wte.weight"].shape[0]] = src["wte.weight"]
+    merged["wte.weight"] = wte
+    judge.trunk.load_state_dict(merged)
+    return True
+
+
 def _config_error(msg: str):
     from ..orchestration.config import ConfigError  # pydantic only, no Ray
     return ConfigError(msg)
@@ -228,8 +253,13 @@ def _config_error(msg: str):
 
 # --- training ---------------------------------------------------------------------------------
 
-def train_judge(cfg, config_dict: dict, resume: bool = False, progress: bool = True, log=print) -> dict:
-    """Train a judge per `cfg` (JudgeTrainConfig) against cfg.generator; checkpoint and eval.json in cfg.out."""
+def train_judge(cfg, config_dict: dict, resume: bool = False, progress: bool = True, log=print,
+                init_from_generator: bool | None = None) -> dict:
+    """Train a judge per `cfg` (JudgeTrainConfig) against cfg.generator; checkpoint and eval.json in cfg.out.
+
+    init_from_generator: copy the generator's trunk into the judge when the presets match
+    (None: cfg.init_from_generator if the config has it, else True).
+    """
     if cfg.p_real + cfg.p_generated > 1 + 1e-9:
         raise _config_error(f"p_real ({cfg.p_real}) + p_generated ({cfg.p_generated}) must be at most 1")
     t_run = time.perf_counter()
@@ -242,6 +272,9 @@ def train_judge(cfg, config_dict: dict, resume: bool = False, progress: bool = T
     check_length(corpus.train, T, "train")
     check_length(corpus.val, T, "validation")
     judge = Judge(judge_config(cfg.preset, tokenizer.n_chars, T))
+    if init_from_generator is None:
+        init_from_generator = bool(getattr(cfg, "init_from_generator", True))
+    initialised = init_from_generator and copy_generator_trunk(judge, generator)
     optimizer = make_optimizer(judge, cfg.lr, cfg.weight_decay, (0.9, 0.99))
     autocast_dtype = resolve_precision(cfg.precision)
     data_gen = torch.Generator().manual_seed(cfg.seed)
@@ -286,8 +319,11 @@ def train_judge(cfg, config_dict: dict, resume: bool = False, progress: bool = T
         refill_time, eval_time = st.get("refill_time_s", 0.0), st.get("eval_time_s", 0.0)
         history, figures = st.get("history", []), st.get("figures")
         windows_refilled = st.get("windows_refilled", 0)
+        initialised = st.get("init_from_generator", initialised)
         state = dict(st)
         log(f"resumed from {out} at iter {start_iter}")
+    elif initialised:
+        log(f"judge trunk initialised from the generator's ({cfg.preset} preset, same shapes)")
     t_start = time.perf_counter() - elapsed
 
     def refill(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,7 +359,8 @@ def train_judge(cfg, config_dict: dict, resume: bool = False, progress: bool = T
         nonlocal state
         state = {"iter": it, "wall_time_s": elapsed, **shares(), "windows_refilled": windows_refilled,
                  "generator": gen_path, "generator_iter": gen_ckpt.state.get("iter"), "preset": cfg.preset,
-                 "block_size": T, "figures": figures, "history": history, "train_loss": train_loss}
+                 "block_size": T, "init_from_generator": initialised, "figures": figures, "history": history,
+                 "train_loss": train_loss}
         extra = {"rng": {"data": data_gen.get_state(), "sample": sample_gen.get_state()}}
         if pool_size:
             extra["pool"] = {"tokens": pool_tokens, "x": pool_x, "ptr": torch.tensor([pool_ptr])}
@@ -333,7 +370,7 @@ def train_judge(cfg, config_dict: dict, resume: bool = False, progress: bool = T
 
     judge.train()
     bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters,
-               disable=not progress, desc="judge", dynamic_ncols=True)
+               disable=not progress, desc="judge", dynamic_ncols=True, mininterval=5.0)
     train_loss = None
     for it in bar:
         if pool_size and it > 0 and it % cfg.refill_every == 0:
@@ -388,7 +425,8 @@ def train_judge(cfg, config_dict: dict, resume: bool = False, progress: bool = T
             f"refill generation {state['refill_share']:.0%} of it ({state['refill_time_s']:.0f} s, "
             f"{state['windows_refilled']} windows), held-out eval set {eval_set_time:.0f} s; checkpoint {out}, "
             f"figures {out / EVAL_FILE}")
-    return {**state, "eval_set_time_s": eval_set_time, "total_time_s": total}
+    top = {k: state["figures"][k] for k in FIGURE_KEYS if state.get("figures")}  # also at top level
+    return {**state, **top, "eval_set_time_s": eval_set_time, "total_time_s": total}
 
 
 def evaluate_judge_cli(judge_ckpt, generator_ckpt=None, corpus_path=None, windows: int = 256, seed: int = 0) -> dict:

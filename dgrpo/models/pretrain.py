@@ -86,7 +86,7 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
         log(f"resumed from {out} at iter {start_iter}")
     autocast_dtype = resolve_precision(cfg.precision)
     val_windows = fixed_windows(corpus.val, cfg.eval_batches * cfg.batch_size, model_cfg.block_size, seed=cfg.seed)
-    state = {}
+    state = dict(ckpt.state) if start_iter else {}  # resuming a finished run returns its state
 
     def save(it: int, val_loss: float | None):
         nonlocal state
@@ -99,7 +99,7 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
     model.train()
     t_start = time.perf_counter() - elapsed
     bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters,
-               disable=not progress, desc="pretrain", dynamic_ncols=True)
+               disable=not progress, desc="pretrain", dynamic_ncols=True, mininterval=5.0)
     val_loss = None
     it = start_iter
     for it in bar:

@@ -167,6 +167,19 @@ def train(config_file, overrides, resume):
 
 
 @main.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path())
+@click.option("--corpus", "corpus_path", type=click.Path(), default=None,
+              help="local copy of tiny Shakespeare (default: download it)")
+@click.option("--minutes", default=13.0, show_default=True, help="total wall-time budget of the three stages")
+@click.option("--threads", default=1, show_default=True, help="torch threads per Ray actor")
+@friendly
+def demo(out, corpus_path, minutes, threads):
+    """Pretrain -> judge -> GRPO at a small size on an embedded Ray cluster; reward before/after."""
+    from .demo import run_demo
+    run_demo(out, corpus_path, minutes=minutes, threads=threads, echo=click.echo)
+
+
+@main.command()
 @click.argument("kind", type=click.Choice(["pretrain", "judge", "train"]), default="train")
 def config(kind):
     """Print the default config tree of a command as YAML."""

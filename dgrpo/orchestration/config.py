@@ -163,6 +163,7 @@ class RunConfig(Section):
     out_dir: str = "runs/grpo"
     seed: int = 0
     steps: int = Field(50, ge=1)
+    max_minutes: Optional[float] = Field(None, gt=0, description="stop after this wall time (final eval + checkpoint)")
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = Field(1, ge=0)
     eval_every: int = Field(10, ge=1)

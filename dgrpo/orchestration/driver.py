@@ -202,7 +202,9 @@ class Driver:
         per_step = cfg.grpo.prompts_per_step
         per_request = -(-per_step // cfg.resources.rollout.num_workers)
         sync = cfg.run.mode == "sync"
-        limit = per_step if sync else per_step * 2
+        # async: generate the next step's groups while the learner trains on this step's;
+        # more look-ahead than max_staleness steps would only produce batches to drop
+        limit = per_step if sync else per_step * max(1, cfg.run.max_staleness)
         for slot in self.workers.slots:
             if slot.busy or slot.syncing or slot.version < 0:
                 continue
@@ -384,12 +386,15 @@ class Driver:
                   "batch_versions": sorted({b.rollout.policy_version for b in batches}),
                   **self.counters}
         self.window_gen_s = 0.0
-        if self.step % self.cfg.run.eval_every == 0 or self.step == self.cfg.run.steps:
+        run = self.cfg.run
+        out_of_time = run.max_minutes is not None and now - self.t0 > 60 * run.max_minutes
+        self.finished = self.step >= run.steps or out_of_time
+        if self.step % run.eval_every == 0 or self.finished:
             record.update(self.evaluate())
         self.logger.log(record)
         if self.report is not None:
             self.report(record)
-        if self.step % self.cfg.run.checkpoint_every == 0 or self.step == self.cfg.run.steps:
+        if self.step % run.checkpoint_every == 0 or self.finished:
             self.save_checkpoint()
         self.logger.phase("generating")
 
@@ -404,7 +409,8 @@ class Driver:
             self.logger.log({"step": self.step, "policy_version": self.version, "wall_time": 0.0, **first})
         self.logger.phase("generating")
         self.step_started = time.perf_counter()
-        while self.step < cfg.run.steps:
+        self.finished = self.step >= cfg.run.steps
+        while not self.finished:
             self._issue_generation()
             self._maybe_train()
             if not self.pending:

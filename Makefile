@@ -1,0 +1,29 @@
+# Two commands do all the set-up on a fresh machine: `make test` and `make demo`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch is pinned first so that a CPU machine never pulls a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+# The demo downloads tiny Shakespeare unless CORPUS names a local copy.
+CORPUS ?= $(firstword $(wildcard ../shared/data/tinyshakespeare.txt))
+DEMO_DIR ?= runs/demo
+
+.PHONY: test demo install clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(BIN)/.installed
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+demo: $(BIN)/.installed
+	$(BIN)/dgrpo demo --out $(DEMO_DIR) $(if $(CORPUS),--corpus $(CORPUS),)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,128 @@
+"""Pretraining throughput: tokens/s of forward + backward + AdamW, achieved GFLOP/s vs roofline.
+
+One iteration is exactly what `dgrpo pretrain` does per step: random windows,
+masked-diffusion loss, backward, gradient clipping, AdamW step. FLOPs are
+3 x forward matmul FLOPs (backward ~ 2 x forward) per token; the roofline is
+the measured matmul GFLOP/s in the precision used. Data are random ids
+(speed does not depend on the text).
+
+    python bench/bench_pretrain.py [--presets small] [--base] [--batch-sizes 16,64]
+        [--precision auto] [--threads N] [--quick] [--out bench/results/pretrain.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bench.roofline import machine_info, measure_matmul_gflops, torch_threads
+from dgrpo.corpus import random_windows
+from dgrpo.models.diffusion import DiffusionLM, diffusion_loss
+from dgrpo.models.pretrain import make_optimizer
+from dgrpo.models.sampler import autocast_context, resolve_precision
+from dgrpo.models.transformer import count_params, forward_flops_per_token, preset_config
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "pretrain.json"
+VOCAB = 66
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def bench_one(preset: str, batch_size: int, autocast_dtype, min_time: float, min_iters: int,
+              warmup_iters: int = 2) -> dict:
+    torch.manual_seed(0)
+    cfg = preset_config(preset, VOCAB)
+    model = DiffusionLM(cfg).train()
+    opt = make_optimizer(model, 1e-3, 0.1, (0.9, 0.99))
+    data = torch.randint(0, VOCAB - 1, (200_000,), generator=torch.Generator().manual_seed(0))
+    data_gen, mask_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+
+    def step():
+        x = random_windows(data, batch_size, cfg.block_size, data_gen)
+        with autocast_context("cpu", autocast_dtype):
+            loss, _ = diffusion_loss(model, x, generator=mask_gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return float(loss.detach())
+
+    for _ in range(warmup_iters):
+        step()
+    iters, start = 0, time.perf_counter()
+    while True:
+        step()
+        iters += 1
+        elapsed = time.perf_counter() - start
+        if iters >= min_iters and elapsed >= min_time:
+            break
+    tokens = iters * batch_size * cfg.block_size
+    flops = 3 * forward_flops_per_token(cfg, cfg.block_size, model.n_chars) * tokens
+    return {"preset": preset, "params": count_params(model), "batch_size": batch_size,
+            "block_size": cfg.block_size, "iters": iters, "seconds": elapsed,
+            "ms_per_iter": 1e3 * elapsed / iters, "tokens_per_s": tokens / elapsed,
+            "gflops": flops / elapsed / 1e9}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--presets", default="small", help="comma list of tiny, small, base (default small)")
+    ap.add_argument("--base", action="store_true", help="also run the base preset")
+    ap.add_argument("--batch-sizes", default="16,64", help="comma list of batch sizes")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--min-time", type=float, default=5.0, help="seconds of timed iterations per cell")
+    ap.add_argument("--min-iters", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="tiny preset, a few iterations")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output file")
+    args = ap.parse_args(argv)
+
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    if args.base and "base" not in presets:
+        presets.append("base")
+    batch_sizes, min_time, min_iters, roofline_n, roofline_time = (
+        _ints(args.batch_sizes), args.min_time, args.min_iters, 1024, 1.0)
+    if args.quick:
+        presets, batch_sizes, min_time, min_iters, roofline_n, roofline_time = ["tiny"], [8], 0.0, 3, 256, 0.1
+    autocast_dtype = resolve_precision(args.precision)
+    precision = "bf16" if autocast_dtype == torch.bfloat16 else "fp32"
+
+    rows = []
+    with torch_threads(args.threads) as threads:
+        info = machine_info()
+        roofline = measure_matmul_gflops(autocast_dtype or torch.float32, n=roofline_n, min_time=roofline_time)
+        for preset in presets:
+            for batch_size in batch_sizes:
+                r = bench_one(preset, batch_size, autocast_dtype, min_time, min_iters)
+                r["roofline_fraction"] = r["gflops"] / roofline
+                rows.append(r)
+                print(f"  {preset} B={batch_size}: {r['tokens_per_s']:.0f} tokens/s, {r['gflops']:.1f} GFLOP/s",
+                      flush=True)
+
+    report = {"bench": "pretrain", "precision": precision, "threads": threads, "machine": info,
+              "roofline_gflops": roofline, "roofline_n": roofline_n,
+              "flops_note": "3 x forward matmul FLOPs per token (forward + backward), AdamW not counted",
+              "results": rows}
+    print(f"\npretraining throughput (fwd+bwd+AdamW), {precision}, {threads} torch thread(s), {info['cpu']}; "
+          f"{precision} matmul roofline {roofline:.1f} GFLOP/s (n={roofline_n})")
+    head = (f"{'preset':>7} {'params':>9} {'B':>4} {'T':>4} {'ms/iter':>9} {'tokens/s':>10} "
+            f"{'GFLOP/s':>8} {'roofline':>8}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['preset']:>7} {r['params']:>9} {r['batch_size']:>4} {r['block_size']:>4} {r['ms_per_iter']:>9.1f} "
+              f"{r['tokens_per_s']:>10.0f} {r['gflops']:>8.1f} {100 * r['roofline_fraction']:>7.1f}%")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

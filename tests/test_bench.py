@@ -1,0 +1,71 @@
+"""Each benchmark's main runs in --quick mode and writes a JSON with positive figures."""
+
+import json
+import math
+
+import pytest
+
+from bench import bench_pretrain, bench_sampler, roofline
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _run(module, tmp_path, name, capsys):
+    out = tmp_path / f"{name}.json"
+    report = module.main(["--quick", "--threads", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(report))
+    assert data["threads"] == 1 and data["machine"]["cpu"]
+    return data, printed
+
+
+def test_roofline(tmp_path, capsys):
+    data, printed = _run(roofline, tmp_path, "roofline", capsys)
+    assert data["bench"] == "roofline" and data["n"] == 256
+    assert set(data["gflops"]) == {"fp32", "bf16"}
+    assert all(_positive(v) for v in data["gflops"].values())
+    assert "fp32" in printed and "bf16" in printed
+
+
+def test_measure_matmul_gflops():
+    assert _positive(roofline.measure_matmul_gflops("fp32", n=64, threads=1, min_time=0.0))
+    with pytest.raises(ValueError, match="dtype"):
+        roofline.measure_matmul_gflops("fp8", n=64)
+
+
+def test_bench_sampler(tmp_path, capsys):
+    data, printed = _run(bench_sampler, tmp_path, "sampler", capsys)
+    assert data["bench"] == "sampler" and data["precision"] in ("fp32", "bf16")
+    assert _positive(data["roofline_gflops"])
+    rows = data["results"]
+    assert {(r["order"], r["steps"]) for r in rows} == {(o, s) for o in ("random", "confidence") for s in (4, 8)}
+    for r in rows:
+        for key in ("samples_per_s", "chars_per_s", "gflops", "roofline_fraction", "seconds", "params"):
+            assert _positive(r[key]), key
+        assert r["preset"] == "tiny" and r["batch_size"] == 4
+        assert r["forwards_per_sample_run"] == r["steps"]  # block 32 >= steps: every step reveals
+        assert r["chars_per_s"] == pytest.approx(r["samples_per_s"] * r["block_size"])
+    assert "GFLOP/s" in printed and "roofline" in printed
+
+
+def test_bench_pretrain(tmp_path, capsys):
+    data, printed = _run(bench_pretrain, tmp_path, "pretrain", capsys)
+    assert data["bench"] == "pretrain" and _positive(data["roofline_gflops"])
+    (r,) = data["results"]
+    for key in ("tokens_per_s", "gflops", "roofline_fraction", "ms_per_iter", "params", "iters"):
+        assert _positive(r[key]), key
+    assert r["preset"] == "tiny" and r["batch_size"] == 8
+    assert "tokens/s" in printed
+
+
+def test_bench_sampler_with_checkpoint(tmp_path, tiny_generator):
+    out = tmp_path / "ck.json"
+    report = bench_sampler.main(["--quick", "--threads", "1", "--orders", "confidence", "--checkpoint",
+                                 tiny_generator, "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows) == 2 and rows == report["results"]
+    assert all(r["preset"].startswith("checkpoint:") and _positive(r["gflops"]) for r in rows)

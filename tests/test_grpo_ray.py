@@ -1,0 +1,129 @@
+"""GRPO on Ray: exact first ratio, KL from zero, learning in sync and async modes, weight versions."""
+
+import json
+
+import pytest
+import ray
+import torch
+
+from dgrpo.actors.judge import JudgeWorker
+from dgrpo.actors.rollout import RolloutWorker
+from dgrpo.corpus import load_corpus, make_prompts, random_windows
+from dgrpo.learner.core import LearnerCore
+from dgrpo.models.diffusion import DiffusionLM
+from dgrpo.models.transformer import preset_config
+from dgrpo.orchestration.config import GRPOConfig, RewardConfig, TrainConfig
+from dgrpo.orchestration.driver import run_training
+from dgrpo.protocols import RolloutRequest, WeightSnapshot
+from dgrpo.protocols.rollout_log import read_rollout_log
+
+
+def train_config(tmp_path, corpus, **over) -> TrainConfig:
+    base = {
+        "run": {"out_dir": str(tmp_path / "run"), "steps": 20, "eval_every": 20, "eval_prompts": 32,
+                "checkpoint_every": 100, "metrics_export": False, "actor_timeout_s": 120},
+        "corpus": {"path": corpus},
+        "generator": {"preset": "tiny"},
+        "reward": {"kind": "char_frequency", "chars": "e"},
+        "sampler": {"steps": 8},
+        "grpo": {"group_size": 8, "prompts_per_step": 4, "minibatch_size": 32, "lr": 3e-3, "kl_coef": 0.0},
+        "resources": {"rollout": {"num_workers": 2}},
+    }
+    for section, values in over.items():
+        base.setdefault(section, {}).update(values)
+    return TrainConfig.model_validate(base)
+
+
+def local_rollouts(corpus_file, n_prompts=4, k=4, steps=6, seed=0):
+    corpus = load_corpus(corpus_file)
+    torch.manual_seed(seed)
+    model = DiffusionLM(preset_config("tiny", corpus.tokenizer.vocab_size))
+    worker = RolloutWorker(0, model.cfg.to_dict(), {"steps": steps, "temperature": 1.0, "top_k": 0,
+                                                    "top_p": 1.0, "order": "random"})
+    worker.set_weights(WeightSnapshot.from_module(model, 0))
+    windows = random_windows(corpus.train, n_prompts, model.cfg.block_size, torch.Generator().manual_seed(seed))
+    prompts = make_prompts(windows, corpus.tokenizer.mask_id, "infill", 0.5, torch.Generator().manual_seed(seed))
+    judge = JudgeWorker(0, RewardConfig(kind="char_frequency", chars="e "), corpus.tokenizer.to_dict())
+    batch = worker.generate(RolloutRequest(request_id=0, prompts=prompts, group_size=k, seed=seed))
+    return model, judge.score(batch)
+
+
+@pytest.mark.parametrize("old_logprob", ["behaviour", "recompute"])
+def test_first_inner_ratio_is_exactly_one_and_kl_starts_at_zero(tiny_corpus_file, old_logprob):
+    model, scored = local_rollouts(tiny_corpus_file)
+    cfg = GRPOConfig(group_size=4, prompts_per_step=4, minibatch_size=16, lr=1e-2, kl_coef=0.1,
+                     old_logprob=old_logprob)
+    learner = LearnerCore(model, cfg, seed=0)
+    first = learner.train([scored])
+    assert first["skipped_update"] == 0.0
+    assert first["first_step_ratio_dev"] <= 1e-5  # replay == sampler's behaviour log-probs
+    assert first["kl"] == pytest.approx(0.0, abs=1e-7)  # one minibatch: policy == reference
+    if old_logprob == "recompute":
+        assert first["logp_mismatch"] <= 1e-5
+    for _ in range(3):
+        later = learner.train([scored])
+    assert later["kl"] > 1e-6
+    assert learner.version == 4
+
+
+def test_learner_skips_groups_without_signal(tiny_corpus_file):
+    model, scored = local_rollouts(tiny_corpus_file)
+    scored.rewards = torch.ones_like(scored.rewards)
+    learner = LearnerCore(model, GRPOConfig(group_size=4, prompts_per_step=4), seed=0)
+    before = [p.clone() for p in model.parameters()]
+    m = learner.train([scored])
+    assert m["zero_std_ratio"] == 1.0 and m["skipped_update"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_weight_versions_reach_every_worker(ray_cluster, tiny_corpus_file):
+    corpus = load_corpus(tiny_corpus_file)
+    model = DiffusionLM(preset_config("tiny", corpus.tokenizer.vocab_size))
+    sampler = {"steps": 4, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "order": "random"}
+    Worker = ray.remote(RolloutWorker).options(num_cpus=0.5)
+    workers = [Worker.remote(i, model.cfg.to_dict(), sampler) for i in range(3)]
+    prompts = torch.full((2, model.cfg.block_size), corpus.tokenizer.mask_id)
+    for version in (1, 2):
+        ref = ray.put(WeightSnapshot.from_module(model, version))
+        acks = ray.get([w.set_weights.remote(ref) for w in workers], timeout=60)
+        assert [a["version"] for a in acks] == [version] * 3
+        batches = ray.get([w.generate.remote(RolloutRequest(request_id=i, prompts=prompts, group_size=2, seed=i,
+                                                            min_version=version))
+                           for i, w in enumerate(workers)], timeout=60)
+        assert [b.policy_version for b in batches] == [version] * 3
+        assert [b.worker_id for b in batches] == [0, 1, 2]
+    with pytest.raises(ray.exceptions.RayTaskError, match="holds policy v2"):
+        ray.get(workers[0].generate.remote(RolloutRequest(request_id=9, prompts=prompts, group_size=2, seed=0,
+                                                          min_version=3)), timeout=60)
+    for w in workers:
+        ray.kill(w)
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_grpo_raises_reward_with_two_workers(ray_cluster, tiny_corpus_file, tmp_path, mode):
+    cfg = train_config(tmp_path, tiny_corpus_file, run={"mode": mode, "log_rollouts": True})
+    summary = run_training(cfg)
+    assert summary["steps"] == 20
+    before, after = summary["eval_reward_before"], summary["eval_reward_after"]
+    assert after - before > 3 * summary["eval_reward_after_stderr"], summary
+    rows = read_metrics(tmp_path / "run")
+    steps = [r["step"] for r in rows if "reward_mean" in r]
+    assert steps == list(range(1, 21))
+    for r in rows:
+        if "batch_versions" not in r:
+            continue
+        assert max(r["batch_versions"]) <= r["step"] - 1
+        if mode == "sync":
+            assert r["batch_versions"] == [r["step"] - 1]  # fresh rollouts from the current policy
+        else:
+            assert r["step"] - 1 - min(r["batch_versions"]) <= cfg.run.max_staleness
+    # every logged batch is tagged by the version that generated it, and each request appears once
+    logged = list(read_rollout_log(tmp_path / "run" / "rollouts.msgpack"))
+    ids = [b.rollout.request_id for b in logged]
+    assert len(ids) == len(set(ids))
+    assert {b.rollout.policy_version for b in logged} <= set(range(0, 21))
+    assert {b.rollout.worker_id for b in logged} == {0, 1}
