@@ -82,6 +82,11 @@ def find_checkpoints(out_dir: Path) -> list[Path]:
 
 
 class Driver:
+    # the actor classes of each role; tests substitute failing ones
+    rollout_cls = RolloutWorker
+    judge_cls = JudgeWorker
+    learner_cls = LearnerActor
+
     def __init__(self, cfg: TrainConfig, resume: bool = False, report=None):
         """Validates inputs, then starts the actors (Ray must be connected: see run_training)."""
         self.cfg = cfg
@@ -108,16 +113,16 @@ class Driver:
         model_cfg, vocab = model.cfg.to_dict(), tokenizer.to_dict()
         sampler = cfg.sampler.model_dump()
         init = ray.put(WeightSnapshot.from_module(model, version=0))
-        self.learner = make_actor(LearnerActor, res.learner, grpo.model_dump(), model_cfg, vocab, init,
+        self.learner = make_actor(self.learner_cls, res.learner, grpo.model_dump(), model_cfg, vocab, init,
                                   seed=run.seed, precision=res.learner.precision, torch_threads=res.torch_threads)
         metrics_on = run.metrics_export
         self.workers = ActorGroup(
             "rollout", res.rollout.num_workers, run.actor_timeout_s,
-            lambda i: make_actor(RolloutWorker, res.rollout, i, model_cfg, sampler, res.rollout.precision,
+            lambda i: make_actor(self.rollout_cls, res.rollout, i, model_cfg, sampler, res.rollout.precision,
                                  res.torch_threads, metrics_on))
         self.judges = ActorGroup(
             "judge", res.judge.num_workers, run.actor_timeout_s,
-            lambda i: make_actor(JudgeWorker, res.judge, i, cfg.reward, vocab, res.torch_threads, metrics_on))
+            lambda i: make_actor(self.judge_cls, res.judge, i, cfg.reward, vocab, res.torch_threads, metrics_on))
         self.failure_budget = run.max_worker_failures
 
         self.step = 0
@@ -169,6 +174,8 @@ class Driver:
         except ray.exceptions.GetTimeoutError:
             raise RunError(f"{what} did not answer within {self.cfg.run.actor_timeout_s:.0f} s "
                            f"(run.actor_timeout_s); the actor is hung or the cluster is overloaded") from None
+        except ray.exceptions.RayTaskError as e:
+            raise RunError(f"{what} failed: {type(e.cause).__name__}: {e.cause}") from None
         except ray.exceptions.RayActorError as e:
             if what.startswith("learner"):
                 raise RunError(f"the learner actor died during {what} ({type(e).__name__}); "
@@ -265,6 +272,10 @@ class Driver:
         group = self.workers if p.kind in ("generate", "sync") else self.judges
         try:
             result = ray.get(ref, timeout=0)
+        except ray.exceptions.RayTaskError as e:
+            # the actor is alive but the call raised: bad input or a bug, not a crash; do not retry
+            raise RunError(f"{p.kind} on {group.role} actor {p.slot.index} failed: "
+                           f"{type(e.cause).__name__}: {e.cause}") from None
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
             p.slot.busy = False
             p.slot.syncing = False
