@@ -190,6 +190,16 @@ def config(kind):
         click.echo(to_yaml(cls()))
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@friendly
+def report(run_dir):
+    """PNG plots (reward, KL, loss, clip fraction, throughput, phase times) and report.md for a run."""
+    from .report import make_report
+    summary = make_report(run_dir)
+    click.echo(json.dumps(summary, indent=2))
+
+
 @main.group()
 def rollouts():
     """Rollout log files."""

@@ -392,7 +392,7 @@ class Driver:
                   "time/learn_s": metrics["learn_s"],
                   "learner_idle_ratio": max(0.0, 1 - metrics["learn_s"] / wall),
                   "rollout_idle_ratio": max(0.0, 1 - self.window_gen_s / (n_workers * wall)),
-                  "steps_per_min": 60.0 * (self.step - self.start_step) / (now - self.t0),
+                  "steps_per_min": 60.0 * (self.step - self.start_step) / (now - self.t_loop),
                   "sync_load_s_mean": sum(self.sync_load_s) / max(len(self.sync_load_s), 1),
                   "batch_versions": sorted({b.rollout.policy_version for b in batches}),
                   **self.counters}
@@ -419,7 +419,7 @@ class Driver:
             first = self.evaluate()
             self.logger.log({"step": self.step, "policy_version": self.version, "wall_time": 0.0, **first})
         self.logger.phase("generating")
-        self.step_started = time.perf_counter()
+        self.step_started = self.t_loop = time.perf_counter()
         self.finished = self.step >= cfg.run.steps
         while not self.finished:
             self._issue_generation()
