@@ -308,6 +308,9 @@ class Driver:
         now = time.perf_counter()
         limit = self.cfg.run.actor_timeout_s
         for p in list(self.pending.values()):
+            if p.kind == "train" and now - p.submitted > limit:
+                raise RunError(f"the learner did not finish a step within {limit:.0f} s (run.actor_timeout_s); "
+                               f"raise the timeout for large batches, or resume with --resume")
             if p.kind != "train" and now - p.submitted > limit and p.slot is not None and not p.slot.killed:
                 print(f"{p.kind} on {p.slot.role} actor {p.slot.index} exceeded {limit:.0f} s; killing it for restart")
                 p.slot.killed = True
