@@ -146,6 +146,7 @@ class LearnerCore:
 
         sums = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "ratio": 0.0, "clipped": 0.0, "tokens": 0.0}
         ratio_max, grad_norms, first_ratio_dev = 0.0, [], 0.0
+        first_abs_diff, first_tokens = 0.0, 0.0
         for epoch in range(cfg.epochs):
             perm = torch.randperm(n, generator=self.generator)
             for start in range(0, n, cfg.minibatch_size):
@@ -181,6 +182,8 @@ class LearnerCore:
                         ratio_max = max(ratio_max, float((ratio * t).max()))
                         if first_minibatch:  # new == old exactly on fresh on-policy rollouts
                             first_ratio_dev = max(first_ratio_dev, float(((ratio - 1).abs() * t).max()))
+                            first_abs_diff += float(((new_lp - behaviour[sel]).abs() * t).sum())
+                            first_tokens += float(t.sum())
                 grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)))
                 self.optimizer.step()
         n_tok = max(sums["tokens"], 1.0)
@@ -190,6 +193,9 @@ class LearnerCore:
             "kl": sums["kl"] / n_tok, "entropy": sums["entropy"] / n_tok, "ratio_mean": sums["ratio"] / n_tok,
             "ratio_max": ratio_max, "clip_frac": sums["clipped"] / n_tok,
             "first_step_ratio_dev": first_ratio_dev,
+            # learner vs sampler log-probs of the same tokens before any update of this step:
+            # the precision/implementation mismatch on fresh batches, plus the policy lag on stale ones
+            "logp_mismatch": metrics.get("logp_mismatch", first_abs_diff / max(first_tokens, 1.0)),
             "grad_norm": sum(grad_norms) / n_updates, "optimizer_steps": float(len(grad_norms)),
             "replay_rows": float(len(rows)), "tokens_trained": float(mask.sum()),
             "skipped_update": 0.0,

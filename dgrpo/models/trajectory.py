@@ -43,7 +43,8 @@ def replay_rows(reveal_step: torch.Tensor, steps: int, steps_per_sample: int | N
     s_range = torch.arange(steps, device=reveal_step.device)
     has_tokens = (reveal_step[:, None, :] == s_range[None, :, None]).any(-1)  # (B, S)
     if steps_per_sample is not None:
-        noise = torch.rand(has_tokens.shape, generator=generator, device=reveal_step.device)
+        # drawn on the CPU (the learner's generator lives there), then moved
+        noise = torch.rand(has_tokens.shape, generator=generator).to(reveal_step.device)
         noise = noise.masked_fill(~has_tokens, 2.0)
         rank = noise.argsort(1).argsort(1)
         has_tokens &= rank < steps_per_sample
