@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 
@@ -10,11 +12,49 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+class GaugeKeeper:
+    """Sets Ray gauges and re-sends their last values every `interval_s` from a daemon thread.
+
+    Ray's metrics agent drops a gauge series about two report intervals (~20 s)
+    after its emitter last set it, so a value set once per GRPO step would
+    vanish from Prometheus/Grafana whenever a step takes longer than that.
+    """
+
+    def __init__(self, interval_s: float = 5.0):
+        self.interval_s = interval_s
+        self._last: dict = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def set(self, gauge, value: float, tags: dict | None = None) -> None:
+        gauge.set(value, tags=tags)
+        with self._lock:
+            self._last[(id(gauge), tuple(sorted((tags or {}).items())))] = (gauge, value, tags)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._refresh, name="dgrpo-gauge-keeper", daemon=True)
+                self._thread.start()
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            with self._lock:
+                last = list(self._last.values())
+            for gauge, value, tags in last:
+                try:
+                    gauge.set(value, tags=tags)
+                except Exception:  # metrics must never break the run (e.g. during shutdown)
+                    return
+
+    def close(self) -> None:
+        self._stop.set()
+
+
 class ActorTelemetry:
     def __init__(self, role: str, actor_id: str, enabled: bool = False):
         self.tags = {"role": role, "actor_id": actor_id}
         self.enabled = enabled
         self._metrics = {}
+        self._keeper = GaugeKeeper()
         if enabled:
             from ray.util import metrics as m
             keys = ("role", "actor_id")
@@ -30,12 +70,12 @@ class ActorTelemetry:
 
     def gauge(self, name: str, value: float) -> None:
         if self.enabled:
-            self._metrics[name].set(float(value), tags=self.tags)
+            self._keeper.set(self._metrics[name], float(value), self.tags)
 
     def observe_rollout(self, samples: int, tokens: int, seconds: float) -> None:
         if self.enabled:
-            self._metrics["samples_per_s"].set(samples / max(seconds, 1e-9), tags=self.tags)
-            self._metrics["tokens_per_s"].set(tokens / max(seconds, 1e-9), tags=self.tags)
+            self._keeper.set(self._metrics["samples_per_s"], samples / max(seconds, 1e-9), self.tags)
+            self._keeper.set(self._metrics["tokens_per_s"], tokens / max(seconds, 1e-9), self.tags)
             self._metrics["samples_total"].inc(samples, tags=self.tags)
 
     def observe_judge(self, samples: int, seconds: float) -> None:

@@ -179,6 +179,32 @@ def demo(out, corpus_path, minutes, threads):
     run_demo(out, corpus_path, minutes=minutes, threads=threads, echo=click.echo)
 
 
+@main.command("tune")
+@config_options
+@click.option("--search", "search_file", required=True, type=click.Path(),
+              help="YAML search space: dotted config keys -> {grid|choice|uniform|loguniform|randint: [...]}, "
+                   "optional `tune:` settings")
+@click.option("--num-samples", type=int, default=None, help="overrides tune.num_samples")
+@click.option("--scheduler", type=click.Choice(["asha", "fifo"]), default=None, help="overrides tune.scheduler")
+@click.option("--metric", default=None, help="overrides tune.metric (e.g. reward_mean, eval_reward_mean)")
+@click.option("--mode", type=click.Choice(["max", "min"]), default=None, help="overrides tune.mode")
+@click.option("--max-concurrent", type=int, default=None, help="overrides tune.max_concurrent_trials")
+@friendly
+def tune_cmd(config_file, overrides, search_file, num_samples, scheduler, metric, mode, max_concurrent):
+    """Ray Tune over GRPO runs: one placement group per trial, ASHA early stopping, best config to run.out_dir."""
+    from .tune import load_search, run_tune, settings_from_flags
+    cfg = load_config(TrainConfig, config_file, list(overrides))
+    search = load_search(search_file, settings_from_flags(
+        num_samples=num_samples, scheduler=scheduler, metric=metric, mode=mode,
+        max_concurrent_trials=max_concurrent), base=cfg)
+    result = run_tune(cfg, search)
+    click.echo(result["table"])
+    click.echo(f"\nbest ({search.settings.metric}, {search.settings.mode}, scope {search.settings.best_scope}): "
+               f"{json.dumps(result['best']['best_params'])} -> {result['best']['best_value']}")
+    click.echo(f"best config: {result['best_config_path']}\n")
+    click.echo(result["best_config_yaml"])
+
+
 @main.command()
 @click.argument("kind", type=click.Choice(["pretrain", "judge", "train"]), default="train")
 def config(kind):

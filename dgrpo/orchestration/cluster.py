@@ -20,10 +20,11 @@ def required_resources(cfg: TrainConfig) -> dict[str, float]:
     }
 
 
-def connect(cfg: TrainConfig) -> bool:
+def connect(cfg: TrainConfig, extra_cpus: float = 0.0) -> bool:
     """Join the cluster at run.ray_address / $RAY_ADDRESS, else start an embedded local one.
 
     Returns True when this call started a local cluster (the caller shuts it down).
+    `extra_cpus`: logical CPUs the embedded cluster needs beyond the roles (Ray Tune's trial drivers).
     """
     if ray.is_initialized():
         return False
@@ -35,8 +36,18 @@ def connect(cfg: TrainConfig) -> bool:
     need = required_resources(cfg)
     # Logical CPUs on the embedded cluster: at least the machine's, more if the
     # roles ask for more (actors then share cores; torch threads stay as set).
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need["CPU"])), include_dashboard=False,
-             runtime_env=env, _node_ip_address="127.0.0.1", log_to_driver=True)
+    # Issue 6: nothing listens beyond 127.0.0.1. Ray swaps a loopback _node_ip_address for the
+    # machine's routable address (and its gRPC servers then bind it or all interfaces) unless it
+    # thinks it runs a one-machine cluster, as on macOS/Windows; say so for this embedded one.
+    from ray._private import ray_constants
+    multi_node = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need["CPU"] + extra_cpus)), include_dashboard=False,
+                 runtime_env=env, _node_ip_address="127.0.0.1", log_to_driver=True)
+    finally:
+        if multi_node is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = multi_node
     return True
 
 
@@ -44,6 +55,8 @@ def role_options(role_cfg, name: str | None = None) -> dict:
     """Ray actor options for one role; inside a Tune trial, schedule into the trial's placement group."""
     opts = {"num_cpus": role_cfg.num_cpus, "num_gpus": role_cfg.num_gpus,
             "max_restarts": role_cfg.max_restarts, "max_task_retries": 0}
+    if getattr(role_cfg, "custom_resources", None):
+        opts["resources"] = dict(role_cfg.custom_resources)  # pins the role onto its worker group
     pg = get_current_placement_group()
     if pg is not None:
         opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(

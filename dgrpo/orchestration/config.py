@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -140,6 +140,9 @@ class RoleResources(Section):
     num_gpus: float = Field(0.0, ge=0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     max_restarts: int = Field(3, ge=0)
+    custom_resources: dict[str, PositiveFloat] = Field(
+        default_factory=dict, description="Ray custom resources per actor of this role, e.g. {dgrpo_rollout: 0.001} "
+                                          "pins the role to the nodes (worker group) that advertise dgrpo_rollout")
 
 
 class RolloutResources(RoleResources):
@@ -152,10 +155,15 @@ class JudgeResources(RoleResources):
     num_cpus: float = Field(0.5, ge=0)
 
 
+class LearnerResources(RoleResources):
+    # 0: a restarted learner would silently start over from the initial weights; resume from a checkpoint instead
+    max_restarts: int = Field(0, ge=0)
+
+
 class ResourcesConfig(Section):
     rollout: RolloutResources = RolloutResources()
     judge: JudgeResources = JudgeResources()
-    learner: RoleResources = RoleResources(max_restarts=0)
+    learner: LearnerResources = LearnerResources()
     torch_threads: int = Field(1, ge=1, description="torch threads per actor")
 
 

@@ -28,14 +28,14 @@ import ray
 import torch
 
 from ..actors.judge import JudgeWorker
-from ..actors.rollout import RolloutWorker
+from ..actors.rollout import RolloutWorker, StaleWorkerError
 from ..corpus import CharTokenizer, PromptStream, check_length, fixed_windows, load_corpus, make_prompts
 from ..learner.actor import LearnerActor
 from ..models.checkpoint import CheckpointError, load_checkpoint
 from ..models.diffusion import DiffusionLM
 from ..models.transformer import preset_config
-from ..protocols import RolloutRequest, ScoredBatch, WeightSnapshot
-from ..protocols.rollout_log import RolloutLogWriter
+from ..protocols import CodecError, RolloutRequest, ScoredBatch, WeightSnapshot
+from ..protocols.rollout_log import RolloutLogWriter, read_rollout_log
 from .cluster import connect, make_actor
 from .config import TrainConfig, to_dict, to_yaml
 from .errors import RunError
@@ -50,6 +50,7 @@ class Pending:
     payload: object = None
     groups: int = 0
     submitted: float = field(default_factory=time.perf_counter)
+    epoch: int = 0  # the slot's incarnation when the call was made (issue 6)
 
 
 def load_generator(cfg: TrainConfig, corpus_path, cache_dir, val_fraction):
@@ -75,6 +76,25 @@ def check_judge_vocabulary(cfg: TrainConfig, tokenizer: CharTokenizer, length: i
     if judge.model_config.block_size < length:
         raise RunError(f"the judge scores windows of at most {judge.model_config.block_size} characters but "
                        f"prompts are {length} long; set prompts.length <= {judge.model_config.block_size}")
+
+
+def truncate_rollout_log(path: Path, request_counter: int) -> int:
+    """Issue 6, resume: keep the logged batches of requests issued before the checkpoint (the
+    resumed run issues the later ids again and logs them itself). Returns batches kept."""
+    if not path.is_file():
+        return 0
+    tmp, kept = path.with_name(path.name + ".tmp"), 0
+    tmp.unlink(missing_ok=True)
+    with RolloutLogWriter(tmp) as out:
+        try:
+            for msg in read_rollout_log(path):
+                if getattr(msg, "rollout", msg).request_id < request_counter:
+                    out.write(msg)
+                    kept += 1
+        except CodecError:
+            pass  # a frame torn by the crash: everything before it is intact
+    tmp.replace(path)
+    return kept
 
 
 def find_checkpoints(out_dir: Path) -> list[Path]:
@@ -152,17 +172,23 @@ class Driver:
     def _resume(self) -> None:
         for path in reversed(find_checkpoints(self.out)):
             try:
-                load_checkpoint(path, expect_kind="generator")
+                ckpt = load_checkpoint(path, expect_kind="generator")
             except CheckpointError as e:
                 print(f"skipping unusable checkpoint {path}: {e}")
                 continue
-            state = self._get(self.learner.load.remote(str(path)), "learner.load")
-            self.step, self.version = state["step"], state["version"]
+            try:  # issue 6: a checkpoint whose tensors are corrupt or truncated is skipped too
+                state = self._get(self.learner.load.remote(str(path)), "learner.load")
+            except CheckpointError as e:
+                print(f"skipping unusable checkpoint {path}: {getattr(e, 'cause', e)}")
+                continue
+            # issue 6: the policy version is the learner's (the manifest's), not in the driver's state
+            self.step, self.version = state["step"], int(ckpt.state["version"])
             self.request_counter = state["request_counter"]
             self.prompts.load_state_dict(state["prompts"])
             self.counters.update(state["counters"])
             self.eval_history = state.get("eval_history", [])
             kept = truncate_jsonl(self.out / "metrics.jsonl", self.step)
+            truncate_rollout_log(self.out / "rollouts.msgpack", self.request_counter)  # issue 6
             print(f"resumed from {path}: step {self.step}, policy version {self.version}, {kept} metric rows kept")
             return
         raise RunError(f"--resume: no usable checkpoint under {self.out / 'checkpoints'}; start without --resume")
@@ -175,6 +201,8 @@ class Driver:
             raise RunError(f"{what} did not answer within {self.cfg.run.actor_timeout_s:.0f} s "
                            f"(run.actor_timeout_s); the actor is hung or the cluster is overloaded") from None
         except ray.exceptions.RayTaskError as e:
+            if isinstance(e, (StaleWorkerError, CheckpointError)):
+                raise  # issue 6: the caller recovers from these
             raise RunError(f"{what} failed: {type(e.cause).__name__}: {e.cause}") from None
         except ray.exceptions.RayActorError as e:
             if what.startswith("learner"):
@@ -192,12 +220,30 @@ class Driver:
             raise RunError(f"{total} actor failures exceed run.max_worker_failures={self.failure_budget}; "
                            f"last: {group.role} {slot.index}: {error}. Check the actor logs "
                            f"(Ray dashboard or /tmp/ray/session_latest/logs), then resume with --resume")
+        t0 = time.perf_counter()
         group.recover(slot)
+        for p in self.pending.values():  # issue 6: calls waited on the restart, not hung; restart their clocks
+            p.submitted += time.perf_counter() - t0
+
+    def _lost(self, group: ActorGroup, p: Pending, error: BaseException) -> None:
+        """Issue 6: the actor of call `p` died under it. Recover its slot once per incarnation
+        (several calls fail with one death), then re-issue the lost work, which produced nothing."""
+        if p.epoch == p.slot.epoch:
+            p.slot.busy = False
+            p.slot.syncing = False
+            self._charge_failure(group, p.slot, error)
+            if group is self.workers and self.snapshot_ref is not None:
+                self._sync_slot(p.slot)
+        if p.kind == "generate":
+            self.retry.append(p.payload)
+        elif p.kind == "score":
+            self.counters["reissued_requests"] += 1
+            self._score(p.payload, p.groups)
 
     def _sync_slot(self, slot: Slot) -> None:
         slot.syncing = True
         ref = slot.handle.set_weights.remote(self.snapshot_ref)
-        self.pending[ref] = Pending("sync", slot)
+        self.pending[ref] = Pending("sync", slot, epoch=slot.epoch)
 
     # -- scheduling ----------------------------------------------------------
     def _groups_in_flight(self) -> int:
@@ -232,12 +278,12 @@ class Driver:
             request.min_version = self.version if sync else max(0, self.version - cfg.run.max_staleness)
             slot.busy = True
             ref = slot.handle.generate.remote(request)
-            self.pending[ref] = Pending("generate", slot, request, groups=request.prompts.shape[0])
+            self.pending[ref] = Pending("generate", slot, request, groups=request.prompts.shape[0], epoch=slot.epoch)
 
     def _score(self, batch, groups: int) -> None:
         slot = self.judges.least_loaded(self.pending.values())
         ref = slot.handle.score.remote(batch)
-        self.pending[ref] = Pending("score", slot, batch, groups=groups)
+        self.pending[ref] = Pending("score", slot, batch, groups=groups, epoch=slot.epoch)
 
     def _maybe_train(self) -> None:
         if self.train_ref is not None:
@@ -262,6 +308,7 @@ class Driver:
         self.logger.phase("training")
         self.train_ref = self.learner.train.remote(*take)
         self.pending[self.train_ref] = Pending("train")
+        self._issue_generation()  # async: the next step's rollouts start now, overlapping this update
 
     # -- completions ----------------------------------------------------------
     def _complete(self, ref, p: Pending) -> None:
@@ -273,19 +320,16 @@ class Driver:
         try:
             result = ray.get(ref, timeout=0)
         except ray.exceptions.RayTaskError as e:
+            if p.kind == "generate" and isinstance(e, StaleWorkerError):
+                # issue 6: Ray restarted the worker before its death reached us, and the request
+                # went to the new incarnation, which holds no weights yet: a crash, not a bug
+                self._lost(group, p, e)
+                return
             # the actor is alive but the call raised: bad input or a bug, not a crash; do not retry
             raise RunError(f"{p.kind} on {group.role} actor {p.slot.index} failed: "
                            f"{type(e.cause).__name__}: {e.cause}") from None
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-            p.slot.busy = False
-            p.slot.syncing = False
-            self._charge_failure(group, p.slot, e)
-            if p.kind == "generate":
-                self.retry.append(p.payload)  # the lost request runs again; it produced nothing
-            elif p.kind == "score":
-                self._score(p.payload, p.groups)
-            if group is self.workers and self.snapshot_ref is not None:
-                self._sync_slot(p.slot)
+            self._lost(group, p, e)
             return
         if p.kind == "sync":
             p.slot.syncing = False
@@ -307,7 +351,11 @@ class Driver:
     def _check_timeouts(self) -> None:
         now = time.perf_counter()
         limit = self.cfg.run.actor_timeout_s
-        for p in list(self.pending.values()):
+        overdue = [r for r, p in self.pending.items() if now - p.submitted > limit]
+        if not overdue:
+            return
+        answered, _ = ray.wait(overdue, num_returns=len(overdue), timeout=0)  # issue 6: done, not yet collected
+        for p in [self.pending[r] for r in set(overdue) - set(answered)]:
             if p.kind == "train" and now - p.submitted > limit:
                 raise RunError(f"the learner did not finish a step within {limit:.0f} s (run.actor_timeout_s); "
                                f"raise the timeout for large batches, or resume with --resume")
@@ -328,15 +376,19 @@ class Driver:
         ref, info = self._get(self.learner.publish.remote(), "learner.publish")
         self.snapshot_ref = ref
         self.version = info["version"]
-        self.sync_load_s = []
+        previous_loads, self.sync_load_s = self.sync_load_s, []
         for slot in self.workers.slots:
             self._sync_slot(slot)
-        if self.cfg.run.mode == "sync" or self.step == 0:
+        waited = self.cfg.run.mode == "sync" or self.step == 0
+        if waited:
             while any(p.kind == "sync" for p in self.pending.values()):
                 refs = [r for r, p in self.pending.items() if p.kind == "sync"]
                 for r in self._wait(refs):
                     self._complete(r, self.pending.pop(r))
-        return {"time/sync_s": time.perf_counter() - t0, "weights_mb": info["nbytes"] / 2**20,
+        # async: acks arrive while the loop runs on, so report the previous broadcast's load times
+        loads = self.sync_load_s if waited else previous_loads
+        return {"time/sync_s": time.perf_counter() - t0, "sync_load_s_mean": sum(loads) / max(len(loads), 1),
+                "weights_mb": info["nbytes"] / 2**20,
                 "time/publish_s": info["publish_s"]}
 
     # -- evaluation ------------------------------------------------------------
@@ -346,14 +398,18 @@ class Driver:
         request = RolloutRequest(request_id=-1, prompts=self.eval_prompts, group_size=1,
                                  seed=self.cfg.run.eval_seed, min_version=self.version)
         for _attempt in range(3):
-            slot = self.workers.slots[0]
+            group, slot = self.workers, self.workers.slots[0]
             try:
                 batch = self._get(slot.handle.generate.remote(request), "rollout.generate (eval)")
-                scored = self._get(self.judges.slots[0].handle.score.remote(batch), "judge.score (eval)")
+                group, slot = self.judges, self.judges.slots[0]
+                scored = self._get(slot.handle.score.remote(batch), "judge.score (eval)")
                 break
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                self._charge_failure(self.workers, slot, e)
-                ray.get(slot.handle.set_weights.remote(self.snapshot_ref), timeout=self.cfg.run.actor_timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, StaleWorkerError) as e:
+                # issue 6: charge the role that failed; a recovered worker is marked as holding the weights
+                self._charge_failure(group, slot, e)
+                if group is self.workers:
+                    ack = self._get(slot.handle.set_weights.remote(self.snapshot_ref), "rollout.set_weights (eval)")
+                    slot.version = ack["version"]
         else:
             raise RunError("evaluation failed 3 times; see actor logs")
         r = scored.rewards
@@ -396,7 +452,6 @@ class Driver:
                   "learner_idle_ratio": max(0.0, 1 - metrics["learn_s"] / wall),
                   "rollout_idle_ratio": max(0.0, 1 - self.window_gen_s / (n_workers * wall)),
                   "steps_per_min": 60.0 * (self.step - self.start_step) / (now - self.t_loop),
-                  "sync_load_s_mean": sum(self.sync_load_s) / max(len(self.sync_load_s), 1),
                   "batch_versions": sorted({b.rollout.policy_version for b in batches}),
                   **self.counters}
         self.window_gen_s = 0.0

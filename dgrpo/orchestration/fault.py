@@ -10,6 +10,7 @@ receives no rollout request in between.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -27,6 +28,7 @@ class Slot:
     killed: bool = False
     failures: int = 0
     replacements: int = 0
+    epoch: int = 0  # incarnation, bumped by recover: a failed call of an older one needs no new recovery
 
 
 class ActorGroup:
@@ -48,12 +50,29 @@ class ActorGroup:
 
     def recover(self, slot: Slot) -> None:
         slot.failures += 1
+        slot.epoch += 1
         slot.version = -1
         slot.busy = slot.syncing = slot.killed = False
-        try:
-            ray.get(slot.handle.info.remote(), timeout=self.timeout_s)  # waits for Ray's restart
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
-                ray.exceptions.ActorUnavailableError):
-            ray.kill(slot.handle, no_restart=True)
-            slot.handle = self.factory(slot.index)
-            slot.replacements += 1
+        if self._wait_restarted(slot.handle):
+            return
+        ray.kill(slot.handle, no_restart=True)
+        slot.handle = self.factory(slot.index)
+        slot.replacements += 1
+
+    def _wait_restarted(self, handle) -> bool:
+        """True once the actor answers again (Ray restarted it) within timeout_s; False if it is gone.
+
+        Issue 6: a call on an actor that Ray is still restarting fails at once with
+        ActorUnavailableError; that means "ask again", not "replace it"."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                ray.get(handle.info.remote(), timeout=left)
+                return True
+            except ray.exceptions.ActorUnavailableError:  # restarting (a RayActorError subclass: test it first)
+                time.sleep(min(0.2, max(left, 0.0)))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                return False

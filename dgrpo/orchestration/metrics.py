@@ -50,6 +50,12 @@ def truncate_jsonl(path: str | Path, max_step: int) -> int:
     return len(rows)
 
 
+def _missing(key: str, extra: str, error: ImportError):
+    from .errors import RunError
+    return RunError(f"{key} is set but the optional package is missing ({error}); "
+                    f"install it with: pip install 'diffusion-grpo[{extra}]'")
+
+
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
@@ -59,31 +65,40 @@ class MetricsLogger:
                  wandb_project: str | None = None, config: dict | None = None):
         self.path = Path(out_dir) / "metrics.jsonl"
         self._fh = open(self.path, "a")
-        self._gauges, self._phase = {}, None
+        self._gauges, self._phase, self._keeper = {}, None, None
         if ray_metrics:
             from ray.util import metrics as m
+
+            from ..actors.telemetry import GaugeKeeper
+            self._keeper = GaugeKeeper()  # re-sends gauge values so slow steps do not drop out of Prometheus
             self._gauges = {name: m.Gauge(name, f"dgrpo driver metric {key}") for name, key in DRIVER_GAUGES.items()}
             self._phase = m.Gauge("dgrpo_phase", "current driver phase (1 on the active phase)", tag_keys=("phase",))
         self._tb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise _missing("run.tensorboard", "tensorboard", e) from None
             self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
         self._wandb = None
         if wandb_project:
-            import wandb
+            try:
+                import wandb
+            except ImportError as e:
+                raise _missing("run.wandb_project", "wandb", e) from None
             self._wandb = wandb.init(project=wandb_project, config=config or {}, dir=str(out_dir))
 
     def phase(self, name: str) -> None:
         if self._phase is not None:
             for p in PHASES:
-                self._phase.set(1.0 if p == name else 0.0, tags={"phase": p})
+                self._keeper.set(self._phase, 1.0 if p == name else 0.0, {"phase": p})
 
     def log(self, record: dict) -> None:
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()
         for name, key in DRIVER_GAUGES.items():
             if name in self._gauges and _finite(record.get(key)):
-                self._gauges[name].set(float(record[key]))
+                self._keeper.set(self._gauges[name], float(record[key]))
         step = int(record.get("step", 0))
         if self._tb is not None:
             for k, v in record.items():
@@ -94,6 +109,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         self._fh.close()
+        if self._keeper is not None:
+            self._keeper.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:

@@ -1,0 +1,148 @@
+"""Learner, weight-sync, end-to-end, scaling and quality benchmarks: each runs in --quick mode.
+
+Checks the JSON keys and that the measured figures are positive; no timing
+assertions (the machine is shared). The Ray benchmarks reuse the session's
+cluster (conftest.ray_cluster, 4 CPUs) instead of starting their own.
+"""
+
+import json
+import math
+
+import pytest
+
+from bench import bench_e2e, bench_learner, bench_quality, bench_scaling, bench_weight_sync, common
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _run(module, tmp_path, capsys, *extra):
+    out = tmp_path / f"{module.__name__.rsplit('.', 1)[-1]}.json"
+    report = module.main(["--quick", "--out", str(out), *extra])
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(report))
+    m = data["machine"]
+    assert m["cpu"] and m["torch"] and m["date"] and _positive(m["threads"])
+    return data, printed
+
+
+def test_common_table_and_json(tmp_path, capsys):
+    text = common.print_table([{"a": 1, "b": 0.5}, {"a": 22}], [("a", "A"), ("b", "B", ".2f"), ("c", "C")])
+    assert "0.50" in text and text.splitlines()[-1].split() == ["22", "-", "-"]
+    path = common.write_json({"x": 1, "p": tmp_path}, tmp_path / "sub" / "r.json")
+    assert json.loads(path.read_text()) == {"x": 1, "p": str(tmp_path)}
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_bench_learner(tmp_path, capsys):
+    data, printed = _run(bench_learner, tmp_path, capsys)
+    assert data["bench"] == "learner" and _positive(data["roofline_gflops"])
+    rows = data["results"]
+    assert {(r["steps"], r["replay"]) for r in rows} == {(4, "all"), (8, "all"), (4, "2"), (8, "2")}
+    for r in rows:
+        for key in ("seconds", "samples_per_s", "replay_tokens_per_s", "trained_tokens_per_s", "gflops",
+                    "roofline_fraction", "gflop_per_step", "replay_rows", "params", "ref_share"):
+            assert _positive(r[key]), key
+        assert r["passes_per_row"] == 4  # reference fwd + policy fwd/bwd, behaviour log-probs
+        expected_rows = r["samples"] * (r["steps"] if r["replay"] == "all" else 2)
+        assert r["replay_rows"] == expected_rows  # block 32 >= S: every step reveals tokens
+    assert len(data["ratios"]) == 2 and all(_positive(x["speedup"]) for x in data["ratios"])
+    assert "GFLOP/s" in printed and "roofline" in printed
+
+
+def test_bench_learner_passes():
+    assert bench_learner.passes_per_row(1, "behaviour") == 4
+    assert bench_learner.passes_per_row(2, "recompute") == 8
+
+
+def test_bench_weight_sync(ray_cluster, tmp_path, capsys):
+    data, printed = _run(bench_weight_sync, tmp_path, capsys)
+    assert data["bench"] == "weight_sync" and data["ray_cluster"] == "existing"
+    rows = data["results"]
+    assert [(r["preset"], r["workers"]) for r in rows] == [("tiny", 1), ("tiny", 2)]
+    for r in rows:
+        for key in ("mb", "params", "snapshot_s", "put_s", "publish_s", "load_s", "total_s",
+                    "worker_load_s_max", "delivered_mb_per_s"):
+            assert _positive(r[key]), key
+        assert r["total_s"] >= r["publish_s"]
+    assert "publish ms" in printed
+
+
+def test_bench_scaling(ray_cluster, tmp_path, capsys):
+    # the shared cluster has 4 CPUs: 1 CPU per group keeps all groups placeable
+    data, printed = _run(bench_scaling, tmp_path, capsys, "--cpus", "1")
+    assert data["bench"] == "scaling"
+    rows = data["results"]
+    assert [(r["workers"], r["torch_threads"]) for r in rows] == [(1, 1), (2, 1)]
+    for r in rows:
+        for key in ("samples_per_s", "chars_per_s", "wall_s", "speedup", "efficiency", "busy_share"):
+            assert _positive(r[key]), key
+    assert rows[0]["efficiency"] == pytest.approx(1.0)
+    assert set(data["efficiency"]) == {"1", "2"}
+    assert "efficiency" in printed
+
+
+def test_bench_e2e(ray_cluster, tmp_path, capsys):
+    data, printed = _run(bench_e2e, tmp_path, capsys)
+    assert data["bench"] == "e2e"
+    assert [m["mode"] for m in data["modes"]] == ["sync", "async"]
+    for m in data["modes"]:
+        for key in ("steps_per_min", "share_generation", "share_scoring", "share_learning", "share_sync",
+                    "share_learner_idle", "share_rollout_idle", "step_s_mean", "learn_s_per_step"):
+            assert _positive(m[key]), (m["mode"], key)
+        assert m["share_learning"] + m["share_learner_idle"] == pytest.approx(1.0)
+    assert len(data["runs"]) == 2
+    assert "steps/min" in printed and "learner idle" in printed
+
+
+def test_e2e_summarise_shares():
+    rows = [{"step": 0, "eval_reward_mean": 0.1}]
+    for s in range(1, 4):
+        rows.append({"step": s, "reward_mean": 0.1 * s, "time/step_s": 2.0, "time/generate_s": 2.0,
+                     "time/score_s": 0.2, "time/learn_s": 1.0, "time/sync_s": 0.1, "learner_idle_ratio": 0.5,
+                     "rollout_idle_ratio": 0.5, "steps_per_min": 30.0})
+    s = bench_e2e.summarise(rows, skip=1, n_workers=2, n_judges=1)
+    assert s["steps_measured"] == 2 and s["steps_per_min"] == pytest.approx(30.0)
+    assert s["share_generation"] == pytest.approx(0.5) and s["share_learning"] == pytest.approx(0.5)
+    assert s["share_scoring"] == pytest.approx(0.1) and s["share_sync"] == pytest.approx(0.05)
+    assert s["share_unaccounted"] == pytest.approx(1 - 0.5 - 0.1 - 0.5 - 0.05)
+
+
+def test_best_of_n_kl_and_n():
+    assert bench_quality.bon_kl_bound(1) == 0.0
+    for n in (2, 7, 100):
+        kl = bench_quality.bon_kl_bound(n)
+        assert bench_quality.n_for_kl(kl, 256)[0] == n
+    assert bench_quality.n_for_kl(0.0, 256)[0] == 1
+    assert bench_quality.n_for_kl(50.0, 256)[0] == 256  # clipped
+    assert bench_quality.n_for_kl(bench_quality.bon_kl_bound(300), 256)[0] == 256
+
+
+def test_bench_quality(tmp_path, capsys):
+    data, printed = _run(bench_quality, tmp_path, capsys)
+    assert data["bench"] == "quality"
+    kl = data["kl"]
+    assert kl["source"].startswith("metrics")  # the made-up run's metrics.jsonl two levels up
+    gen_tokens = data["eval"]["generated_tokens_per_sample"]
+    assert kl["kl_seq"] == pytest.approx(0.01 * gen_tokens)  # last per-token kl x generated tokens
+    assert kl["n"] == bench_quality.n_for_kl(kl["kl_seq"], kl["max_n"])[0] and 1 <= kl["n"] <= kl["max_n"]
+    assert _positive(kl["measured_kl_seq_se"])
+    methods = [r["method"] for r in data["results"]]
+    assert methods == ["generator (N=1)", f"best-of-{kl['n']}", "policy"]
+    for r in data["results"]:
+        assert _positive(r["reward_mean"]) and _positive(r["samples"]) and r["reward_se"] >= 0
+    # best-of-N is the per-prompt max of a pool whose mean is the N=1 figure
+    assert data["results"][1]["reward_mean"] >= data["results"][0]["reward_mean"]
+    assert [c["n"] for c in data["best_of_n_curve"]][0] == 1
+    assert "best-of" in printed
+
+
+def test_bench_quality_explicit_kl(tmp_path, capsys):
+    out = tmp_path / "q.json"
+    report = bench_quality.main(["--quick", "--kl", "1.5", "--kl-per-sequence", "--out", str(out)])
+    assert report["kl"]["kl_seq"] == 1.5 and report["kl"]["source"].startswith("--kl")
+    assert report["kl"]["n"] == min(bench_quality.n_for_kl(1.5, 8)[0], 8)
+    capsys.readouterr()

@@ -1,0 +1,143 @@
+"""`ray job submit` of a tiny GRPO run to a `ray start --head` cluster (token auth, 127.0.0.1 only).
+
+The head node runs in its own process session with its own ports and temp dir, so
+it cannot collide with the session `ray_cluster` fixture or other Ray instances on
+this machine (`ray.init()` elsewhere does not find it: its address file lives in
+the private temp dir). Teardown stops exactly the processes of that session, by
+id: `ray stop --force` would kill every Ray process on the machine.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def session_pids(sid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    pids.append(int(entry))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return pids
+
+
+def stop_session(sid: int, grace_s: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL, every process of the session `ray start` ran in."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in session_pids(sid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace_s
+        while time.time() < deadline and any(_alive(p) for p in session_pids(sid)):
+            time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1][0] != "Z"  # zombies are gone, only not yet reaped
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def ray_env() -> dict:
+    return dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                RAY_USAGE_STATS_ENABLED="0")
+
+
+@pytest.fixture
+def head_node():
+    """A `ray start --head` cluster on 127.0.0.1 with a dashboard (job server); stopped afterwards."""
+    temp_dir = tempfile.mkdtemp(prefix="dgjs_", dir="/tmp")  # short: Ray's unix sockets live under it
+    gcs, dash, agent_http, agent_grpc, rt_env, metrics, client, node_mgr, obj_mgr = free_ports(9)
+    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+           "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+           "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
+           "--runtime-env-agent-port", str(rt_env), "--metrics-export-port", str(metrics),
+           "--ray-client-server-port", str(client), "--node-manager-port", str(node_mgr),
+           "--object-manager-port", str(obj_mgr), "--num-cpus", "2", "--temp-dir", temp_dir,
+           "--disable-usage-stats"]
+    proc = subprocess.Popen(cmd, env=ray_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    sid = proc.pid  # the session id of everything `ray start` spawns
+    try:
+        out, _ = proc.communicate(timeout=120)
+        if proc.returncode != 0:
+            pytest.fail(f"ray start --head failed ({proc.returncode}):\n{out[-3000:]}")
+        yield {"address": f"http://127.0.0.1:{dash}", "temp_dir": temp_dir, "start_output": out}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop_session(sid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not [p for p in session_pids(sid) if _alive(p)], "ray processes left running"
+
+
+def ray_cli(*args, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *args], env=ray_env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def job_status(address: str, job_id: str) -> str:
+    code = ("import sys; from ray.job_submission import JobSubmissionClient; "
+            "print(JobSubmissionClient(sys.argv[1]).get_job_status(sys.argv[2]).value)")
+    res = subprocess.run([sys.executable, "-c", code, address, job_id], env=ray_env(), capture_output=True,
+                         text=True, timeout=60)
+    return res.stdout.strip() or res.stderr[-500:]
+
+
+def test_ray_job_submit_runs_tiny_grpo(head_node, tiny_corpus_file, tmp_path):
+    out_dir = tmp_path / "job_run"
+    job_id = f"dgrpo-test-{os.getpid()}-{int(time.time())}"
+    env = dict(ray_env(), RAY_ADDRESS=head_node["address"], SUBMISSION_ID=job_id)
+    # the documented command: blocks, streams the job's output, exits 1 if the job fails
+    try:
+        submit = subprocess.run([str(REPO / "deploy" / "submit.sh"), "deploy/configs/tiny.yaml",
+                                 "--set", f"corpus.path={tiny_corpus_file}", "--set", f"run.out_dir={out_dir}"],
+                                env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as e:
+        ray_cli("job", "stop", "--address", head_node["address"], job_id)
+        pytest.fail(f"job did not finish in 240 s:\n{(e.stdout or '')[-3000:]}")
+    logs = submit.stdout
+    status = job_status(head_node["address"], job_id)
+    print(f"\n$ deploy/submit.sh deploy/configs/tiny.yaml --set corpus.path=... --set run.out_dir=...\n"
+          f"{logs[-3000:]}\n--- job {job_id}: {status}")
+    assert submit.returncode == 0 and status == "SUCCEEDED", (status, logs[-3000:], submit.stderr[-3000:])
+
+    summary = json.loads(logs[logs.rindex('{\n  "steps"'):logs.rindex("}") + 1])
+    assert summary["steps"] == 2 and summary["out_dir"] == str(out_dir)
+    ckpt = out_dir / "checkpoints" / "step_000002"
+    assert ckpt.is_dir() and any(ckpt.iterdir())
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward_mean" in r] == [1, 2]
+    assert [(r["num_groups"], r["num_samples"]) for r in rows if "num_samples" in r] == [(2, 8)] * 2
+    assert json.loads((out_dir / "summary.json").read_text())["steps"] == 2
