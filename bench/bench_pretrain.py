@@ -3,7 +3,8 @@
 One iteration is exactly what `dgrpo pretrain` does per step: random windows,
 masked-diffusion loss, backward, gradient clipping, AdamW step. FLOPs are
 3 x forward matmul FLOPs (backward ~ 2 x forward) per token; the roofline is
-the measured matmul GFLOP/s in the precision used. Data are random ids
+the measured matmul GFLOP/s in the precision used. The median iteration time is
+reported (mean and best kept in the JSON). Data are random ids
 (speed does not depend on the text).
 
     python bench/bench_pretrain.py [--presets small] [--base] [--batch-sizes 16,64]
@@ -55,19 +56,22 @@ def bench_one(preset: str, batch_size: int, autocast_dtype, min_time: float, min
 
     for _ in range(warmup_iters):
         step()
-    iters, start = 0, time.perf_counter()
+    times, start = [], time.perf_counter()
     while True:
+        t0 = time.perf_counter()
         step()
-        iters += 1
-        elapsed = time.perf_counter() - start
-        if iters >= min_iters and elapsed >= min_time:
+        times.append(time.perf_counter() - t0)
+        if len(times) >= min_iters and time.perf_counter() - start >= min_time:
             break
-    tokens = iters * batch_size * cfg.block_size
+    iters = len(times)
+    median = sorted(times)[iters // 2]  # robust to other jobs on a shared machine
+    tokens = batch_size * cfg.block_size
     flops = 3 * forward_flops_per_token(cfg, cfg.block_size, model.n_chars) * tokens
     return {"preset": preset, "params": count_params(model), "batch_size": batch_size,
-            "block_size": cfg.block_size, "iters": iters, "seconds": elapsed,
-            "ms_per_iter": 1e3 * elapsed / iters, "tokens_per_s": tokens / elapsed,
-            "gflops": flops / elapsed / 1e9}
+            "block_size": cfg.block_size, "iters": iters, "seconds": time.perf_counter() - start,
+            "ms_per_iter": 1e3 * median, "ms_per_iter_mean": 1e3 * sum(times) / iters,
+            "ms_per_iter_best": 1e3 * min(times), "tokens_per_s": tokens / median,
+            "gflops": flops / median / 1e9}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
               "roofline_gflops": roofline, "roofline_n": roofline_n,
               "flops_note": "3 x forward matmul FLOPs per token (forward + backward), AdamW not counted",
               "results": rows}
-    print(f"\npretraining throughput (fwd+bwd+AdamW), {precision}, {threads} torch thread(s), {info['cpu']}; "
+    print(f"\npretraining throughput (fwd+bwd+AdamW, median iteration), {precision}, {threads} torch thread(s), {info['cpu']}; "
           f"{precision} matmul roofline {roofline:.1f} GFLOP/s (n={roofline_n})")
     head = (f"{'preset':>7} {'params':>9} {'B':>4} {'T':>4} {'ms/iter':>9} {'tokens/s':>10} "
             f"{'GFLOP/s':>8} {'roofline':>8}")

@@ -3,6 +3,13 @@
 import random
 
 import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Two torch threads on a 2-core machine shared with Ray actors oversubscribe: ~10x slower."""
+    torch.set_num_threads(1)
 
 
 def _make_corpus_text(n_chars: int = 24000, seed: int = 0) -> str:

@@ -86,6 +86,7 @@ def save_checkpoint(path: str | os.PathLike, *, kind: str, model_config: ModelCo
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    old = None
     try:
         save_file(_state_dict(weights), tmp / MODEL_FILE)
         if optimizer is not None:
@@ -101,7 +102,6 @@ def save_checkpoint(path: str | os.PathLike, *, kind: str, model_config: ModelCo
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             path.rename(old)
@@ -111,6 +111,8 @@ def save_checkpoint(path: str | os.PathLike, *, kind: str, model_config: ModelCo
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not path.exists():
+            old.rename(path)  # the swap failed half-way: put the previous checkpoint back
         raise
     return path
 
