@@ -7,7 +7,19 @@ Data, built on the fly from a given generator checkpoint:
   random, is replaced by [MASK] and re-filled by the generator through the
   sampler (dgrpo.models.sampler.sample, the same code GRPO rollouts use), so the
   judge learns the generator's own mistakes, in context;
-* target g(x) = x (judge_targets) under binary cross-entropy with logits.
+* target g(x) = x (judge_targets) under binary cross-entropy with logits on the
+  window logit, plus (weight cfg.token_loss_weight if the config has it, else 1)
+  a per-position BCE of the judge's token head against "this character differs
+  from the real one" (ELECTRA's replaced-token detection): T labels per window
+  instead of one.
+* the judge's trunk starts as a copy of the generator's when the shapes match
+  (same preset), the usual reward-model recipe; see copy_generator_trunk.
+
+Measured against the small generator (CE 2.43 nats) on this 2-core machine: a
+judge trained from scratch on the window label alone memorised its pool of
+refills (train AUC up, held-out AUC down to ~0.5 after 1,200 iterations); the
+generator's trunk + pooled per-position evidence + token labels reached held-out
+AUC 0.89 in 150 iterations on the same data.
 
 Why g(x) = x: with a soft BCE target the loss is minimised by sigmoid(logit) =
 E[x | window], so the score is the judge's estimate of the share of the window
@@ -287,6 +299,8 @@ def train_judge(cfg, config_dict: dict, resume: bool = False, progress: bool = T
     p_gen_pool = min(1.0, cfg.p_generated / (1 - cfg.p_real)) if cfg.p_real < 1 else 0.0
     pool_tokens = torch.zeros(pool_size, T, dtype=torch.long)
     pool_x = torch.zeros(pool_size)
+    pool_changed = torch.zeros(pool_size, T, dtype=torch.uint8)  # 1 where the refill differs from the real text
+    token_weight = float(getattr(cfg, "token_loss_weight", 1.0))
     pool_ptr = 0
     start_iter, elapsed, refill_time, eval_time, history, figures = 0, 0.0, 0.0, 0.0, [], None
     windows_refilled = 0
@@ -310,10 +324,11 @@ def train_judge(cfg, config_dict: dict, resume: bool = False, progress: bool = T
         sample_gen.set_state(rng["sample"])
         if pool_size:
             pool = ckpt.load_tensors("pool") if ckpt.has("pool") else {}
-            if pool.get("tokens") is None or tuple(pool["tokens"].shape) != (pool_size, T):
+            if pool.get("tokens") is None or tuple(pool["tokens"].shape) != (pool_size, T) or "changed" not in pool:
                 raise CheckpointError(f"{out} has no refill pool of {pool_size} windows of {T}; resume with the "
                                       f"same refill_pool / p_real or use a new --out")
             pool_tokens, pool_x, pool_ptr = pool["tokens"], pool["x"], int(pool["ptr"][0])
+            pool_changed = pool["changed"]
         st = ckpt.state
         start_iter, elapsed = st["iter"], st["wall_time_s"]
         refill_time, eval_time = st.get("refill_time_s", 0.0), st.get("eval_time_s", 0.0)
@@ -326,7 +341,7 @@ def train_judge(cfg, config_dict: dict, resume: bool = False, progress: bool = T
         log(f"judge trunk initialised from the generator's ({cfg.preset} preset, same shapes)")
     t_start = time.perf_counter() - elapsed
 
-    def refill(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def refill(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         nonlocal refill_time, windows_refilled
         t0 = time.perf_counter()
         windows = random_windows(corpus.train, n, T, data_gen)
@@ -335,11 +350,11 @@ def train_judge(cfg, config_dict: dict, resume: bool = False, progress: bool = T
         tokens = build_refills(generator, windows, x, cfg.sampler, sample_gen, autocast_dtype)
         refill_time += time.perf_counter() - t0
         windows_refilled += n
-        return tokens, realised_fractions(x, T)
+        return tokens, realised_fractions(x, T), (tokens != windows).to(torch.uint8)
 
     if pool_size and not resumed:
         log(f"filling the refill pool: {pool_size} windows of {T} ({cfg.sampler.steps} sampler steps)")
-        pool_tokens, pool_x = refill(pool_size)
+        pool_tokens, pool_x, pool_changed = refill(pool_size)
         elapsed = time.perf_counter() - t_start
 
     t0 = time.perf_counter()
@@ -363,7 +378,8 @@ def train_judge(cfg, config_dict: dict, resume: bool = False, progress: bool = T
                  "train_loss": train_loss}
         extra = {"rng": {"data": data_gen.get_state(), "sample": sample_gen.get_state()}}
         if pool_size:
-            extra["pool"] = {"tokens": pool_tokens, "x": pool_x, "ptr": torch.tensor([pool_ptr])}
+            extra["pool"] = {"tokens": pool_tokens, "x": pool_x, "changed": pool_changed,
+                             "ptr": torch.tensor([pool_ptr])}
         save_checkpoint(out, kind="judge", model_config=judge.cfg, vocab=tokenizer.to_dict(), weights=judge,
                         state=state, config=config_dict, optimizer=optimizer, extra_tensors=extra)
         write_eval_json(out, {**figures, "iter": it, "generator": gen_path, "seed": cfg.seed, **shares()})
@@ -375,32 +391,36 @@ def train_judge(cfg, config_dict: dict, resume: bool = False, progress: bool = T
     for it in bar:
         if pool_size and it > 0 and it % cfg.refill_every == 0:
             idx = (pool_ptr + torch.arange(refresh_n)) % pool_size
-            pool_tokens[idx], pool_x[idx] = refill(refresh_n)
+            pool_tokens[idx], pool_x[idx], pool_changed[idx] = refill(refresh_n)
             pool_ptr = (pool_ptr + refresh_n) % pool_size
         time_fraction = elapsed / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
         lr = cosine_lr(it, cfg.max_iters, cfg.lr, cfg.min_lr, cfg.warmup_iters, time_fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        parts, targets = [], []
+        parts, targets, changed = [], [], []
         if n_real:
             parts.append(random_windows(corpus.train, n_real, T, data_gen))
             targets.append(torch.zeros(n_real))
+            changed.append(torch.zeros(n_real, T))
         if n_pool_batch:
             pick = torch.randint(0, pool_size, (n_pool_batch,), generator=data_gen)
             parts.append(pool_tokens[pick])
             targets.append(pool_x[pick])
+            changed.append(pool_changed[pick].float())
         x = torch.cat(parts)
         y = judge_targets(torch.cat(targets))
         with autocast_context("cpu", autocast_dtype):
-            logits = judge(x)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+            logits, tok_logits = judge(x, token_logits=True)
+        seq_loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        tok_loss = F.binary_cross_entropy_with_logits(tok_logits.float(), torch.cat(changed))
+        loss = seq_loss + token_weight * tok_loss if token_weight else seq_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(judge.parameters(), cfg.grad_clip)
         optimizer.step()
-        train_loss = float(loss.detach())
+        train_loss = float(seq_loss.detach())
         elapsed = time.perf_counter() - t_start
-        bar.set_postfix(loss=f"{train_loss:.4f}", refill=f"{refill_time / max(elapsed, 1e-9):.0%}")
+        bar.set_postfix(loss=f"{train_loss:.4f}", tok=f"{float(tok_loss.detach()):.4f}", refill=f"{refill_time / max(elapsed, 1e-9):.0%}")
         last = it + 1 == cfg.max_iters
         out_of_time = cfg.max_minutes is not None and elapsed > 60 * cfg.max_minutes
         if (it + 1) % cfg.eval_every == 0 or last or out_of_time:

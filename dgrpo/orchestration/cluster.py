@@ -36,7 +36,7 @@ def connect(cfg: TrainConfig, extra_cpus: float = 0.0) -> bool:
     need = required_resources(cfg)
     # Logical CPUs on the embedded cluster: at least the machine's, more if the
     # roles ask for more (actors then share cores; torch threads stay as set).
-    # Issue 6: nothing listens beyond 127.0.0.1. Ray swaps a loopback _node_ip_address for the
+    # Nothing listens beyond 127.0.0.1. Ray swaps a loopback _node_ip_address for the
     # machine's routable address (and its gRPC servers then bind it or all interfaces) unless it
     # thinks it runs a one-machine cluster, as on macOS/Windows; say so for this embedded one.
     from ray._private import ray_constants

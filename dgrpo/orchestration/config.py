@@ -205,7 +205,7 @@ def _format_errors(e: ValidationError) -> str:
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(root)"
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check spelling; see `dgrpo config --print-defaults`)")
+            lines.append(f"  {key}: unknown key (check spelling; `dgrpo config train|pretrain|judge` prints every key)")
         else:
             lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)

@@ -50,7 +50,7 @@ class Pending:
     payload: object = None
     groups: int = 0
     submitted: float = field(default_factory=time.perf_counter)
-    epoch: int = 0  # the slot's incarnation when the call was made (issue 6)
+    epoch: int = 0  # the slot's incarnation when the call was made
 
 
 def load_generator(cfg: TrainConfig, corpus_path, cache_dir, val_fraction):
@@ -79,7 +79,7 @@ def check_judge_vocabulary(cfg: TrainConfig, tokenizer: CharTokenizer, length: i
 
 
 def truncate_rollout_log(path: Path, request_counter: int) -> int:
-    """Issue 6, resume: keep the logged batches of requests issued before the checkpoint (the
+    """On resume: keep the logged batches of requests issued before the checkpoint (the
     resumed run issues the later ids again and logs them itself). Returns batches kept."""
     if not path.is_file():
         return 0
@@ -99,6 +99,12 @@ def truncate_rollout_log(path: Path, request_counter: int) -> int:
 
 def find_checkpoints(out_dir: Path) -> list[Path]:
     return sorted((out_dir / "checkpoints").glob("step_*"))
+
+
+def remove_partial_checkpoints(out_dir: Path) -> None:
+    """Hidden temp/old directories left by a writer that was killed mid-write never load; drop them."""
+    for junk in (out_dir / "checkpoints").glob(".step_*"):
+        shutil.rmtree(junk, ignore_errors=True)
 
 
 class Driver:
@@ -170,25 +176,27 @@ class Driver:
 
     # -- resume ----------------------------------------------------------
     def _resume(self) -> None:
+        remove_partial_checkpoints(self.out)
         for path in reversed(find_checkpoints(self.out)):
             try:
                 ckpt = load_checkpoint(path, expect_kind="generator")
             except CheckpointError as e:
                 print(f"skipping unusable checkpoint {path}: {e}")
                 continue
-            try:  # issue 6: a checkpoint whose tensors are corrupt or truncated is skipped too
+            try:  # a checkpoint whose tensors are corrupt or truncated is skipped too
                 state = self._get(self.learner.load.remote(str(path)), "learner.load")
             except CheckpointError as e:
                 print(f"skipping unusable checkpoint {path}: {getattr(e, 'cause', e)}")
                 continue
-            # issue 6: the policy version is the learner's (the manifest's), not in the driver's state
+            # the policy version is the learner's (the manifest's), not in the driver's state
             self.step, self.version = state["step"], int(ckpt.state["version"])
             self.request_counter = state["request_counter"]
             self.prompts.load_state_dict(state["prompts"])
             self.counters.update(state["counters"])
             self.eval_history = state.get("eval_history", [])
             kept = truncate_jsonl(self.out / "metrics.jsonl", self.step)
-            truncate_rollout_log(self.out / "rollouts.msgpack", self.request_counter)  # issue 6
+            truncate_jsonl(self.out / "samples.jsonl", self.step)
+            truncate_rollout_log(self.out / "rollouts.msgpack", self.request_counter)
             print(f"resumed from {path}: step {self.step}, policy version {self.version}, {kept} metric rows kept")
             return
         raise RunError(f"--resume: no usable checkpoint under {self.out / 'checkpoints'}; start without --resume")
@@ -202,7 +210,7 @@ class Driver:
                            f"(run.actor_timeout_s); the actor is hung or the cluster is overloaded") from None
         except ray.exceptions.RayTaskError as e:
             if isinstance(e, (StaleWorkerError, CheckpointError)):
-                raise  # issue 6: the caller recovers from these
+                raise  # the caller recovers from these
             raise RunError(f"{what} failed: {type(e.cause).__name__}: {e.cause}") from None
         except ray.exceptions.RayActorError as e:
             if what.startswith("learner"):
@@ -222,11 +230,11 @@ class Driver:
                            f"(Ray dashboard or /tmp/ray/session_latest/logs), then resume with --resume")
         t0 = time.perf_counter()
         group.recover(slot)
-        for p in self.pending.values():  # issue 6: calls waited on the restart, not hung; restart their clocks
+        for p in self.pending.values():  # calls waited on the restart, not hung; restart their clocks
             p.submitted += time.perf_counter() - t0
 
     def _lost(self, group: ActorGroup, p: Pending, error: BaseException) -> None:
-        """Issue 6: the actor of call `p` died under it. Recover its slot once per incarnation
+        """The actor of call `p` died under it. Recover its slot once per incarnation
         (several calls fail with one death), then re-issue the lost work, which produced nothing."""
         if p.epoch == p.slot.epoch:
             p.slot.busy = False
@@ -321,7 +329,7 @@ class Driver:
             result = ray.get(ref, timeout=0)
         except ray.exceptions.RayTaskError as e:
             if p.kind == "generate" and isinstance(e, StaleWorkerError):
-                # issue 6: Ray restarted the worker before its death reached us, and the request
+                # Ray restarted the worker before its death reached us, and the request
                 # went to the new incarnation, which holds no weights yet: a crash, not a bug
                 self._lost(group, p, e)
                 return
@@ -354,7 +362,7 @@ class Driver:
         overdue = [r for r, p in self.pending.items() if now - p.submitted > limit]
         if not overdue:
             return
-        answered, _ = ray.wait(overdue, num_returns=len(overdue), timeout=0)  # issue 6: done, not yet collected
+        answered, _ = ray.wait(overdue, num_returns=len(overdue), timeout=0)  # done, not yet collected
         for p in [self.pending[r] for r in set(overdue) - set(answered)]:
             if p.kind == "train" and now - p.submitted > limit:
                 raise RunError(f"the learner did not finish a step within {limit:.0f} s (run.actor_timeout_s); "
@@ -405,7 +413,7 @@ class Driver:
                 scored = self._get(slot.handle.score.remote(batch), "judge.score (eval)")
                 break
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, StaleWorkerError) as e:
-                # issue 6: charge the role that failed; a recovered worker is marked as holding the weights
+                # charge the role that failed; a recovered worker is marked as holding the weights
                 self._charge_failure(group, slot, e)
                 if group is self.workers:
                     ack = self._get(slot.handle.set_weights.remote(self.snapshot_ref), "rollout.set_weights (eval)")

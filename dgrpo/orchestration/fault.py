@@ -62,7 +62,7 @@ class ActorGroup:
     def _wait_restarted(self, handle) -> bool:
         """True once the actor answers again (Ray restarted it) within timeout_s; False if it is gone.
 
-        Issue 6: a call on an actor that Ray is still restarting fails at once with
+        A call on an actor that Ray is still restarting fails at once with
         ActorUnavailableError; that means "ask again", not "replace it"."""
         deadline = time.monotonic() + self.timeout_s
         while True:

@@ -108,6 +108,19 @@ def read_rollout_log(path: str | os.PathLike, expected: type | None = None) -> I
             offset += _HEADER.size + n
 
 
+def _check_shapes(msg, rollout: RolloutBatch, where: str) -> None:
+    """Shapes only: non-finite values are counted by the summary, not rejected."""
+    n_t = tuple(rollout.tokens.shape)
+    expected = {"reveal_step": n_t, "logprobs": n_t, "group_index": n_t[:1]}
+    got = {name: tuple(getattr(rollout, name).shape) for name in expected}
+    if isinstance(msg, ScoredBatch):
+        expected["rewards"], got["rewards"] = n_t[:1], tuple(msg.rewards.shape)
+    bad = [f"{k} {got[k]} (expected {expected[k]})" for k in expected if got[k] != expected[k]]
+    if len(n_t) != 2 or bad:
+        raise CodecError(f"{where}: inconsistent batch: tokens {n_t}, {', '.join(bad) or 'tokens must be 2-D'}; "
+                         f"the file is corrupt or was not written by dgrpo")
+
+
 def summarize_rollout_log(path: str | os.PathLike) -> dict:
     """JSON-safe statistics of a rollout log.
 
@@ -129,11 +142,12 @@ def summarize_rollout_log(path: str | os.PathLike) -> dict:
     rewards_n = nonfinite_rewards = 0
     reward_sum = 0.0
 
-    for msg in read_rollout_log(path):
+    for index, msg in enumerate(read_rollout_log(path)):
         by_schema[msg.SCHEMA] += 1
         if not isinstance(msg, (RolloutBatch, ScoredBatch)):
             continue
         rollout = msg.rollout if isinstance(msg, ScoredBatch) else msg
+        _check_shapes(msg, rollout, f"{path}: frame {index}")
         rid = rollout.request_id
         if rid in seen[msg.SCHEMA]:
             duplicates += 1
