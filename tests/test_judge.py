@@ -11,8 +11,8 @@ from dgrpo.models.checkpoint import CheckpointError, load_checkpoint, save_check
 from dgrpo.models.diffusion import DiffusionLM
 from dgrpo.models.generation import generate_texts
 from dgrpo.models.judge import Judge, judge_config, load_judge
-from dgrpo.models.judge_training import (auc, average_ranks, build_refills, judge_targets, realised_fractions,
-                                         sample_fractions, spearman, train_judge)
+from dgrpo.models.judge_training import (auc, average_ranks, build_refills, copy_generator_trunk, judge_targets,
+                                         realised_fractions, sample_fractions, spearman, train_judge)
 from dgrpo.models.transformer import preset_config
 from dgrpo.orchestration.cli import main
 from dgrpo.orchestration.config import JudgeTrainConfig, to_dict
@@ -65,6 +65,32 @@ def test_judge_forward_and_score():
         judge(torch.full((1, 4), 11))  # [CLS] is not an input character
     with pytest.raises(ValueError, match=r"shape \(batch, length\)"):
         judge(torch.zeros(4, dtype=torch.long))
+
+
+def test_token_logits_and_pooled_window_logit():
+    torch.manual_seed(0)
+    judge = Judge(judge_config("tiny", n_chars=10, block_size=16))
+    tokens = torch.randint(0, 10, (3, 16))
+    logits, per_token = judge(tokens, token_logits=True)
+    assert per_token.shape == (3, 16)
+    assert torch.allclose(logits, judge(tokens))
+    cls = judge.trunk(torch.cat([torch.full((3, 1), judge.cls_id), tokens], 1))[:, 0]
+    assert torch.allclose(logits, judge.head(cls).squeeze(-1) + per_token.mean(1), atol=1e-6)
+
+
+def test_copy_generator_trunk():
+    torch.manual_seed(0)
+    gen = DiffusionLM(preset_config("tiny", 11, block_size=16))  # 10 chars + [MASK]
+    judge = Judge(judge_config("tiny", 10, 16))
+    cls_row = judge.trunk.wte.weight[judge.cls_id].clone()
+    assert copy_generator_trunk(judge, gen)
+    assert torch.equal(judge.trunk.wte.weight[:11], gen.trunk.wte.weight)
+    assert torch.equal(judge.trunk.wte.weight[judge.cls_id], cls_row)  # [CLS] keeps its own init
+    assert torch.equal(judge.trunk.blocks[1].mlp.fc.weight, gen.trunk.blocks[1].mlp.fc.weight)
+    other = Judge(judge_config("small", 10, 16))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    assert not copy_generator_trunk(other, gen)  # different width: nothing copied
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())
 
 
 def test_load_judge_is_frozen_and_checks_vocabulary(tmp_path):

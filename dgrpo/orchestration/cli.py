@@ -170,7 +170,7 @@ def train(config_file, overrides, resume):
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path())
 @click.option("--corpus", "corpus_path", type=click.Path(), default=None,
               help="local copy of tiny Shakespeare (default: download it)")
-@click.option("--minutes", default=13.0, show_default=True, help="total wall-time budget of the three stages")
+@click.option("--minutes", default=12.0, show_default=True, help="total wall-time budget of the three stages")
 @click.option("--threads", default=1, show_default=True, help="torch threads per Ray actor")
 @friendly
 def demo(out, corpus_path, minutes, threads):

@@ -17,10 +17,10 @@ def demo_configs(out: Path, corpus: str | None, minutes: float, threads: int):
     corpus_cfg = {"path": corpus}
     pretrain = PretrainConfig.model_validate({
         "preset": "small", "out": str(out / "generator"), "max_iters": 100_000,
-        "max_minutes": 0.4 * minutes, "eval_every": 200, "corpus": corpus_cfg})
+        "max_minutes": 0.35 * minutes, "eval_every": 200, "corpus": corpus_cfg})
     judge = JudgeTrainConfig.model_validate({
-        "generator": str(out / "generator"), "preset": "tiny", "out": str(out / "judge"), "max_iters": 100_000,
-        "max_minutes": 0.2 * minutes, "eval_every": 200, "eval_windows": 128, "refill_pool": 256,
+        "generator": str(out / "generator"), "preset": "small", "out": str(out / "judge"), "max_iters": 100_000,
+        "max_minutes": 0.25 * minutes, "eval_every": 200, "eval_windows": 64,
         "corpus": corpus_cfg})
     grpo = TrainConfig.model_validate({
         "run": {"out_dir": str(out / "grpo"), "steps": 1_000, "mode": "async", "eval_every": 10,
