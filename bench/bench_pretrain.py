@@ -14,13 +14,13 @@ reported (mean and best kept in the JSON). Data are random ids
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from bench.roofline import machine_info, measure_matmul_gflops, torch_threads
+from bench.common import write_json
 from dgrpo.corpus import random_windows
 from dgrpo.models.diffusion import DiffusionLM, diffusion_loss
 from dgrpo.models.pretrain import make_optimizer
@@ -122,9 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         print(f"{r['preset']:>7} {r['params']:>9} {r['batch_size']:>4} {r['block_size']:>4} {r['ms_per_iter']:>9.1f} "
               f"{r['tokens_per_s']:>10.0f} {r['gflops']:>8.1f} {100 * r['roofline_fraction']:>7.1f}%")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_json(report, args.out)
     return report
 
 

@@ -18,13 +18,13 @@ weights) unless --checkpoint is given.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from bench.roofline import machine_info, measure_matmul_gflops, torch_threads
+from bench.common import write_json
 from dgrpo.models.diffusion import DiffusionLM
 from dgrpo.models.sampler import resolve_precision, sample
 from dgrpo.models.transformer import count_params, forward_flops_per_token, preset_config
@@ -157,9 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['preset']:>8} {r['batch_size']:>4} {r['order']:>10} {r['steps']:>4} "
               f"{r['forwards_per_sample_run']:>4.0f} {r['samples_per_s']:>10.2f} {r['chars_per_s']:>10.0f} "
               f"{r['ms_per_forward']:>8.2f} {r['gflops']:>8.1f} {100 * r['roofline_fraction']:>7.1f}%")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_json(report, args.out)
     return report
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import platform
 import sys
 import time
@@ -114,9 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:>6} {v:10.1f}")
     if "fp32" in results and "bf16" in results:
         print(f"bf16 / fp32 = {results['bf16'] / results['fp32']:.3g}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    from bench.common import write_json  # bench.common imports this module
+    write_json(report, args.out)
     return report
 
 

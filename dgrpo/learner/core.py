@@ -53,7 +53,7 @@ def stack_batches(batches: list[ScoredBatch], learner_version: int) -> StackedBa
             raise ValueError("scored batches were sampled with different sampler settings; "
                              "one GRPO step must use one sampling distribution")
         b.validate()
-    offsets, groups, total = [], [], 0
+    groups, total = [], 0
     for b in batches:
         groups.append(b.rollout.group_index + total)
         total += b.rollout.num_groups

@@ -225,21 +225,26 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
+def read_yaml_mapping(path: str | Path, what: str) -> dict:
+    """A YAML/JSON file holding a mapping at top level, or a ConfigError saying what is wrong."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {p} is not valid YAML/JSON: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what} {p} must hold a mapping at top level")
+    return loaded
+
+
 def load_config(cls: type[Section], path: str | Path | None = None, overrides: list[str] | tuple = (),
                 base: dict | None = None) -> Section:
     """Load `cls` from a YAML/JSON file (optional), apply `a.b=value` overrides, validate."""
     data: dict = dict(base or {})
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML/JSON: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at top level")
-        data = deep_merge(data, loaded)
+        data = deep_merge(data, read_yaml_mapping(path, "config file"))
     for text in overrides:
         keys, value = parse_override(text)
         node = data

@@ -39,10 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-import yaml
 from pydantic import Field, ValidationError
 
-from .config import ConfigError, Section, TrainConfig, _format_errors, deep_merge, to_dict, to_yaml
+from .config import (ConfigError, Section, TrainConfig, _format_errors, deep_merge, read_yaml_mapping, to_dict,
+                     to_yaml)
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 # config keys holding file paths: made absolute, because Tune runs each trial in its own working directory
@@ -111,14 +111,7 @@ def load_search(path: str | Path, settings_overrides: dict | None = None, base: 
     """Read and check a search file: every key names a config leaf, every spec is well formed, every
     value a grid/choice can take (and both ends of a range) gives a valid config."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"search file {p} does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"search file {p} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"search file {p} must hold a mapping of dotted config keys")
+    raw = read_yaml_mapping(p, "search file")
     settings_raw = raw.pop("tune", None) or {}
     if "space" in raw and isinstance(raw["space"], dict) and len(raw) == 1:
         raw = raw["space"]  # also accept {space: {...}, tune: {...}}
