@@ -146,3 +146,15 @@ def test_bench_quality_explicit_kl(tmp_path, capsys):
     assert report["kl"]["kl_seq"] == 1.5 and report["kl"]["source"].startswith("--kl")
     assert report["kl"]["n"] == min(bench_quality.n_for_kl(1.5, 8)[0], 8)
     capsys.readouterr()
+
+
+def test_eval_generator(tmp_path, capsys):
+    from bench import eval_generator
+    data, printed = _run(eval_generator, tmp_path, capsys, "--compare-iid")
+    assert data["bench"] == "eval_generator" and data["sets"] == 3
+    (row,) = data["results"]
+    for kind in ("stratified", "iid"):
+        s = row[kind]
+        assert len(s["values"]) == 3 and all(_positive(v) for v in s["values"])
+        assert s["mean"] == pytest.approx(sum(s["values"]) / 3) and s["se"] >= 0
+    assert "CE nats" in printed

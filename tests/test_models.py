@@ -138,6 +138,22 @@ def test_mask_tokens_forward_process():
     assert float(torch.corrcoef(torch.stack([frac, t]))[0, 1]) > 0.95  # each token masked w.p. t
 
 
+def test_stratified_t_covers_the_interval_evenly_and_stays_uniform():
+    x = torch.randint(0, N_CHARS, (8, 32))
+    g = torch.Generator().manual_seed(3)
+    ts = []
+    for _ in range(2000):
+        _, masked, t = mask_tokens(x, MASK, g, stratified=True)
+        strata = ((t - 1e-3) / (1 - 1e-3) * 8).floor().long().clamp(max=7)
+        assert sorted(strata.tolist()) == list(range(8))  # one t per eighth of (0, 1)
+        ts.append(t)
+    t = torch.cat(ts)
+    assert abs(float(t.mean()) - 0.5) < 0.01 and abs(float(t.std()) - 1 / math.sqrt(12)) < 0.01
+    iid = torch.stack([mask_tokens(x, MASK, g)[2].mean() for _ in range(2000)])
+    strat = torch.stack([mask_tokens(x, MASK, g, stratified=True)[2].mean() for _ in range(2000)])
+    assert float(strat.var()) < 0.2 * float(iid.var())  # the batch-mean t varies far less
+
+
 class RecordingLM(DiffusionLM):
     def forward(self, idx):
         self.last_logits = super().forward(idx)

@@ -36,7 +36,7 @@ def corpus_file(tmp_path):
 
 def cfg(out, **kw) -> PretrainConfig:
     base = dict(preset="tiny", out=str(out), batch_size=16, lr=3e-3, min_lr=3e-3, warmup_iters=0,
-                eval_every=10, eval_batches=2, precision="fp32", max_iters=20)
+                eval_every=10, eval_windows=32, precision="fp32", max_iters=20)
     return PretrainConfig(**{**base, **kw})
 
 
@@ -59,7 +59,7 @@ def test_pretraining_lowers_val_loss(tmp_path, corpus_file):
     # the same initial weights and validation windows that pretrain() uses
     torch.manual_seed(c.seed)
     model = DiffusionLM(preset_config("tiny", corpus.tokenizer.vocab_size))
-    val = fixed_windows(corpus.val, c.eval_batches * c.batch_size, model.cfg.block_size, seed=c.seed)
+    val = fixed_windows(corpus.val, c.eval_windows, model.cfg.block_size, seed=c.seed)
     initial = evaluate_masked_ce(model, val, c.batch_size, seed=c.seed)
     uniform = math.log(corpus.tokenizer.n_chars)
     assert abs(initial - uniform) < 0.1  # an untrained model predicts ~uniformly
@@ -120,7 +120,7 @@ def invoke(args):
 def test_cli_pretrain_writes_a_loadable_checkpoint(tmp_path, corpus_file):
     out = tmp_path / "ckpt"
     r = invoke(["pretrain", "--preset", "tiny", "--corpus", str(corpus_file), "--max-iters", "20",
-                "--out", str(out), "--threads", "1", "--set", "batch_size=8", "--set", "eval_batches=1"])
+                "--out", str(out), "--threads", "1", "--set", "batch_size=8", "--set", "eval_windows=16"])
     assert r.exit_code == 0, r.output
     assert "done: iter 20" in r.output
     ck, _ = weights(out)

@@ -30,10 +30,13 @@ def cosine_lr(it: int, max_iters: int, lr: float, min_lr: float, warmup: int,
 
 @torch.no_grad()
 def evaluate_masked_ce(model: DiffusionLM, windows: torch.Tensor, batch_size: int, seed: int = 0,
-                       autocast_dtype=None) -> float:
+                       autocast_dtype=None, stratified: bool = True) -> float:
     """Masked-token cross-entropy (nats) averaged over t ~ U(0,1), masked tokens only.
 
-    The masking draws come from a fixed seed so successive evaluations are comparable.
+    The masking draws come from a fixed seed so successive evaluations are comparable, and
+    each batch's t values are stratified over (0, 1): with i.i.d. t the estimate on 256
+    windows scattered by ±0.035 nats between window sets, stratified ±0.014 (1,024
+    windows: ±0.020 vs ±0.008), measured on the small generator.
     """
     was_training = model.training
     model.eval()
@@ -41,7 +44,7 @@ def evaluate_masked_ce(model: DiffusionLM, windows: torch.Tensor, batch_size: in
     total, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
         x = windows[start:start + batch_size]
-        noisy, masked, _ = mask_tokens(x, model.mask_id, g)
+        noisy, masked, _ = mask_tokens(x, model.mask_id, g, stratified=stratified)
         with autocast_context(x.device, autocast_dtype):
             logits = model(noisy)
         ce = F.cross_entropy(logits.float()[masked], x[masked], reduction="sum")
@@ -85,7 +88,7 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
         history = ckpt.state.get("history", [])
         log(f"resumed from {out} at iter {start_iter}")
     autocast_dtype = resolve_precision(cfg.precision)
-    val_windows = fixed_windows(corpus.val, cfg.eval_batches * cfg.batch_size, model_cfg.block_size, seed=cfg.seed)
+    val_windows = fixed_windows(corpus.val, cfg.eval_windows, model_cfg.block_size, seed=cfg.seed)
     state = dict(ckpt.state) if start_iter else {}  # resuming a finished run returns its state
 
     def save(it: int, val_loss: float | None):
@@ -109,7 +112,8 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
             group["lr"] = lr
         x = random_windows(corpus.train, cfg.batch_size, model_cfg.block_size, data_gen)
         with autocast_context("cpu", autocast_dtype):
-            loss, ce = diffusion_loss(model, x, generator=mask_gen, elbo_weight=cfg.elbo_weight)
+            loss, ce = diffusion_loss(model, x, generator=mask_gen, elbo_weight=cfg.elbo_weight,
+                                      stratified_t=cfg.stratified_t)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

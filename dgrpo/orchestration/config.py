@@ -42,18 +42,19 @@ class PretrainConfig(Section):
     out: str = "runs/pretrain"
     seed: int = 0
     max_iters: int = Field(3000, ge=1)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1)
     block_size: Optional[int] = Field(None, ge=8, description="override the preset's block size")
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(3e-3, gt=0)
     min_lr: float = Field(2e-4, ge=0)
     warmup_iters: int = Field(100, ge=0)
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = Field(1.0, gt=0)
     elbo_weight: bool = False
+    stratified_t: bool = Field(True, description="spread each batch's t evenly over (0, 1) (lower-variance loss)")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    eval_every: int = Field(250, ge=1)
-    eval_batches: int = Field(8, ge=1)
+    eval_every: int = Field(500, ge=1)
+    eval_windows: int = Field(1024, ge=1, description="held-out validation windows per evaluation")
     max_minutes: Optional[float] = Field(None, gt=0, description="stop (and checkpoint) after this wall time")
     corpus: CorpusConfig = CorpusConfig()
 
