@@ -34,6 +34,14 @@ the train split for every batch (round(p_real * batch_size) of each batch), whic
 keeps the mixture and gives the judge far more distinct real text than a pool would.
 The share of wall time spent generating refills is measured and reported.
 
+How fresh the pool is matters more than how long the judge trains. Real windows never
+repeat; a refill that is seen many times can be memorised, which teaches the shortcut
+"seen before = generated" and fails on held-out text. Against the 2.34-nat small
+generator, with a pool of 256 refreshed 64 at a time every 50 iterations (each refill
+used ~9 times) held-out AUC peaked at 0.86 (iteration 400) and then fell; every 16
+iterations (~3 uses, refill generation 54% of the time instead of 32%) it rose steadily,
+to AUC 0.98 / Spearman 0.80 at 15 minutes.
+
 Figures on held-out validation windows (evaluate_judge): AUC of real (x = 0) vs
 fully generated (x = 1) windows (Mann-Whitney, average ranks for ties), Spearman
 rank correlation of the score with x over n real + n fully generated + n windows

@@ -75,7 +75,9 @@ class JudgeTrainConfig(Section):
     p_real: float = Field(0.25, ge=0, le=1, description="share of windows with x = 0")
     p_generated: float = Field(0.25, ge=0, le=1, description="share of windows with x = 1")
     refill_pool: int = Field(256, ge=8, description="generator refills cached per refresh")
-    refill_every: int = Field(50, ge=1, description="iterations between refreshing a quarter of the pool")
+    refill_every: int = Field(16, ge=1, description=(
+        "iterations between refreshing a quarter of the pool; a refill is used about "
+        "4 * batch_size * (1 - p_real) * refill_every / refill_pool times (keep it near 3)"))
     eval_every: int = Field(100, ge=1)
     eval_windows: int = Field(128, ge=8)
     init_from_generator: bool = Field(True, description="start the trunk from the generator's weights "
