@@ -76,9 +76,10 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
     table = [{"checkpoint": r["checkpoint"], "iter": r["iter"], "ce": r["stratified"]["mean"],
               "se": r["stratified"]["se"], "sd_set": r["stratified"]["sd"],
-              "sd_iid": r.get("iid", {}).get("sd")} for r in rows]
+              "ce_iid": r.get("iid", {}).get("mean"), "sd_iid": r.get("iid", {}).get("sd")} for r in rows]
     print_table(table, [("checkpoint", "checkpoint"), ("iter", "iter"), ("ce", "CE nats", ".4f"),
-                        ("se", "s.e.", ".4f"), ("sd_set", "sd/set", ".4f"), ("sd_iid", "sd/set iid", ".4f")],
+                        ("se", "s.e.", ".4f"), ("sd_set", "sd/set", ".4f"), ("ce_iid", "CE iid", ".4f"),
+                        ("sd_iid", "sd/set iid", ".4f")],
                 title=f"held-out masked-token CE, {args.sets} sets x {args.windows} validation windows")
     report = {"bench": "eval_generator", "machine": machine_info(), "windows": args.windows, "sets": args.sets,
               "batch": args.batch, "corpus": corpus_file, "results": rows}

@@ -40,7 +40,7 @@ repeat; a refill that is seen many times can be memorised, which teaches the sho
 generator, with a pool of 256 refreshed 64 at a time every 50 iterations (each refill
 used ~9 times) held-out AUC peaked at 0.86 (iteration 400) and then fell; every 16
 iterations (~3 uses, refill generation 54% of the time instead of 32%) it rose steadily,
-to AUC 0.98 / Spearman 0.80 at 15 minutes.
+to AUC 0.98 / Spearman 0.80 at 15 minutes (the trainer's 128-window held-out set).
 
 Figures on held-out validation windows (evaluate_judge): AUC of real (x = 0) vs
 fully generated (x = 1) windows (Mann-Whitney, average ranks for ties), Spearman
