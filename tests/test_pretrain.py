@@ -76,14 +76,18 @@ def test_pretraining_lowers_val_loss(tmp_path, corpus_file):
     assert ck.has("rng") and "optimizer.safetensors" in ck.files
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path, corpus_file):
-    """20 iterations straight == 10 + resumed 10 (constant lr: the schedule depends on max_iters)."""
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_matches_an_uninterrupted_run(tmp_path, corpus_file, optimizer):
+    """20 iterations straight == 10 + resumed 10 (constant lr: the schedule depends on max_iters);
+    with muon this also round-trips both optimizers' state through one checkpoint file."""
     corpus = load_corpus(str(corpus_file))
-    straight = pretrain(cfg(tmp_path / "a"), corpus, {}, progress=False, log=lambda *_: None)
-    first = pretrain(cfg(tmp_path / "b", max_iters=10), corpus, {}, progress=False, log=lambda *_: None)
+    straight = pretrain(cfg(tmp_path / "a", optimizer=optimizer), corpus, {}, progress=False, log=lambda *_: None)
+    first = pretrain(cfg(tmp_path / "b", max_iters=10, optimizer=optimizer), corpus, {}, progress=False,
+                     log=lambda *_: None)
     assert first["iter"] == 10
     logs = []
-    resumed = pretrain(cfg(tmp_path / "b"), corpus, {}, resume=True, progress=False, log=logs.append)
+    resumed = pretrain(cfg(tmp_path / "b", optimizer=optimizer), corpus, {}, resume=True, progress=False,
+                       log=logs.append)
     assert "resumed from" in logs[0] and "at iter 10" in logs[0]
     assert straight["iter"] == resumed["iter"] == 20
     assert straight["tokens_seen"] == resumed["tokens_seen"]
@@ -170,3 +174,17 @@ def test_cli_corpus_too_short_for_block(tmp_path):
     r = invoke(["pretrain", "--preset", "tiny", "--corpus", str(f), "--max-iters", "2",
                 "--out", str(tmp_path / "o")])
     _assert_user_error(r, "block_size")
+
+
+def test_compiled_training_step_matches_eager(tmp_path, corpus_file):
+    """compile=True changes speed, not the computation: same losses and weights to fp32 noise."""
+    corpus = load_corpus(str(corpus_file))
+    eager = pretrain(cfg(tmp_path / "e", max_iters=4, eval_every=4), corpus, {}, progress=False, log=lambda *_: None)
+    compiled = pretrain(cfg(tmp_path / "c", max_iters=4, eval_every=4, compile=True), corpus, {}, progress=False,
+                        log=lambda *_: None)
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], abs=1e-4)
+    _, we = weights(tmp_path / "e")
+    _, wc = weights(tmp_path / "c")
+    assert we.keys() == wc.keys()  # saved from the plain module: no "_orig_mod." prefixes
+    for k in we:
+        assert float((we[k] - wc[k]).abs().max()) <= 1e-4, k

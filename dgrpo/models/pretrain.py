@@ -13,6 +13,7 @@ from tqdm import tqdm
 from ..corpus import Corpus, check_length, fixed_windows, random_windows
 from .checkpoint import load_checkpoint, save_checkpoint
 from .diffusion import DiffusionLM, diffusion_loss, mask_tokens
+from .optim import ChainedOptimizer, Muon
 from .sampler import autocast_context, resolve_precision
 from .transformer import preset_config
 
@@ -54,11 +55,24 @@ def evaluate_masked_ce(model: DiffusionLM, windows: torch.Tensor, batch_size: in
     return total / max(count, 1)
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas) -> torch.optim.AdamW:
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas,
+                   kind: str = "adamw") -> torch.optim.Optimizer | ChainedOptimizer:
+    """AdamW on everything, or Muon on the hidden weight matrices (attention and MLP) with
+    AdamW on embeddings, head and norms. Muon's step is scaled to AdamW's update RMS
+    ("match_rms_adamw"), so both use the same lr and the same schedule."""
+    params = dict(model.named_parameters())
+    hidden = [n for n, p in params.items() if p.dim() == 2 and ".blocks." in f".{n}"]
+    decay = [p for n, p in params.items() if p.dim() >= 2 and (kind == "adamw" or n not in hidden)]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    adamw = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
+    if kind == "adamw":
+        return adamw
+    if kind != "muon":
+        raise ValueError(f"unknown optimizer {kind!r}; choose adamw or muon")
+    muon = Muon([params[n] for n in hidden], lr=lr, weight_decay=weight_decay, momentum=0.95,
+                adjust_lr_fn="match_rms_adamw")
+    return ChainedOptimizer(muon, adamw)
 
 
 def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progress: bool = True,
@@ -71,7 +85,7 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
     check_length(corpus.train, model_cfg.block_size, "train")
     check_length(corpus.val, model_cfg.block_size, "validation")
     model = DiffusionLM(model_cfg)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.optimizer)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     mask_gen = torch.Generator().manual_seed(cfg.seed + 1)
     start_iter, tokens_seen, elapsed, history = 0, 0, 0.0, []
@@ -100,6 +114,8 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
                         extra_tensors={"rng": {"data": data_gen.get_state(), "mask": mask_gen.get_state()}})
 
     model.train()
+    # compiled for the training step only: evaluation batches differ in size (no recompiles)
+    step_model = torch.compile(model) if cfg.compile else model
     t_start = time.perf_counter() - elapsed
     bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters,
                disable=not progress, desc="pretrain", dynamic_ncols=True, mininterval=5.0)
@@ -112,8 +128,8 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
             group["lr"] = lr
         x = random_windows(corpus.train, cfg.batch_size, model_cfg.block_size, data_gen)
         with autocast_context("cpu", autocast_dtype):
-            loss, ce = diffusion_loss(model, x, generator=mask_gen, elbo_weight=cfg.elbo_weight,
-                                      stratified_t=cfg.stratified_t)
+            loss, ce = diffusion_loss(step_model, x, generator=mask_gen, elbo_weight=cfg.elbo_weight,
+                                      stratified_t=cfg.stratified_t, t_density=cfg.t_density)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
