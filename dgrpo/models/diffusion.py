@@ -35,13 +35,11 @@ class DiffusionLM(nn.Module):
 
 
 def mask_tokens(x: torch.Tensor, mask_id: int, generator: torch.Generator | None = None,
-                t_min: float = 1e-3, stratified: bool = False,
-                t_density: str = "uniform") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                t_min: float = 1e-3, stratified: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward process: t ~ U(t_min, 1) per sequence, each token masked with prob t.
 
     stratified: one uniform offset shifted by i/B for sequence i (each t is still
     U(t_min, 1), but the batch covers the interval evenly: a lower-variance loss).
-    t_density "linear": t drawn with density 2t instead (t = sqrt(u)).
     Returns (noisy input, boolean mask of masked positions, t of shape (B,)).
     """
     B, T = x.shape
@@ -50,38 +48,26 @@ def mask_tokens(x: torch.Tensor, mask_id: int, generator: torch.Generator | None
         u = (torch.rand(1, generator=generator, device=x.device) + offsets) % 1.0
     else:
         u = torch.rand(B, generator=generator, device=x.device)
-    if t_density == "linear":
-        u = u.sqrt()
-    elif t_density != "uniform":
-        raise ValueError(f"t_density must be uniform or linear, got {t_density!r}")
     t = t_min + (1 - t_min) * u
     masked = torch.rand(B, T, generator=generator, device=x.device) < t[:, None]
     return torch.where(masked, torch.full_like(x, mask_id), x), masked, t
 
 
 def diffusion_loss(model: DiffusionLM, x: torch.Tensor, generator: torch.Generator | None = None,
-                   elbo_weight: bool = False, stratified_t: bool = False,
-                   t_density: str = "uniform") -> tuple[torch.Tensor, torch.Tensor]:
+                   elbo_weight: bool = False, stratified_t: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked-diffusion loss on clean windows x (B, T).
 
     Returns (loss to optimise, masked-token cross-entropy in nats). With
     elbo_weight the loss is the MDLM bound: sum over masked tokens of CE / t,
     divided by the number of tokens; otherwise the mean CE over masked tokens.
-    t_density "linear" draws t with density 2t and averages each sequence's mean
-    masked CE: the same expected objective as pooling masked tokens under
-    uniform t (a sequence at level t holds ~t*T of them), with more of each
-    step's compute on heavily masked, token-rich sequences.
     """
-    noisy, masked, t = mask_tokens(x, model.mask_id, generator, stratified=stratified_t, t_density=t_density)
+    noisy, masked, t = mask_tokens(x, model.mask_id, generator, stratified=stratified_t)
     logits = model(noisy)
     ce = F.cross_entropy(logits.float().flatten(0, 1), x.flatten(), reduction="none").view_as(x)
     n_masked = masked.sum().clamp_min(1)
     token_ce = (ce * masked).sum() / n_masked
     if elbo_weight:
         loss = (ce * masked / t[:, None]).sum() / x.numel()
-    elif t_density == "linear":
-        per_seq = masked.sum(1)
-        loss = ((ce * masked).sum(1) / per_seq.clamp_min(1))[per_seq > 0].mean()
     else:
         loss = token_ce
     return loss, token_ce.detach()

@@ -129,7 +129,7 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
         x = random_windows(corpus.train, cfg.batch_size, model_cfg.block_size, data_gen)
         with autocast_context("cpu", autocast_dtype):
             loss, ce = diffusion_loss(step_model, x, generator=mask_gen, elbo_weight=cfg.elbo_weight,
-                                      stratified_t=cfg.stratified_t, t_density=cfg.t_density)
+                                      stratified_t=cfg.stratified_t)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

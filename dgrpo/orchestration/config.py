@@ -54,20 +54,12 @@ class PretrainConfig(Section):
     grad_clip: float = Field(1.0, gt=0)
     elbo_weight: bool = False
     stratified_t: bool = Field(True, description="spread each batch's t evenly over (0, 1) (lower-variance loss)")
-    t_density: Literal["uniform", "linear"] = Field("uniform", description=(
-        "linear: t with density 2t, loss averaged per sequence (same objective, more masked tokens per step)"))
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = Field(False, description="torch.compile the training step (compile time counts against max_minutes)")
     eval_every: int = Field(500, ge=1)
     eval_windows: int = Field(1024, ge=1, description="held-out validation windows per evaluation")
     max_minutes: Optional[float] = Field(None, gt=0, description="stop (and checkpoint) after this wall time")
     corpus: CorpusConfig = CorpusConfig()
-
-    @model_validator(mode="after")
-    def _one_weighting(self):
-        if self.elbo_weight and self.t_density != "uniform":
-            raise ValueError("elbo_weight and t_density 'linear' are two different loss weightings; set one of them")
-        return self
 
 
 class JudgeTrainConfig(Section):
