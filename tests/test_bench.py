@@ -62,6 +62,14 @@ def test_bench_pretrain(tmp_path, capsys):
     assert "tokens/s" in printed
 
 
+def test_bench_pretrain_muon_rows(tmp_path):
+    out = tmp_path / "p.json"
+    report = bench_pretrain.main(["--quick", "--threads", "1", "--optimizers", "adamw,muon", "--out", str(out)])
+    rows = report["results"]
+    assert [(r["optimizer"], r["compile"]) for r in rows] == [("adamw", False), ("muon", False)]
+    assert all(_positive(r["tokens_per_s"]) and _positive(r["warmup_s"]) for r in rows)
+
+
 def test_bench_sampler_with_checkpoint(tmp_path, tiny_generator):
     out = tmp_path / "ck.json"
     report = bench_sampler.main(["--quick", "--threads", "1", "--orders", "confidence", "--checkpoint",

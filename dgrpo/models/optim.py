@@ -6,8 +6,23 @@ from __future__ import annotations
 import torch
 
 
+def orthogonalize(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
+                  eps: float) -> torch.Tensor:
+    """Newton-Schulz approximation of U V^T for a batch of matrices g (N, rows, cols), as in
+    torch.optim.Muon (its quintic coefficients), batched so same-shaped matrices share calls."""
+    a, b, c = coefficients
+    tall = g.size(1) > g.size(2)
+    x = g.mT if tall else g
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)  # spectral norm <= 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
 class Muon(torch.optim.Muon):
-    """torch.optim.Muon, with the orthogonalisation run in `ns_dtype` instead of bf16.
+    """torch.optim.Muon, with the orthogonalisation run in `ns_dtype` instead of bf16 and
+    batched over matrices of one shape.
 
     PyTorch's Muon casts to bf16 for Newton-Schulz; on a CPU without native bf16
     (AVX2 only) that is emulated and made a small-model training step 2.9x slower. The
@@ -21,25 +36,21 @@ class Muon(torch.optim.Muon):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            a, b, c = group["ns_coefficients"]
+            by_shape: dict[tuple, list] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                x = g.to(self.ns_dtype)
-                if x.size(0) > x.size(1):
-                    x = x.T
-                x = x / x.norm().clamp(min=group["eps"])  # spectral norm <= 1
-                for _ in range(group["ns_steps"]):
-                    gram = x @ x.T
-                    x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-                if g.size(0) > g.size(1):
-                    x = x.T
-                lr = torch.optim._muon._adjust_lr(group["lr"], group["adjust_lr_fn"], p.shape)
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(x.to(p.dtype), alpha=-lr)
+                by_shape.setdefault(tuple(p.shape), []).append((p, g))
+            for shape, items in by_shape.items():
+                updates = orthogonalize(torch.stack([g for _, g in items]).to(self.ns_dtype),
+                                        group["ns_coefficients"], group["ns_steps"], group["eps"])
+                lr = torch.optim._muon._adjust_lr(group["lr"], group["adjust_lr_fn"], torch.Size(shape))
+                for (p, _), update in zip(items, updates):
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(update.to(p.dtype), alpha=-lr)
 
 
 class ChainedOptimizer:

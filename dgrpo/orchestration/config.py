@@ -42,14 +42,14 @@ class PretrainConfig(Section):
     out: str = "runs/pretrain"
     seed: int = 0
     max_iters: int = Field(3000, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(16, ge=1)
     block_size: Optional[int] = Field(None, ge=8, description="override the preset's block size")
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(6e-3, gt=0)
     min_lr: float = Field(2e-4, ge=0)
     warmup_iters: int = Field(100, ge=0)
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.99)
-    optimizer: Literal["adamw", "muon"] = Field("adamw", description=(
+    optimizer: Literal["adamw", "muon"] = Field("muon", description=(
         "muon: Muon on the hidden weight matrices, AdamW on embeddings, head and norms"))
     grad_clip: float = Field(1.0, gt=0)
     elbo_weight: bool = False
