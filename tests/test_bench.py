@@ -67,7 +67,8 @@ def test_bench_pretrain_muon_rows(tmp_path):
     report = bench_pretrain.main(["--quick", "--threads", "1", "--optimizers", "adamw,muon", "--out", str(out)])
     rows = report["results"]
     assert [(r["optimizer"], r["compile"]) for r in rows] == [("adamw", False), ("muon", False)]
-    assert all(_positive(r["tokens_per_s"]) and _positive(r["warmup_s"]) for r in rows)
+    assert all(_positive(r[k]) for r in rows for k in ("tokens_per_s", "warmup_s", "optimizer_ms"))
+    assert all(r["optimizer_ms"] < r["ms_per_iter"] for r in rows)
 
 
 def test_bench_sampler_with_checkpoint(tmp_path, tiny_generator):
