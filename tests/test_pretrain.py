@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from dgrpo.corpus import fixed_windows, load_corpus
-from dgrpo.models.checkpoint import load_checkpoint
+from dgrpo.models.checkpoint import CheckpointError, load_checkpoint
 from dgrpo.models.diffusion import DiffusionLM
 from dgrpo.models.pretrain import cosine_lr, evaluate_masked_ce, pretrain
 from dgrpo.models.transformer import preset_config
@@ -98,6 +98,15 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, corpus_file, optimizer):
         assert float((wa[k] - wb[k]).abs().max()) <= 1e-6, k
     assert resumed["val_loss"] == pytest.approx(straight["val_loss"], abs=1e-5)
     assert [h["iter"] for h in resumed["history"]] == [10, 20]
+
+
+def test_resume_with_another_optimizer_is_a_clear_error(tmp_path, corpus_file):
+    corpus = load_corpus(str(corpus_file))
+    pretrain(cfg(tmp_path / "o", max_iters=2, optimizer="adamw"), corpus, {}, progress=False, log=lambda *_: None)
+    with pytest.raises(CheckpointError, match=r"trained with optimizer 'adamw'.*--set optimizer=adamw"):
+        pretrain(cfg(tmp_path / "o", max_iters=4, optimizer="muon"), corpus, {}, resume=True, progress=False,
+                 log=lambda *_: None)
+    assert load_checkpoint(tmp_path / "o").state["iter"] == 2  # nothing overwritten
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path, corpus_file):

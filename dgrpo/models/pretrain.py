@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..corpus import Corpus, check_length, fixed_windows, random_windows
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .diffusion import DiffusionLM, diffusion_loss, mask_tokens
 from .optim import ChainedOptimizer, Muon
 from .sampler import autocast_context, resolve_precision
@@ -91,6 +91,10 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
     start_iter, tokens_seen, elapsed, history = 0, 0, 0.0, []
     if resume and (out / "config.json").exists():
         ckpt = load_checkpoint(out, expect_kind="generator")
+        saved_optimizer = ckpt.state.get("optimizer", "adamw")  # checkpoints before Muon: AdamW
+        if saved_optimizer != cfg.optimizer:
+            raise CheckpointError(f"{out} was trained with optimizer {saved_optimizer!r}, this run asks for "
+                                  f"{cfg.optimizer!r}; resume with --set optimizer={saved_optimizer}")
         ckpt.load_weights_into(model)
         ckpt.load_optimizer_into(optimizer)
         rng = ckpt.load_tensors("rng")
@@ -108,7 +112,7 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
     def save(it: int, val_loss: float | None):
         nonlocal state
         state = {"iter": it, "tokens_seen": tokens_seen, "wall_time_s": elapsed, "val_loss": val_loss,
-                 "preset": cfg.preset, "history": history}
+                 "preset": cfg.preset, "optimizer": cfg.optimizer, "history": history}
         save_checkpoint(out, kind="generator", model_config=model_cfg, vocab=corpus.tokenizer.to_dict(),
                         weights=model, state=state, config=config_dict, optimizer=optimizer,
                         extra_tensors={"rng": {"data": data_gen.get_state(), "mask": mask_gen.get_state()}})
