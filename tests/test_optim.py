@@ -72,3 +72,17 @@ def test_make_optimizer_muon_groups_and_round_trip():
 def test_make_optimizer_rejects_unknown_kind():
     with pytest.raises(ValueError, match="adamw or muon"):
         make_optimizer(DiffusionLM(preset_config("tiny", 20)), 1e-3, 0.0, (0.9, 0.99), kind="sgd")
+
+
+def test_muon_step_returns_the_closure_loss():
+    p = torch.nn.Parameter(torch.ones(4, 4))
+    opt = Muon([p], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p ** 2).sum()
+        loss.backward()
+        return loss
+
+    assert float(opt.step(closure)) == 16.0
+    assert float(p.detach().abs().max()) < 1.0  # the step used the closure's gradient

@@ -60,6 +60,8 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
     """AdamW on everything, or Muon on the hidden weight matrices (attention and MLP) with
     AdamW on embeddings, head and norms. Muon's step is scaled to AdamW's update RMS
     ("match_rms_adamw"), so both use the same lr and the same schedule."""
+    if kind not in ("adamw", "muon"):
+        raise ValueError(f"unknown optimizer {kind!r}; choose adamw or muon")
     params = dict(model.named_parameters())
     hidden = [n for n, p in params.items() if p.dim() == 2 and ".blocks." in f".{n}"]
     decay = [p for n, p in params.items() if p.dim() >= 2 and (kind == "adamw" or n not in hidden)]
@@ -68,8 +70,6 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
                                {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
     if kind == "adamw":
         return adamw
-    if kind != "muon":
-        raise ValueError(f"unknown optimizer {kind!r}; choose adamw or muon")
     muon = Muon([params[n] for n in hidden], lr=lr, weight_decay=weight_decay, momentum=0.95,
                 adjust_lr_fn="match_rms_adamw")
     return ChainedOptimizer(muon, adamw)
