@@ -125,6 +125,42 @@ def test_forward_flops_counts_every_linear_weight():
     assert count_params(lm) > linear
 
 
+def test_qk_norm_makes_attention_invariant_to_query_and_key_scale():
+    """With QK-norm, scaling the query and key weights changes nothing; without it, it does."""
+    idx = torch.randint(0, N_CHARS, (2, 16))
+    for qk_norm, invariant in ((True, True), (False, False)):
+        torch.manual_seed(0)
+        lm = DiffusionLM(tiny_cfg(qk_norm=qk_norm, attn_scale=0.8 if qk_norm else None)).eval()
+        with torch.no_grad():
+            before = lm(idx)
+            C = lm.cfg.n_embd
+            for block in lm.trunk.blocks:
+                block.attn.qkv.weight[:2 * C].mul_(7.0)  # rows of q and k
+            after = lm(idx)
+        assert torch.allclose(before, after, atol=1e-5) == invariant
+
+
+def test_model_config_fields_added_later_default_to_the_old_behaviour():
+    """A checkpoint's config.json written before a field existed loads as it was trained."""
+    old = {"vocab_size": 66, "block_size": 128, "n_layer": 4, "n_head": 4, "n_embd": 128,
+           "dropout": 0.0, "rope_base": 10000.0}
+    cfg = ModelConfig.from_dict(old)
+    assert (cfg.activation, cfg.qk_norm, cfg.attn_scale) == ("gelu_tanh", False, None)
+    assert preset_config("small", 66).qk_norm  # new models use it
+    with pytest.raises(ValueError, match="attn_scale"):
+        ModelConfig(attn_scale=0.0).validate()
+
+
+def test_zero_residual_projections_make_every_block_the_identity():
+    lm = DiffusionLM(tiny_cfg()).eval()
+    lm.trunk.zero_residual_projections()
+    idx = torch.randint(0, N_CHARS, (1, 16))
+    changed = idx.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % N_CHARS
+    with torch.no_grad():
+        assert torch.equal(lm(idx)[0, :-1], lm(changed)[0, :-1])  # no position sees another yet
+
+
 # --- diffusion loss ---------------------------------------------------------------------------
 
 def test_mask_tokens_forward_process():

@@ -53,12 +53,25 @@ def test_cosine_lr():
     assert cosine_lr(20, 100, 1.0, 0.1, 10, time_fraction=1.0) == pytest.approx(0.1)  # time budget
 
 
+@pytest.mark.parametrize("zero_init", [True, False])
+def test_pretraining_starts_blocks_as_the_identity_when_asked(tmp_path, corpus_file, zero_init):
+    corpus = load_corpus(str(corpus_file))
+    out = tmp_path / "run"
+    pretrain(cfg(out, max_iters=1, lr=1e-9, min_lr=1e-9, zero_init_residual=zero_init), corpus, {},
+             progress=False, log=lambda *_: None)
+    _, state = weights(out)
+    projections = [v for k, v in state.items() if k.endswith("proj.weight")]
+    assert len(projections) == 2 * preset_config("tiny", corpus.tokenizer.vocab_size).n_layer
+    assert all(float(p.abs().max()) < 1e-6 for p in projections) == zero_init
+
+
 def test_pretraining_lowers_val_loss(tmp_path, corpus_file):
     corpus = load_corpus(str(corpus_file))
     c = cfg(tmp_path / "run", max_iters=30, lr=1e-2, min_lr=1e-3, warmup_iters=5)
     # the same initial weights and validation windows that pretrain() uses
     torch.manual_seed(c.seed)
     model = DiffusionLM(preset_config("tiny", corpus.tokenizer.vocab_size))
+    model.trunk.zero_residual_projections()
     val = fixed_windows(corpus.val, c.eval_windows, model.cfg.block_size, seed=c.seed)
     initial = evaluate_masked_ce(model, val, c.batch_size, seed=c.seed)
     uniform = math.log(corpus.tokenizer.n_chars)

@@ -85,6 +85,8 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
     check_length(corpus.train, model_cfg.block_size, "train")
     check_length(corpus.val, model_cfg.block_size, "validation")
     model = DiffusionLM(model_cfg)
+    if cfg.zero_init_residual:
+        model.trunk.zero_residual_projections()
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.optimizer)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     mask_gen = torch.Generator().manual_seed(cfg.seed + 1)

@@ -3,13 +3,16 @@
 Pre-LayerNorm blocks, PyTorch scaled-dot-product attention without a causal
 mask, rotary position embeddings. Rotary positions matter here: with learned
 absolute positions a 4x128 masked-diffusion model sat on the unigram plateau
-(3.27 nats) for 800 steps, with RoPE it reached 2.5 by step 200.
+(3.27 nats) for 800 steps, with RoPE it reached 2.5 by step 200. Queries and keys
+are RMS-normalised per head (QK-norm) in the presets: at equal iterations that
+cut the small generator's held-out CE by 0.027 nats.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -28,6 +31,10 @@ class ModelConfig:
     # exact GELU: 3.9x faster than the tanh approximation on an AVX2 CPU (6.7 vs 25.8 ms
     # for 64x128x512); checkpoints written before this field existed used "gelu_tanh"
     activation: str = "gelu_tanh"
+    # RMS-normalised queries and keys, so attention logits are at most attn_scale x head size;
+    # off for checkpoints written before this field existed
+    qk_norm: bool = False
+    attn_scale: Optional[float] = None  # None: 1/sqrt(head size)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,15 +57,18 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"model.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.attn_scale is not None and not self.attn_scale > 0:
+            raise ValueError(f"model.attn_scale must be positive (or null for 1/sqrt(head size)), got {self.attn_scale}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
 
-# Presets: tiny trains in seconds (tests), small is the CPU model, base the GPU one.
+# Presets: tiny trains in seconds (tests), small is the CPU model, base the GPU one;
+# QK-norm with attention logits capped at 12.8 (attn_scale x head size) in each.
 PRESETS: dict[str, dict] = {
-    "tiny": dict(block_size=32, n_layer=2, n_head=2, n_embd=32, activation="gelu"),
-    "small": dict(block_size=128, n_layer=4, n_head=4, n_embd=128, activation="gelu"),
-    "base": dict(block_size=256, n_layer=6, n_head=6, n_embd=384, activation="gelu"),
+    "tiny": dict(block_size=32, n_layer=2, n_head=2, n_embd=32, activation="gelu", qk_norm=True, attn_scale=0.8),
+    "small": dict(block_size=128, n_layer=4, n_head=4, n_embd=128, activation="gelu", qk_norm=True, attn_scale=0.4),
+    "base": dict(block_size=256, n_layer=6, n_head=6, n_embd=384, activation="gelu", qk_norm=True, attn_scale=0.2),
 }
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
@@ -100,13 +110,19 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.dropout = cfg.dropout
         self.rotary = rotary
+        self.qk_norm = cfg.qk_norm
+        self.scale = cfg.attn_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)
-        qk = self.rotary(qkv[:, :, :2])  # q and k in one pass
+        qk = qkv[:, :, :2]  # q and k in one pass
+        if self.qk_norm:
+            qk = F.rms_norm(qk, (qk.size(-1),))
+        qk = self.rotary(qk)
         q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           scale=self.scale)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -151,6 +167,15 @@ class Trunk(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):  # residual projections, GPT-2 scaling
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @torch.no_grad()
+    def zero_residual_projections(self) -> None:
+        """Every block starts as the identity (attention and MLP output projections zero).
+        Pretraining does this; a fresh model for tests keeps random projections, so that
+        its output depends on context."""
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                p.zero_()
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

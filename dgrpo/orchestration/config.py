@@ -52,6 +52,7 @@ class PretrainConfig(Section):
     optimizer: Literal["adamw", "muon"] = Field("muon", description=(
         "muon: Muon on the hidden weight matrices, AdamW on embeddings, head and norms"))
     grad_clip: float = Field(1.0, gt=0)
+    zero_init_residual: bool = Field(True, description="start every block as the identity (output projections zero)")
     elbo_weight: bool = False
     stratified_t: bool = Field(True, description="spread each batch's t evenly over (0, 1) (lower-variance loss)")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
