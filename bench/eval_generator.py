@@ -5,10 +5,11 @@ and one draw of masks. This script repeats it on `--sets` window sets (different
 windows and mask seeds) and reports the mean and its standard error, so two
 checkpoints can be compared without mistaking estimator noise for progress.
 With `--compare-iid` it also reports the spread of the i.i.d.-t estimator that
-stratified t replaced.
+stratified t replaced; with `--train-split` the same estimate on training windows, and
+the generalisation gap (held-out minus training CE).
 
     python bench/eval_generator.py runs/small_gen [more checkpoints] [--windows 1024] [--sets 4]
-        [--compare-iid] [--corpus PATH] [--threads N] [--quick] [--out bench/results/eval_generator.json]
+        [--compare-iid] [--train-split] [--corpus PATH] [--threads N] [--quick] [--out bench/results/eval_generator.json]
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sets", type=int, default=4, help="window sets (independent estimates)")
     ap.add_argument("--batch", type=int, default=64, help="windows per forward (each batch's t is stratified)")
     ap.add_argument("--compare-iid", action="store_true", help="also the i.i.d.-t estimator's spread")
+    ap.add_argument("--train-split", action="store_true", help="also the CE on training windows, and the gap")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="a random tiny checkpoint on a synthetic corpus")
     ap.add_argument("--out", default=str(default_out("eval_generator")))
@@ -68,18 +70,23 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for path in args.checkpoints:
         model, tok, ckpt = load_generator(path)
-        val = load_corpus(corpus_file, tokenizer=tok).val
+        corpus = load_corpus(corpus_file, tokenizer=tok)
+        val = corpus.val
         row = {"checkpoint": str(path), "iter": ckpt.state.get("iter"), "logged_val_loss": ckpt.state.get("val_loss"),
                "stratified": summary(estimates(model, val, args.windows, args.sets, args.batch, True))}
         if args.compare_iid:
             row["iid"] = summary(estimates(model, val, args.windows, args.sets, args.batch, False))
+        if args.train_split:
+            row["train"] = summary(estimates(model, corpus.train, args.windows, args.sets, args.batch, True))
+            row["gap"] = row["stratified"]["mean"] - row["train"]["mean"]
         rows.append(row)
     table = [{"checkpoint": r["checkpoint"], "iter": r["iter"], "ce": r["stratified"]["mean"],
               "se": r["stratified"]["se"], "sd_set": r["stratified"]["sd"],
-              "ce_iid": r.get("iid", {}).get("mean"), "sd_iid": r.get("iid", {}).get("sd")} for r in rows]
+              "ce_iid": r.get("iid", {}).get("mean"), "sd_iid": r.get("iid", {}).get("sd"),
+              "ce_train": r.get("train", {}).get("mean"), "gap": r.get("gap")} for r in rows]
     print_table(table, [("checkpoint", "checkpoint"), ("iter", "iter"), ("ce", "CE nats", ".4f"),
                         ("se", "s.e.", ".4f"), ("sd_set", "sd/set", ".4f"), ("ce_iid", "CE iid", ".4f"),
-                        ("sd_iid", "sd/set iid", ".4f")],
+                        ("sd_iid", "sd/set iid", ".4f"), ("ce_train", "CE train", ".4f"), ("gap", "gap", ".4f")],
                 title=f"held-out masked-token CE, {args.sets} sets x {args.windows} validation windows")
     report = {"bench": "eval_generator", "machine": machine_info(), "windows": args.windows, "sets": args.sets,
               "batch": args.batch, "corpus": corpus_file, "results": rows}

@@ -150,10 +150,11 @@ def test_bench_quality_explicit_kl(tmp_path, capsys):
 
 def test_eval_generator(tmp_path, capsys):
     from bench import eval_generator
-    data, printed = _run(eval_generator, tmp_path, capsys, "--compare-iid")
+    data, printed = _run(eval_generator, tmp_path, capsys, "--compare-iid", "--train-split")
     assert data["bench"] == "eval_generator" and data["sets"] == 3
     (row,) = data["results"]
-    for kind in ("stratified", "iid"):
+    assert row["gap"] == pytest.approx(row["stratified"]["mean"] - row["train"]["mean"])
+    for kind in ("stratified", "iid", "train"):
         s = row[kind]
         assert len(s["values"]) == 3 and all(_positive(v) for v in s["values"])
         assert s["mean"] == pytest.approx(sum(s["values"]) / 3) and s["se"] >= 0
