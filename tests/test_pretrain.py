@@ -59,9 +59,10 @@ def test_pretraining_starts_blocks_as_the_identity_when_asked(tmp_path, corpus_f
     out = tmp_path / "run"
     pretrain(cfg(out, max_iters=1, lr=1e-9, min_lr=1e-9, zero_init_residual=zero_init), corpus, {},
              progress=False, log=lambda *_: None)
-    _, state = weights(out)
-    projections = [v for k, v in state.items() if k.endswith("proj.weight")]
-    assert len(projections) == 2 * preset_config("tiny", corpus.tokenizer.vocab_size).n_layer
+    ck = load_checkpoint(out, expect_kind="generator")
+    model = ck.load_weights_into(DiffusionLM(ck.model_config))
+    projections = model.trunk.residual_projections()
+    assert len(projections) == 2 * ck.model_config.n_layer
     assert all(float(p.abs().max()) < 1e-6 for p in projections) == zero_init
 
 
