@@ -190,6 +190,20 @@ def test_stratified_t_covers_the_interval_evenly_and_stays_uniform():
     assert float(strat.var()) < 0.2 * float(iid.var())  # the batch-mean t varies far less
 
 
+def test_complementary_masks_pair_each_window_with_its_complement():
+    half = torch.randint(0, N_CHARS, (4, 32))
+    x = half.repeat(2, 1)
+    noisy, masked, t = mask_tokens(x, MASK, torch.Generator().manual_seed(5), stratified=True,
+                                   complementary=True)
+    assert torch.equal(masked[4:], ~masked[:4])  # every position is a target exactly once per pair
+    assert torch.allclose(t[4:], 1 - t[:4])  # complement of a mask drawn with prob t: prob 1 - t
+    assert torch.equal(noisy[masked], torch.full_like(noisy[masked], MASK))
+    assert torch.equal(noisy[~masked], x[~masked])
+    g = torch.Generator().manual_seed(6)
+    t = torch.cat([mask_tokens(x, MASK, g, complementary=True)[2] for _ in range(2000)])
+    assert abs(float(t.mean()) - 0.5) < 0.01 and abs(float(t.std()) - 1 / math.sqrt(12)) < 0.01  # still U(0,1)
+
+
 class RecordingLM(DiffusionLM):
     def forward(self, idx):
         self.last_logits = super().forward(idx)

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from dgrpo.corpus import fixed_windows, load_corpus
 from dgrpo.models.checkpoint import CheckpointError, load_checkpoint
 from dgrpo.models.diffusion import DiffusionLM
-from dgrpo.models.pretrain import cosine_lr, evaluate_masked_ce, pretrain
+from dgrpo.models.data_parallel import Shard
+from dgrpo.models.pretrain import cosine_lr, evaluate_masked_ce, pretrain, pretrain_data_parallel
 from dgrpo.models.transformer import preset_config
 from dgrpo.orchestration.cli import main
 from dgrpo.orchestration.config import PretrainConfig
@@ -63,7 +64,7 @@ def test_pretraining_starts_blocks_as_the_identity_when_asked(tmp_path, corpus_f
     model = ck.load_weights_into(DiffusionLM(ck.model_config))
     projections = model.trunk.residual_projections()
     assert len(projections) == 2 * ck.model_config.n_layer
-    assert all(float(p.abs().max()) < 1e-6 for p in projections) == zero_init
+    assert all(float(p.detach().abs().max()) < 1e-6 for p in projections) == zero_init
 
 
 def test_pretraining_lowers_val_loss(tmp_path, corpus_file):
@@ -90,17 +91,20 @@ def test_pretraining_lowers_val_loss(tmp_path, corpus_file):
     assert ck.has("rng") and "optimizer.safetensors" in ck.files
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_resume_matches_an_uninterrupted_run(tmp_path, corpus_file, optimizer):
+@pytest.mark.parametrize("optimizer,ema_decay,complementary",
+                         [("adamw", 0.0, False), ("muon", 0.0, False), ("muon", 0.9, True)])
+def test_resume_matches_an_uninterrupted_run(tmp_path, corpus_file, optimizer, ema_decay, complementary):
     """20 iterations straight == 10 + resumed 10 (constant lr: the schedule depends on max_iters);
-    with muon this also round-trips both optimizers' state through one checkpoint file."""
+    with muon this also round-trips both optimizers' state through one checkpoint file, with an
+    EMA both the average (the checkpoint's weights) and the training weights."""
     corpus = load_corpus(str(corpus_file))
-    straight = pretrain(cfg(tmp_path / "a", optimizer=optimizer), corpus, {}, progress=False, log=lambda *_: None)
-    first = pretrain(cfg(tmp_path / "b", max_iters=10, optimizer=optimizer), corpus, {}, progress=False,
+    opts = dict(optimizer=optimizer, ema_decay=ema_decay, complementary_masks=complementary)
+    straight = pretrain(cfg(tmp_path / "a", **opts), corpus, {}, progress=False, log=lambda *_: None)
+    first = pretrain(cfg(tmp_path / "b", max_iters=10, **opts), corpus, {}, progress=False,
                      log=lambda *_: None)
     assert first["iter"] == 10
     logs = []
-    resumed = pretrain(cfg(tmp_path / "b", optimizer=optimizer), corpus, {}, resume=True, progress=False,
+    resumed = pretrain(cfg(tmp_path / "b", **opts), corpus, {}, resume=True, progress=False,
                        log=logs.append)
     assert "resumed from" in logs[0] and "at iter 10" in logs[0]
     assert straight["iter"] == resumed["iter"] == 20
@@ -110,8 +114,67 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, corpus_file, optimizer):
     assert ck_b.state["iter"] == 20
     for k in wa:
         assert float((wa[k] - wb[k]).abs().max()) <= 1e-6, k
+    if ema_decay:
+        ta, tb = ck_a.load_tensors("train_weights"), ck_b.load_tensors("train_weights")
+        for k in ta:
+            assert float((ta[k] - tb[k]).abs().max()) <= 1e-6, k
     assert resumed["val_loss"] == pytest.approx(straight["val_loss"], abs=1e-5)
     assert [h["iter"] for h in resumed["history"]] == [10, 20]
+
+
+def test_ema_checkpoint_holds_the_average_and_resumes_the_training_weights(tmp_path, corpus_file):
+    corpus = load_corpus(str(corpus_file))
+    out = tmp_path / "ema"
+    state = pretrain(cfg(out, max_iters=10, ema_decay=0.8), corpus, {}, progress=False, log=lambda *_: None)
+    ck, averaged = weights(out)
+    trained = ck.load_tensors("train_weights")
+    assert set(trained) == set(averaged)
+    assert any(not torch.equal(trained[k], averaged[k]) for k in trained)  # the average lags the iterate
+    model = ck.load_weights_into(DiffusionLM(ck.model_config))
+    val = fixed_windows(corpus.val, 32, ck.model_config.block_size, seed=0)
+    assert evaluate_masked_ce(model, val, 16, seed=0) == pytest.approx(state["val_loss"], abs=1e-5)
+    # without the EMA a resumed run trains on from the training weights, not the average
+    pretrain(cfg(out, max_iters=11, lr=1e-12, min_lr=1e-12), corpus, {}, resume=True, progress=False,
+             log=lambda *_: None)
+    ck2, plain = weights(out)
+    assert not ck2.has("train_weights")
+    for k in trained:
+        assert float((plain[k] - trained[k]).abs().max()) < 1e-6, k
+
+
+def test_two_data_parallel_processes_take_the_steps_of_one(tmp_path, corpus_file):
+    """Both ranks draw the whole batch and train on half of it, gradients summed, Newton-Schulz
+    split between them: the run is the single-process run up to summation order."""
+    corpus = load_corpus(str(corpus_file))
+    opts = dict(optimizer="muon", complementary_masks=True, ema_decay=0.9)
+    one = pretrain(cfg(tmp_path / "one", **opts), corpus, {}, progress=False, log=lambda *_: None)
+    two = pretrain_data_parallel(cfg(tmp_path / "two", processes=2, **opts), corpus, {})
+    assert two["iter"] == one["iter"] == 20 and two["tokens_seen"] == one["tokens_seen"]
+    assert [h["iter"] for h in two["history"]] == [10, 20]
+    assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-4)
+    (_, w1), (ck2, w2) = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in w1:
+        assert float((w1[k] - w2[k]).abs().max()) <= 1e-3, k
+    assert ck2.has("train_weights") and ck2.config == {}
+
+
+def test_a_failing_data_parallel_rank_raises_its_own_error(tmp_path, corpus_file):
+    corpus = load_corpus(str(corpus_file))
+    pretrain(cfg(tmp_path / "o", max_iters=2, optimizer="adamw"), corpus, {}, progress=False, log=lambda *_: None)
+    with pytest.raises(CheckpointError, match=r"trained with optimizer 'adamw'"):
+        pretrain_data_parallel(cfg(tmp_path / "o", max_iters=4, optimizer="muon", processes=2), corpus, {},
+                               resume=True)
+    assert load_checkpoint(tmp_path / "o").state["iter"] == 2
+    with pytest.raises(ValueError, match="batch_size=2 cannot be split over processes=3"):
+        pretrain_data_parallel(cfg(tmp_path / "p", batch_size=2, processes=3), corpus, {})
+
+
+def test_shard_splits_rows_evenly():
+    assert [Shard(r, 3).rows(4) for r in range(3)] == [slice(0, 1), slice(1, 2), slice(2, 4)]
+    assert Shard().rows(5) == slice(0, 5) and Shard().all_reduce_([], [1.5, 2.0]) == [1.5, 2.0]
+    assert [i for i in range(6) if Shard(1, 2).owns(i)] == [1, 3, 5]
+    x = torch.randn(3, 2)
+    assert torch.equal(Shard().map_rows(lambda t: 2 * t, x), 2 * x)
 
 
 def test_resume_with_another_optimizer_is_a_clear_error(tmp_path, corpus_file):
@@ -144,16 +207,18 @@ def invoke(args):
     return CliRunner().invoke(main, args)
 
 
-def test_cli_pretrain_writes_a_loadable_checkpoint(tmp_path, corpus_file):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_cli_pretrain_writes_a_loadable_checkpoint(tmp_path, corpus_file, processes):
     out = tmp_path / "ckpt"
     r = invoke(["pretrain", "--preset", "tiny", "--corpus", str(corpus_file), "--max-iters", "20",
-                "--out", str(out), "--threads", "1", "--set", "batch_size=8", "--set", "eval_windows=16"])
+                "--out", str(out), "--threads", "1", "--set", "batch_size=8", "--set", "eval_windows=16",
+                "--processes", str(processes)])
     assert r.exit_code == 0, r.output
     assert "done: iter 20" in r.output
     ck, _ = weights(out)
     assert ck.state["iter"] == 20 and ck.model_config.block_size == 32
     assert ck.config["preset"] == "tiny" and ck.config["corpus"]["path"] == str(corpus_file)
-    assert ck.config["batch_size"] == 8
+    assert ck.config["batch_size"] == 8 and ck.config["processes"] == processes
 
 
 def test_cli_resume_of_a_finished_run(tmp_path, corpus_file):
@@ -183,6 +248,13 @@ def test_cli_missing_corpus(tmp_path):
 def test_cli_invalid_value(tmp_path, corpus_file):
     r = invoke(["pretrain", "--corpus", str(corpus_file), "--out", str(tmp_path / "o"), "--set", "lr=-1"])
     _assert_user_error(r, "lr", "greater than 0")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_complementary_masks_need_an_even_batch(tmp_path, corpus_file):
+    r = invoke(["pretrain", "--corpus", str(corpus_file), "--out", str(tmp_path / "o"), "--set", "batch_size=15",
+                "--set", "complementary_masks=true"])
+    _assert_user_error(r, "batch_size must be even", "15")
     assert not (tmp_path / "o").exists()
 
 

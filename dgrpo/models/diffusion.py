@@ -35,13 +35,19 @@ class DiffusionLM(nn.Module):
 
 
 def mask_tokens(x: torch.Tensor, mask_id: int, generator: torch.Generator | None = None,
-                t_min: float = 1e-3, stratified: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                t_min: float = 1e-3, stratified: bool = False,
+                complementary: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward process: t ~ U(t_min, 1) per sequence, each token masked with prob t.
 
     stratified: one uniform offset shifted by i/B for sequence i (each t is still
     U(t_min, 1), but the batch covers the interval evenly: a lower-variance loss).
     Returns (noisy input, boolean mask of masked positions, t of shape (B,)).
     """
+    if complementary:  # rows i and B/2 + i are the same window: mask and complement
+        half = x.shape[0] // 2
+        noisy, masked, t = mask_tokens(x[:half], mask_id, generator, t_min, stratified)
+        masked = torch.cat([masked, ~masked])
+        return torch.where(masked, torch.full_like(x, mask_id), x), masked, torch.cat([t, 1 - t])
     B, T = x.shape
     if stratified:
         offsets = torch.arange(B, device=x.device) / B
@@ -54,20 +60,26 @@ def mask_tokens(x: torch.Tensor, mask_id: int, generator: torch.Generator | None
 
 
 def diffusion_loss(model: DiffusionLM, x: torch.Tensor, generator: torch.Generator | None = None,
-                   elbo_weight: bool = False, stratified_t: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   elbo_weight: bool = False, stratified_t: bool = False,
+                   complementary: bool = False, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked-diffusion loss on clean windows x (B, T).
 
     Returns (loss to optimise, masked-token cross-entropy in nats). With
     elbo_weight the loss is the MDLM bound: sum over masked tokens of CE / t,
     divided by the number of tokens; otherwise the mean CE over masked tokens.
+    rows: run the model on these rows only (a data-parallel rank's share); the masks are
+    drawn and the loss normalised for the whole batch, so the ranks' losses sum to it.
     """
-    noisy, masked, t = mask_tokens(x, model.mask_id, generator, stratified=stratified_t)
+    noisy, masked, t = mask_tokens(x, model.mask_id, generator, stratified=stratified_t,
+                                   complementary=complementary)
+    n_masked = masked.sum().clamp_min(1)
+    numel = x.numel()
+    x, noisy, masked, t = x[rows], noisy[rows], masked[rows], t[rows]
     logits = model(noisy)
     ce = F.cross_entropy(logits.float().flatten(0, 1), x.flatten(), reduction="none").view_as(x)
-    n_masked = masked.sum().clamp_min(1)
     token_ce = (ce * masked).sum() / n_masked
     if elbo_weight:
-        loss = (ce * masked / t[:, None]).sum() / x.numel()
+        loss = (ce * masked / t[:, None]).sum() / numel
     else:
         loss = token_ce
     return loss, token_ce.detach()

@@ -53,6 +53,14 @@ class PretrainConfig(Section):
         "muon: Muon on the hidden weight matrices, AdamW on embeddings, head and norms"))
     grad_clip: float = Field(1.0, gt=0)
     zero_init_residual: bool = Field(True, description="start every block as the identity (output projections zero)")
+    dropout: Optional[float] = Field(None, ge=0, lt=1, description=(
+        "override the preset's dropout (embeddings, attention, MLP; attention dropout takes the slow attention kernel)"))
+    ema_decay: float = Field(0.0, ge=0, lt=1, description=(
+        "0: off; else the checkpoint holds (and evaluation scores) an exponential moving average of the weights"))
+    complementary_masks: bool = Field(False, description=(
+        "each window twice per batch, once with a mask and once with its complement (batch_size must be even)"))
+    processes: int = Field(1, ge=1, description=(
+        "data-parallel training processes on this machine (gloo on 127.0.0.1); the torch threads are split among them"))
     elbo_weight: bool = False
     stratified_t: bool = Field(True, description="spread each batch's t evenly over (0, 1) (lower-variance loss)")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -61,6 +69,13 @@ class PretrainConfig(Section):
     eval_windows: int = Field(1024, ge=1, description="held-out validation windows per evaluation")
     max_minutes: Optional[float] = Field(None, gt=0, description="stop (and checkpoint) after this wall time")
     corpus: CorpusConfig = CorpusConfig()
+
+    @model_validator(mode="after")
+    def _complementary_pairs(self):
+        if self.complementary_masks and self.batch_size % 2:
+            raise ValueError(f"complementary_masks pairs each window with its complement: batch_size must be even, "
+                             f"got {self.batch_size}")
+        return self
 
 
 class JudgeTrainConfig(Section):
