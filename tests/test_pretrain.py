@@ -9,8 +9,7 @@ from click.testing import CliRunner
 from dgrpo.corpus import fixed_windows, load_corpus
 from dgrpo.models.checkpoint import CheckpointError, load_checkpoint
 from dgrpo.models.diffusion import DiffusionLM
-from dgrpo.models.data_parallel import Shard
-from dgrpo.models.pretrain import cosine_lr, evaluate_masked_ce, pretrain, pretrain_data_parallel
+from dgrpo.models.pretrain import cosine_lr, evaluate_masked_ce, pretrain
 from dgrpo.models.transformer import preset_config
 from dgrpo.orchestration.cli import main
 from dgrpo.orchestration.config import PretrainConfig
@@ -142,41 +141,6 @@ def test_ema_checkpoint_holds_the_average_and_resumes_the_training_weights(tmp_p
         assert float((plain[k] - trained[k]).abs().max()) < 1e-6, k
 
 
-def test_two_data_parallel_processes_take_the_steps_of_one(tmp_path, corpus_file):
-    """Both ranks draw the whole batch and train on half of it, gradients summed, Newton-Schulz
-    split between them: the run is the single-process run up to summation order."""
-    corpus = load_corpus(str(corpus_file))
-    opts = dict(optimizer="muon", complementary_masks=True, ema_decay=0.9)
-    one = pretrain(cfg(tmp_path / "one", **opts), corpus, {}, progress=False, log=lambda *_: None)
-    two = pretrain_data_parallel(cfg(tmp_path / "two", processes=2, **opts), corpus, {})
-    assert two["iter"] == one["iter"] == 20 and two["tokens_seen"] == one["tokens_seen"]
-    assert [h["iter"] for h in two["history"]] == [10, 20]
-    assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-4)
-    (_, w1), (ck2, w2) = weights(tmp_path / "one"), weights(tmp_path / "two")
-    for k in w1:
-        assert float((w1[k] - w2[k]).abs().max()) <= 1e-3, k
-    assert ck2.has("train_weights") and ck2.config == {}
-
-
-def test_a_failing_data_parallel_rank_raises_its_own_error(tmp_path, corpus_file):
-    corpus = load_corpus(str(corpus_file))
-    pretrain(cfg(tmp_path / "o", max_iters=2, optimizer="adamw"), corpus, {}, progress=False, log=lambda *_: None)
-    with pytest.raises(CheckpointError, match=r"trained with optimizer 'adamw'"):
-        pretrain_data_parallel(cfg(tmp_path / "o", max_iters=4, optimizer="muon", processes=2), corpus, {},
-                               resume=True)
-    assert load_checkpoint(tmp_path / "o").state["iter"] == 2
-    with pytest.raises(ValueError, match="batch_size=2 cannot be split over processes=3"):
-        pretrain_data_parallel(cfg(tmp_path / "p", batch_size=2, processes=3), corpus, {})
-
-
-def test_shard_splits_rows_evenly():
-    assert [Shard(r, 3).rows(4) for r in range(3)] == [slice(0, 1), slice(1, 2), slice(2, 4)]
-    assert Shard().rows(5) == slice(0, 5) and Shard().all_reduce_([], [1.5, 2.0]) == [1.5, 2.0]
-    assert [i for i in range(6) if Shard(1, 2).owns(i)] == [1, 3, 5]
-    x = torch.randn(3, 2)
-    assert torch.equal(Shard().map_rows(lambda t: 2 * t, x), 2 * x)
-
-
 def test_resume_with_another_optimizer_is_a_clear_error(tmp_path, corpus_file):
     corpus = load_corpus(str(corpus_file))
     pretrain(cfg(tmp_path / "o", max_iters=2, optimizer="adamw"), corpus, {}, progress=False, log=lambda *_: None)
@@ -207,18 +171,16 @@ def invoke(args):
     return CliRunner().invoke(main, args)
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_cli_pretrain_writes_a_loadable_checkpoint(tmp_path, corpus_file, processes):
+def test_cli_pretrain_writes_a_loadable_checkpoint(tmp_path, corpus_file):
     out = tmp_path / "ckpt"
     r = invoke(["pretrain", "--preset", "tiny", "--corpus", str(corpus_file), "--max-iters", "20",
-                "--out", str(out), "--threads", "1", "--set", "batch_size=8", "--set", "eval_windows=16",
-                "--processes", str(processes)])
+                "--out", str(out), "--threads", "1", "--set", "batch_size=8", "--set", "eval_windows=16"])
     assert r.exit_code == 0, r.output
     assert "done: iter 20" in r.output
     ck, _ = weights(out)
     assert ck.state["iter"] == 20 and ck.model_config.block_size == 32
     assert ck.config["preset"] == "tiny" and ck.config["corpus"]["path"] == str(corpus_file)
-    assert ck.config["batch_size"] == 8 and ck.config["processes"] == processes
+    assert ck.config["batch_size"] == 8
 
 
 def test_cli_resume_of_a_finished_run(tmp_path, corpus_file):

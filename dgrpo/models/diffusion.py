@@ -61,25 +61,21 @@ def mask_tokens(x: torch.Tensor, mask_id: int, generator: torch.Generator | None
 
 def diffusion_loss(model: DiffusionLM, x: torch.Tensor, generator: torch.Generator | None = None,
                    elbo_weight: bool = False, stratified_t: bool = False,
-                   complementary: bool = False, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+                   complementary: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked-diffusion loss on clean windows x (B, T).
 
     Returns (loss to optimise, masked-token cross-entropy in nats). With
     elbo_weight the loss is the MDLM bound: sum over masked tokens of CE / t,
     divided by the number of tokens; otherwise the mean CE over masked tokens.
-    rows: run the model on these rows only (a data-parallel rank's share); the masks are
-    drawn and the loss normalised for the whole batch, so the ranks' losses sum to it.
     """
     noisy, masked, t = mask_tokens(x, model.mask_id, generator, stratified=stratified_t,
                                    complementary=complementary)
-    n_masked = masked.sum().clamp_min(1)
-    numel = x.numel()
-    x, noisy, masked, t = x[rows], noisy[rows], masked[rows], t[rows]
     logits = model(noisy)
     ce = F.cross_entropy(logits.float().flatten(0, 1), x.flatten(), reduction="none").view_as(x)
+    n_masked = masked.sum().clamp_min(1)
     token_ce = (ce * masked).sum() / n_masked
     if elbo_weight:
-        loss = (ce * masked / t[:, None]).sum() / numel
+        loss = (ce * masked / t[:, None]).sum() / x.numel()
     else:
         loss = token_ce
     return loss, token_ce.detach()

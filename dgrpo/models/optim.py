@@ -3,8 +3,6 @@ wrapper that steps several optimizers as one (pure torch, no Ray)."""
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 
 
@@ -29,13 +27,8 @@ class Muon(torch.optim.Muon):
     PyTorch's Muon casts to bf16 for Newton-Schulz; on a CPU without native bf16 (AVX2
     only) that is emulated: small-model pretraining ran at 2.8k tokens/s with it against
     7.7k with this one (one thread). The update, its state (`momentum_buffer`) and the lr
-    scaling are torch's. With a data-parallel `shard` each rank orthogonalises its share of
-    the matrices and gathers the rest (the gradients, hence the momenta, are equal on all ranks).
+    scaling are torch's.
     """
-
-    def __init__(self, params, shard=None, **kwargs):
-        super().__init__(params, **kwargs)
-        self.shard = shard
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -53,10 +46,8 @@ class Muon(torch.optim.Muon):
                 g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
                 by_shape.setdefault(tuple(p.shape), []).append((p, g))
             for shape, items in by_shape.items():
-                ns = partial(orthogonalize, coefficients=group["ns_coefficients"], steps=group["ns_steps"],
-                             eps=group["eps"])
-                stacked = torch.stack([g for _, g in items])
-                updates = self.shard.map_rows(ns, stacked) if self.shard is not None else ns(stacked)
+                updates = orthogonalize(torch.stack([g for _, g in items]), group["ns_coefficients"],
+                                        group["ns_steps"], group["eps"])
                 lr = torch.optim._muon._adjust_lr(group["lr"], group["adjust_lr_fn"], torch.Size(shape))
                 for (p, _), update in zip(items, updates):
                     p.mul_(1 - group["lr"] * group["weight_decay"])

@@ -14,7 +14,6 @@ from tqdm import tqdm
 from ..corpus import Corpus, check_length, fixed_windows, random_windows
 from .checkpoint import MODEL_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from .diffusion import DiffusionLM, diffusion_loss, mask_tokens
-from .data_parallel import Shard, run_data_parallel
 from .optim import ChainedOptimizer, Muon
 from .sampler import autocast_context, resolve_precision
 from .transformer import preset_config
@@ -34,37 +33,32 @@ def cosine_lr(it: int, max_iters: int, lr: float, min_lr: float, warmup: int,
 
 @torch.no_grad()
 def evaluate_masked_ce(model: DiffusionLM, windows: torch.Tensor, batch_size: int, seed: int = 0,
-                       autocast_dtype=None, stratified: bool = True, shard: Shard = Shard()) -> float:
+                       autocast_dtype=None, stratified: bool = True) -> float:
     """Masked-token cross-entropy (nats) averaged over t ~ U(0,1), masked tokens only.
 
     The masking draws come from a fixed seed so successive evaluations are comparable, and
     each batch's t values are stratified over (0, 1): with i.i.d. t the estimate on 256
     windows scattered by ±0.035 nats between window sets, stratified ±0.014 (1,024
     windows: ±0.020 vs ±0.008), measured on the small generator by bench/eval_generator.py.
-    With a data-parallel shard each rank scores every world-th batch (all draw every batch's
-    masks, so the figure does not depend on the number of ranks).
     """
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
-    for index, start in enumerate(range(0, len(windows), batch_size)):
+    for start in range(0, len(windows), batch_size):
         x = windows[start:start + batch_size]
         noisy, masked, _ = mask_tokens(x, model.mask_id, g, stratified=stratified)
-        if not shard.owns(index):
-            continue
         with autocast_context(x.device, autocast_dtype):
             logits = model(noisy)
         ce = F.cross_entropy(logits.float()[masked], x[masked], reduction="sum")
         total += float(ce)
         count += int(masked.sum())
     model.train(was_training)
-    total, count = shard.all_reduce_([], [total, count])
     return total / max(count, 1)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas,
-                   kind: str = "adamw", shard: Shard | None = None) -> torch.optim.Optimizer | ChainedOptimizer:
+                   kind: str = "adamw") -> torch.optim.Optimizer | ChainedOptimizer:
     """AdamW on everything, or Muon on the hidden weight matrices (attention and MLP) with
     AdamW on embeddings, head and norms. Muon's step is scaled to AdamW's update RMS
     ("match_rms_adamw"), so both use the same lr and the same schedule."""
@@ -79,17 +73,13 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
     if kind == "adamw":
         return adamw
     muon = Muon([params[n] for n in hidden], lr=lr, weight_decay=weight_decay, momentum=0.95,
-                adjust_lr_fn="match_rms_adamw", shard=shard)
+                adjust_lr_fn="match_rms_adamw")
     return ChainedOptimizer(muon, adamw)
 
 
 def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progress: bool = True,
-             log=print, shard: Shard = Shard()) -> dict:
-    """Train a DiffusionLM per `cfg` (PretrainConfig); the checkpoint directory is cfg.out.
-    As one rank of a data-parallel run (`shard`, see data_parallel.py) only rank 0 logs and
-    writes checkpoints."""
-    if shard.rank:
-        progress, log = False, (lambda *_: None)
+             log=print) -> dict:
+    """Train a DiffusionLM per `cfg` (PretrainConfig); the checkpoint directory is cfg.out."""
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     overrides = {"block_size": cfg.block_size} if cfg.block_size else {}
@@ -105,7 +95,7 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
     # moving average; the training weights are kept beside them for resuming
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay)) if cfg.ema_decay else None
     saved_model = ema.module if ema is not None else model
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.optimizer, shard)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.optimizer)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     mask_gen = torch.Generator().manual_seed(cfg.seed + 1)
     start_iter, tokens_seen, elapsed, history = 0, 0, 0.0, []
@@ -140,8 +130,6 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
         nonlocal state
         state = {"iter": it, "tokens_seen": tokens_seen, "wall_time_s": elapsed, "val_loss": val_loss,
                  "preset": cfg.preset, "optimizer": cfg.optimizer, "history": history}
-        if shard.rank:
-            return
         extra = {"rng": {"data": data_gen.get_state(), "mask": mask_gen.get_state()}}
         if ema is not None:
             extra[TRAIN_WEIGHTS] = model.state_dict()
@@ -168,26 +156,21 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
             x = random_windows(corpus.train, cfg.batch_size, model_cfg.block_size, data_gen)
         with autocast_context("cpu", autocast_dtype):
             loss, ce = diffusion_loss(step_model, x, generator=mask_gen, elbo_weight=cfg.elbo_weight,
-                                      stratified_t=cfg.stratified_t, complementary=cfg.complementary_masks,
-                                      rows=shard.rows(len(x)))
+                                      stratified_t=cfg.stratified_t, complementary=cfg.complementary_masks)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if shard.world > 1:  # sum the ranks' gradients and losses; rank 0's clock rules the schedule
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            ce, rank0_elapsed = shard.all_reduce_(
-                grads, [float(ce), time.perf_counter() - t_start if shard.rank == 0 else 0.0])
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         if ema is not None:
             ema.update_parameters(model)
         tokens_seen += x.numel()
-        elapsed = time.perf_counter() - t_start if shard.world == 1 else rank0_elapsed
+        elapsed = time.perf_counter() - t_start
         bar.set_postfix(loss=f"{float(ce):.3f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}")
         last = it + 1 == cfg.max_iters
         out_of_time = cfg.max_minutes is not None and elapsed > 60 * cfg.max_minutes
         if (it + 1) % cfg.eval_every == 0 or last or out_of_time:
             val_loss = evaluate_masked_ce(saved_model, val_windows, cfg.batch_size, seed=cfg.seed,
-                                          autocast_dtype=autocast_dtype, shard=shard)
+                                          autocast_dtype=autocast_dtype)
             history.append({"iter": it + 1, "val_loss": val_loss, "train_ce": float(ce), "wall_time_s": elapsed})
             log(f"iter {it + 1}: val masked-token CE {val_loss:.4f} nats, {elapsed:.0f} s, "
                 f"{tokens_seen / elapsed:.0f} tokens/s")
@@ -197,14 +180,3 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
             break
     bar.close()
     return state
-
-
-def pretrain_data_parallel(cfg, corpus: Corpus, config_dict: dict, resume: bool = False,
-                           threads_per_rank: int = 1) -> dict:
-    """pretrain() as cfg.processes data-parallel ranks; returns the final checkpoint's state."""
-    if cfg.batch_size < cfg.processes:
-        raise ValueError(f"batch_size={cfg.batch_size} cannot be split over processes={cfg.processes}; "
-                         f"use a batch of at least one window per process")
-    run_data_parallel(pretrain, (cfg, corpus, config_dict, resume), cfg.processes, threads_per_rank)
-    return load_checkpoint(cfg.out, expect_kind="generator").state
-

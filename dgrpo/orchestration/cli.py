@@ -71,26 +71,19 @@ def main():
 @click.option("--max-minutes", type=float, default=None)
 @click.option("--out", type=click.Path(), default=None, help="checkpoint directory")
 @click.option("--resume", is_flag=True, help="continue from the checkpoint in --out")
-@click.option("--threads", type=int, default=None, help="torch threads in all (default: all cores)")
-@click.option("--processes", type=int, default=None,
-              help="data-parallel processes sharing the threads (= --set processes=N)")
+@click.option("--threads", type=int, default=None, help="torch threads (default: all cores)")
 @friendly
-def pretrain(config_file, overrides, preset, corpus_path, max_iters, max_minutes, out, resume, threads, processes):
+def pretrain(config_file, overrides, preset, corpus_path, max_iters, max_minutes, out, resume, threads):
     """Supervised masked-diffusion pretraining of the generator."""
     from ..corpus import load_corpus
-    from ..models.pretrain import pretrain as run_pretrain, pretrain_data_parallel
+    from ..models.pretrain import pretrain as run_pretrain
     cfg = load_config(PretrainConfig, config_file, flag_overrides(
-        preset=preset, max_iters=max_iters, max_minutes=max_minutes, out=out, processes=processes,
+        preset=preset, max_iters=max_iters, max_minutes=max_minutes, out=out,
         **{"corpus.path": corpus_path}) + list(overrides))
     set_threads(threads)
     click.echo(to_yaml(cfg))
     corpus = load_corpus(cfg.corpus.path, cfg.corpus.cache_dir, cfg.corpus.val_fraction)
-    if cfg.processes > 1:
-        import torch
-        state = pretrain_data_parallel(cfg, corpus, to_dict(cfg), resume=resume,
-                                       threads_per_rank=max(1, torch.get_num_threads() // cfg.processes))
-    else:
-        state = run_pretrain(cfg, corpus, to_dict(cfg), resume=resume)
+    state = run_pretrain(cfg, corpus, to_dict(cfg), resume=resume)
     click.echo(f"done: iter {state.get('iter')}, val masked-token CE {state.get('val_loss'):.4f} nats, "
                f"{state.get('wall_time_s', 0):.0f} s, checkpoint {cfg.out}")
 

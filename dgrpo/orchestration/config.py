@@ -59,8 +59,6 @@ class PretrainConfig(Section):
         "0: off; else the checkpoint holds (and evaluation scores) an exponential moving average of the weights"))
     complementary_masks: bool = Field(False, description=(
         "each window twice per batch, once with a mask and once with its complement (batch_size must be even)"))
-    processes: int = Field(1, ge=1, description=(
-        "data-parallel training processes on this machine (gloo on 127.0.0.1); the torch threads are split among them"))
     elbo_weight: bool = False
     stratified_t: bool = Field(True, description="spread each batch's t evenly over (0, 1) (lower-variance loss)")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
