@@ -46,7 +46,7 @@ def tiny_generator(tmp_path_factory, tiny_corpus_file):
 
     out = tmp_path_factory.mktemp("gen") / "tiny_gen"
     cfg = PretrainConfig(preset="tiny", out=str(out), max_iters=60, batch_size=16, warmup_iters=5,
-                         lr=3e-3, eval_every=30, eval_windows=16, precision="fp32",
+                         lr=3e-3, eval_every=30, eval_windows=16, precision="fp32", compile=False, ema_decay=0.0,
                          corpus={"path": tiny_corpus_file})
     corpus = load_corpus(cfg.corpus.path, val_fraction=cfg.corpus.val_fraction)
     threads = torch.get_num_threads()

@@ -78,3 +78,15 @@ def test_bench_sampler_with_checkpoint(tmp_path, tiny_generator):
     rows = json.loads(out.read_text())["results"]
     assert len(rows) == 2 and rows == report["results"]
     assert all(r["preset"].startswith("checkpoint:") and _positive(r["gflops"]) for r in rows)
+
+
+def test_compare_compile(tmp_path, capsys):
+    from bench import compare_compile
+    out = tmp_path / "cc.json"
+    report = compare_compile.main(["--preset", "tiny", "--batch", "4", "--rounds", "2", "--steps", "1",
+                                   "--threads", "1", "--out", str(out)])
+    assert f"wrote {out}" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(report))
+    assert all(len(v) == 2 and all(_positive(x) for x in v) for v in data["ms_per_step"].values())
+    assert _positive(data["speedup"]) and data["threads"] == 1

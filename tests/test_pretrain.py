@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from dgrpo.corpus import fixed_windows, load_corpus
 from dgrpo.models.checkpoint import CheckpointError, load_checkpoint
 from dgrpo.models.diffusion import DiffusionLM
-from dgrpo.models.pretrain import cosine_lr, evaluate_masked_ce, pretrain
+from dgrpo.models.pretrain import cosine_lr, ema_with_warmup, evaluate_masked_ce, pretrain
 from dgrpo.models.transformer import preset_config
 from dgrpo.orchestration.cli import main
 from dgrpo.orchestration.config import PretrainConfig
@@ -36,7 +36,7 @@ def corpus_file(tmp_path):
 
 def cfg(out, **kw) -> PretrainConfig:
     base = dict(preset="tiny", out=str(out), batch_size=16, lr=3e-3, min_lr=3e-3, warmup_iters=0,
-                eval_every=10, eval_windows=32, precision="fp32", max_iters=20)
+                eval_every=10, eval_windows=32, precision="fp32", max_iters=20, compile=False)
     return PretrainConfig(**{**base, **kw})
 
 
@@ -121,6 +121,14 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, corpus_file, optimizer, e
     assert [h["iter"] for h in resumed["history"]] == [10, 20]
 
 
+def test_ema_decay_warms_up_then_holds():
+    update = ema_with_warmup(0.99)
+    for n, weight in [(0, 0.9), (5, 1 - 6 / 15), (1000, 0.01)]:
+        avg = [torch.zeros(3)]
+        update(avg, [torch.ones(3)], torch.tensor(n))
+        assert torch.allclose(avg[0], torch.full((3,), weight)), n
+
+
 def test_ema_checkpoint_holds_the_average_and_resumes_the_training_weights(tmp_path, corpus_file):
     corpus = load_corpus(str(corpus_file))
     out = tmp_path / "ema"
@@ -133,7 +141,7 @@ def test_ema_checkpoint_holds_the_average_and_resumes_the_training_weights(tmp_p
     val = fixed_windows(corpus.val, 32, ck.model_config.block_size, seed=0)
     assert evaluate_masked_ce(model, val, 16, seed=0) == pytest.approx(state["val_loss"], abs=1e-5)
     # without the EMA a resumed run trains on from the training weights, not the average
-    pretrain(cfg(out, max_iters=11, lr=1e-12, min_lr=1e-12), corpus, {}, resume=True, progress=False,
+    pretrain(cfg(out, max_iters=11, lr=1e-12, min_lr=1e-12, ema_decay=0.0), corpus, {}, resume=True, progress=False,
              log=lambda *_: None)
     ck2, plain = weights(out)
     assert not ck2.has("train_weights")

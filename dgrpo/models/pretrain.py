@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from ..corpus import Corpus, check_length, fixed_windows, random_windows
@@ -57,6 +58,33 @@ def evaluate_masked_ce(model: DiffusionLM, windows: torch.Tensor, batch_size: in
     return total / max(count, 1)
 
 
+def ema_with_warmup(decay: float):
+    """Exponential moving average whose decay grows as min(decay, (1 + n) / (10 + n)) over the
+    first n updates, so that a short run's average is not dominated by its first weights."""
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        n = float(n_averaged)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+    return update
+
+
+class CompileError(RuntimeError):
+    pass
+
+
+@contextmanager
+def compile_errors_explained(first_compiled_step: bool):
+    """torch.compile fails on the first call when, say, no C++ compiler is installed: say how to go on."""
+    if not first_compiled_step:
+        yield
+        return
+    try:
+        yield
+    except torch._dynamo.exc.TorchDynamoException as e:
+        raise CompileError(f"torch.compile of the training step failed ({type(e).__name__}: {str(e)[:300]}); "
+                           f"train without it: --set compile=false") from e
+
+
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas,
                    kind: str = "adamw") -> torch.optim.Optimizer | ChainedOptimizer:
     """AdamW on everything, or Muon on the hidden weight matrices (attention and MLP) with
@@ -93,7 +121,7 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
         model.trunk.zero_residual_projections()
     # with ema_decay the checkpoint's weights (what is evaluated, sampled and fine-tuned) are the
     # moving average; the training weights are kept beside them for resuming
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay)) if cfg.ema_decay else None
+    ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema_decay)) if cfg.ema_decay else None
     saved_model = ema.module if ema is not None else model
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.optimizer)
     data_gen = torch.Generator().manual_seed(cfg.seed)
@@ -112,7 +140,7 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
                 ckpt.load_weights_into(ema.module)
             else:
                 ema.module.load_state_dict(model.state_dict())
-            ema.n_averaged.fill_(1)
+            ema.n_averaged.fill_(ckpt.state.get("ema_updates", 1) if averaged else 1)
         ckpt.load_optimizer_into(optimizer)
         rng = ckpt.load_tensors("rng")
         data_gen.set_state(rng["data"])
@@ -130,6 +158,8 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
         nonlocal state
         state = {"iter": it, "tokens_seen": tokens_seen, "wall_time_s": elapsed, "val_loss": val_loss,
                  "preset": cfg.preset, "optimizer": cfg.optimizer, "history": history}
+        if ema is not None:
+            state["ema_updates"] = int(ema.n_averaged)
         extra = {"rng": {"data": data_gen.get_state(), "mask": mask_gen.get_state()}}
         if ema is not None:
             extra[TRAIN_WEIGHTS] = model.state_dict()
@@ -154,7 +184,7 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
             x = random_windows(corpus.train, cfg.batch_size // 2, model_cfg.block_size, data_gen).repeat(2, 1)
         else:
             x = random_windows(corpus.train, cfg.batch_size, model_cfg.block_size, data_gen)
-        with autocast_context("cpu", autocast_dtype):
+        with autocast_context("cpu", autocast_dtype), compile_errors_explained(cfg.compile and it == start_iter):
             loss, ce = diffusion_loss(step_model, x, generator=mask_gen, elbo_weight=cfg.elbo_weight,
                                       stratified_t=cfg.stratified_t, complementary=cfg.complementary_masks)
         optimizer.zero_grad(set_to_none=True)

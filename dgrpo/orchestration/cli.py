@@ -21,9 +21,11 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
 def user_errors() -> tuple[type[BaseException], ...]:
     from ..corpus import CorpusError, VocabularyError
     from ..models.checkpoint import CheckpointError
+    from ..models.pretrain import CompileError
     from ..protocols import CodecError
     from .errors import RunError
-    return USER_ERRORS + (CorpusError, VocabularyError, CheckpointError, CodecError, RunError, FileNotFoundError)
+    return USER_ERRORS + (CorpusError, VocabularyError, CheckpointError, CodecError, RunError, FileNotFoundError,
+                          CompileError)
 
 
 def friendly(fn):

@@ -55,15 +55,17 @@ class PretrainConfig(Section):
     zero_init_residual: bool = Field(True, description="start every block as the identity (output projections zero)")
     dropout: Optional[float] = Field(None, ge=0, lt=1, description=(
         "override the preset's dropout (embeddings, attention, MLP; attention dropout takes the slow attention kernel)"))
-    ema_decay: float = Field(0.0, ge=0, lt=1, description=(
+    ema_decay: float = Field(0.995, ge=0, lt=1, description=(
         "0: off; else the checkpoint holds (and evaluation scores) an exponential moving average of the weights"))
-    complementary_masks: bool = Field(False, description=(
+    complementary_masks: bool = Field(True, description=(
         "each window twice per batch, once with a mask and once with its complement (batch_size must be even)"))
     elbo_weight: bool = False
     stratified_t: bool = Field(True, description="spread each batch's t evenly over (0, 1) (lower-variance loss)")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = Field(False, description="torch.compile the training step (compile time counts against max_minutes)")
-    eval_every: int = Field(500, ge=1)
+    compile: bool = Field(True, description=(
+        "torch.compile the model for training: 1.14x tokens/s on the small preset, after ~17 s of compiling "
+        "(counted against max_minutes); needs a C++ compiler"))
+    eval_every: int = Field(1000, ge=1)
     eval_windows: int = Field(1024, ge=1, description="held-out validation windows per evaluation")
     max_minutes: Optional[float] = Field(None, gt=0, description="stop (and checkpoint) after this wall time")
     corpus: CorpusConfig = CorpusConfig()
