@@ -241,6 +241,24 @@ def test_cli_corpus_too_short_for_block(tmp_path):
     _assert_user_error(r, "block_size")
 
 
+def test_a_failed_compile_says_how_to_train_without_it(tmp_path, corpus_file, monkeypatch):
+    class Broken:  # what torch.compile returns when the backend cannot build its kernels
+        def __init__(self, model):
+            self.mask_id = model.mask_id
+
+        def __call__(self, *args, **kwargs):
+            raise torch._dynamo.exc.TorchDynamoException("no C++ compiler found")
+
+    def broken_compile(model, **_):
+        return Broken(model)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    r = invoke(["pretrain", "--preset", "tiny", "--corpus", str(corpus_file), "--max-iters", "2",
+                "--out", str(tmp_path / "o"), "--threads", "1", "--set", "compile=true"])
+    _assert_user_error(r, "torch.compile of the training step failed", "no C++ compiler found",
+                       "--set compile=false")
+    assert not (tmp_path / "o").exists()
+
+
 def test_compiled_training_step_matches_eager(tmp_path, corpus_file):
     """compile=True changes speed, not the computation: same losses and weights to fp32 noise."""
     corpus = load_corpus(str(corpus_file))
