@@ -1,6 +1,6 @@
 """Pretraining throughput: tokens/s of forward + backward + optimizer step, GFLOP/s vs roofline.
 
-One iteration is exactly what `dgrpo pretrain` does per step: random windows,
+One iteration is what `dgrpo pretrain` does per step (`training_step`): random windows,
 masked-diffusion loss, backward, gradient clipping, optimizer step (AdamW, or
 Muon + AdamW with --optimizers muon), optionally with the step compiled
 (--compile measures both; the compile time is reported apart). FLOPs are
@@ -38,8 +38,11 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
-def bench_one(preset: str, batch_size: int, autocast_dtype, min_time: float, min_iters: int,
-              warmup_iters: int = 2, optimizer: str = "adamw", compile: bool = False) -> dict:
+def training_step(preset: str, batch_size: int, autocast_dtype=None, optimizer: str = "adamw",
+                  compile: bool = False):
+    """A fresh model (seed 0) and one `dgrpo pretrain` iteration on it as a function: random
+    windows (each twice, complementary masks, stratified t), loss, backward, clipping,
+    optimizer step; the function returns the optimizer step's seconds. Returns (step, model, cfg)."""
     torch.manual_seed(0)
     cfg = preset_config(preset, VOCAB)
     model = DiffusionLM(cfg).train()
@@ -48,16 +51,23 @@ def bench_one(preset: str, batch_size: int, autocast_dtype, min_time: float, min
     data = torch.randint(0, VOCAB - 1, (200_000,), generator=torch.Generator().manual_seed(0))
     data_gen, mask_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
 
-    def step():
-        x = random_windows(data, batch_size, cfg.block_size, data_gen)
+    def step() -> float:
+        x = random_windows(data, batch_size // 2, cfg.block_size, data_gen).repeat(2, 1)
         with autocast_context("cpu", autocast_dtype):
-            loss, _ = diffusion_loss(step_model, x, generator=mask_gen)
+            loss, _ = diffusion_loss(step_model, x, generator=mask_gen, stratified_t=True, complementary=True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         t0 = time.perf_counter()
         opt.step()
         return time.perf_counter() - t0
+
+    return step, model, cfg
+
+
+def bench_one(preset: str, batch_size: int, autocast_dtype, min_time: float, min_iters: int,
+              warmup_iters: int = 2, optimizer: str = "adamw", compile: bool = False) -> dict:
+    step, model, cfg = training_step(preset, batch_size, autocast_dtype, optimizer, compile)
 
     t0 = time.perf_counter()
     for _ in range(warmup_iters):

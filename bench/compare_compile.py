@@ -2,7 +2,7 @@
 
 Two copies of the same model (same seed, same optimizer) train side by side in one process:
 rounds of --steps steps each, alternating which goes first, so both see the same load. One
-step is what `dgrpo pretrain` does: random windows, masked-diffusion loss (complementary
+step is `bench_pretrain.training_step`, what `dgrpo pretrain` does: random windows, masked-diffusion loss (complementary
 masks and stratified t, as the defaults), backward, clipping, optimizer step. Prints the
 median ms per step of each and the speed-up; writes them to --out.
 
@@ -16,14 +16,9 @@ import argparse
 import statistics
 import time
 
-import torch
-
-from bench.common import VOCAB, machine_info, write_json
+from bench.bench_pretrain import training_step
+from bench.common import machine_info, write_json
 from bench.roofline import torch_threads
-from dgrpo.corpus import random_windows
-from dgrpo.models.diffusion import DiffusionLM, diffusion_loss
-from dgrpo.models.pretrain import make_optimizer
-from dgrpo.models.transformer import preset_config
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -37,37 +32,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="bench/results/compare_compile.json")
     args = ap.parse_args(argv)
     with torch_threads(args.threads) as threads:
-        data = torch.randint(0, VOCAB - 1, (200_000,), generator=torch.Generator().manual_seed(0))
-        variants = {}
+        variants, warmup = {}, {}
         for name in ("eager", "compiled"):
-            torch.manual_seed(0)
-            cfg = preset_config(args.preset, VOCAB)
-            model = DiffusionLM(cfg).train()
-            variants[name] = dict(model=model, step_model=torch.compile(model) if name == "compiled" else model,
-                                  opt=make_optimizer(model, 1e-3, 0.1, (0.9, 0.99), kind=args.optimizer),
-                                  data_gen=torch.Generator().manual_seed(1), mask_gen=torch.Generator().manual_seed(2))
-
-        def step(v: dict) -> None:
-            x = random_windows(data, args.batch // 2, cfg.block_size, v["data_gen"]).repeat(2, 1)
-            loss, _ = diffusion_loss(v["step_model"], x, generator=v["mask_gen"], stratified_t=True,
-                                     complementary=True)
-            v["opt"].zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(v["model"].parameters(), 1.0)
-            v["opt"].step()
-
-        warmup = {}
-        for name, v in variants.items():
+            step, _, cfg = training_step(args.preset, args.batch, optimizer=args.optimizer,
+                                         compile=name == "compiled")
             t0 = time.perf_counter()
             for _ in range(3):
-                step(v)
-            warmup[name] = time.perf_counter() - t0
+                step()
+            variants[name], warmup[name] = step, time.perf_counter() - t0
         ms = {name: [] for name in variants}
         for r in range(args.rounds):
             for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
-                    step(variants[name])
+                    variants[name]()
                 ms[name].append(1e3 * (time.perf_counter() - t0) / args.steps)
         info = machine_info()
     median = {name: statistics.median(v) for name, v in ms.items()}

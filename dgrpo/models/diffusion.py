@@ -41,11 +41,12 @@ def mask_tokens(x: torch.Tensor, mask_id: int, generator: torch.Generator | None
 
     stratified: one uniform offset shifted by i/B for sequence i (each t is still
     U(t_min, 1), but the batch covers the interval evenly: a lower-variance loss).
+    complementary: rows i and B/2 + i hold the same window (B even); the second gets the
+    complement of the first's mask, so its t is 1 - t, still uniform.
     Returns (noisy input, boolean mask of masked positions, t of shape (B,)).
     """
-    if complementary:  # rows i and B/2 + i are the same window: mask and complement
-        half = x.shape[0] // 2
-        noisy, masked, t = mask_tokens(x[:half], mask_id, generator, t_min, stratified)
+    if complementary:
+        _, masked, t = mask_tokens(x[:x.shape[0] // 2], mask_id, generator, t_min, stratified)
         masked = torch.cat([masked, ~masked])
         return torch.where(masked, torch.full_like(x, mask_id), x), masked, torch.cat([t, 1 - t])
     B, T = x.shape

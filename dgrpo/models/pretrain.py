@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -73,11 +73,8 @@ class CompileError(RuntimeError):
 
 
 @contextmanager
-def compile_errors_explained(first_compiled_step: bool):
+def compile_errors_explained():
     """torch.compile fails on the first call when, say, no C++ compiler is installed: say how to go on."""
-    if not first_compiled_step:
-        yield
-        return
     try:
         yield
     except torch._dynamo.exc.TorchDynamoException as e:
@@ -135,12 +132,12 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
                                   f"{cfg.optimizer!r}; resume with --set optimizer={saved_optimizer}")
         averaged = ckpt.has(TRAIN_WEIGHTS)  # trained with an EMA: model.safetensors holds the average
         ckpt.load_weights_into(model, f"{TRAIN_WEIGHTS}.safetensors" if averaged else MODEL_FILE)
-        if ema is not None:  # the average goes on from the saved one, or starts here
-            if averaged:
-                ckpt.load_weights_into(ema.module)
-            else:
-                ema.module.load_state_dict(model.state_dict())
-            ema.n_averaged.fill_(ckpt.state.get("ema_updates", 1) if averaged else 1)
+        if ema is not None and averaged:  # the average goes on from the saved one
+            ckpt.load_weights_into(ema.module)
+            ema.n_averaged.fill_(ckpt.state.get("ema_updates", 1))  # absent before d5ae593
+        elif ema is not None:  # or starts from the weights trained so far
+            ema.module.load_state_dict(model.state_dict())
+            ema.n_averaged.fill_(1)
         ckpt.load_optimizer_into(optimizer)
         rng = ckpt.load_tensors("rng")
         data_gen.set_state(rng["data"])
@@ -158,10 +155,9 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
         nonlocal state
         state = {"iter": it, "tokens_seen": tokens_seen, "wall_time_s": elapsed, "val_loss": val_loss,
                  "preset": cfg.preset, "optimizer": cfg.optimizer, "history": history}
-        if ema is not None:
-            state["ema_updates"] = int(ema.n_averaged)
         extra = {"rng": {"data": data_gen.get_state(), "mask": mask_gen.get_state()}}
         if ema is not None:
+            state["ema_updates"] = int(ema.n_averaged)
             extra[TRAIN_WEIGHTS] = model.state_dict()
         save_checkpoint(out, kind="generator", model_config=model_cfg, vocab=corpus.tokenizer.to_dict(),
                         weights=saved_model, state=state, config=config_dict, optimizer=optimizer,
@@ -184,7 +180,8 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
             x = random_windows(corpus.train, cfg.batch_size // 2, model_cfg.block_size, data_gen).repeat(2, 1)
         else:
             x = random_windows(corpus.train, cfg.batch_size, model_cfg.block_size, data_gen)
-        with autocast_context("cpu", autocast_dtype), compile_errors_explained(cfg.compile and it == start_iter):
+        first_compiled_step = cfg.compile and it == start_iter
+        with autocast_context("cpu", autocast_dtype), compile_errors_explained() if first_compiled_step else nullcontext():
             loss, ce = diffusion_loss(step_model, x, generator=mask_gen, elbo_weight=cfg.elbo_weight,
                                       stratified_t=cfg.stratified_t, complementary=cfg.complementary_masks)
         optimizer.zero_grad(set_to_none=True)
