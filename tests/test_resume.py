@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -155,12 +157,39 @@ def test_crash_between_steps_then_resume(uninterrupted, tiny_corpus_file, tmp_pa
     assert_each_request_logged_once(str(out))
 
 
+def live_dgrpo_actors() -> list[str]:
+    import ray
+    from ray.core.generated import gcs_pb2
+    accessor = ray._private.state.state._connect_and_get_accessor()
+    return [a.class_name for a in map(gcs_pb2.ActorTableData.FromString, accessor.get_actor_table(None, None))
+            if a.class_name in ("LearnerActor", "RolloutWorker", "JudgeWorker")
+            and a.state != gcs_pb2.ActorTableData.DEAD]
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(ray_cluster, tiny_corpus_file, tmp_path):
-    with pytest.raises(RunError, match=r"--resume: no usable checkpoint under .*; start without --resume"):
+    assert not live_dgrpo_actors()
+    with pytest.raises(RunError, match=r"--resume: no checkpoint under .*; start without --resume"):
         run_training(resume_config(tmp_path, tiny_corpus_file, "empty"), resume=True)
     result = CliRunner().invoke(main, ["train", "--resume", "--set", f"run.out_dir={tmp_path / 'empty'}",
                                        "--set", f"corpus.path={tiny_corpus_file}", "--set", "run.metrics_export=false"])
-    assert result.exit_code == 2 and "error: --resume: no usable checkpoint" in result.output, result.output
+    assert result.exit_code == 2 and "error: --resume: no checkpoint under" in result.output, result.output
+    assert not live_dgrpo_actors()  # checked before any actor started
+
+
+def test_resume_with_only_torn_checkpoints_stops_its_actors(uninterrupted, tiny_corpus_file, tmp_path, capsys):
+    """The actors are up when the last checkpoint turns out unusable; the error must not leave them running."""
+    cfg = resume_config(tmp_path, tiny_corpus_file, "torn")
+    torn = Path(cfg.run.out_dir) / "checkpoints" / f"step_{STEPS:06d}"
+    shutil.copytree(Path(uninterrupted) / "checkpoints" / f"step_{STEPS:06d}", torn)
+    model = torn / "model.safetensors"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    with pytest.raises(RunError, match=r"--resume: no usable checkpoint under .*; start without --resume"):
+        run_training(cfg, resume=True)
+    assert "skipping unusable checkpoint" in capsys.readouterr().out
+    deadline = time.monotonic() + 30
+    while live_dgrpo_actors() and time.monotonic() < deadline:  # ray.kill is asynchronous
+        time.sleep(0.2)
+    assert not live_dgrpo_actors()
 
 
 WRITER = textwrap.dedent("""

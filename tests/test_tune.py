@@ -1,7 +1,6 @@
 """Ray Tune over the GRPO loop: search files, per-trial placement groups, ASHA, results and best config."""
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -84,17 +83,14 @@ def test_shipped_search_files_are_valid():
         assert isinstance(spec, SearchSpec) and isinstance(spec.settings, TuneSettings)
 
 
-def _dgrpo_actors_since(t0_ms: float) -> list:
-    """(class name, placement group id hex) of every dgrpo actor created since t0, from the GCS actor table."""
+def _dgrpo_actors() -> dict:
+    """actor id -> (class name, placement group id hex) of every dgrpo actor in the GCS actor table."""
     import ray
     from ray.core.generated import gcs_pb2
     accessor = ray._private.state.state._connect_and_get_accessor()
-    out = []
-    for raw in accessor.get_actor_table(None, None):
-        a = gcs_pb2.ActorTableData.FromString(raw)
-        if a.class_name in ("LearnerActor", "RolloutWorker", "JudgeWorker") and a.start_time >= t0_ms:
-            out.append((a.class_name, a.placement_group_id.hex()))
-    return out
+    actors = map(gcs_pb2.ActorTableData.FromString, accessor.get_actor_table(None, None))
+    return {a.actor_id: (a.class_name, a.placement_group_id.hex()) for a in actors
+            if a.class_name in ("LearnerActor", "RolloutWorker", "JudgeWorker")}
 
 
 def test_tune_two_trials_each_in_its_own_placement_group(ray_cluster, tiny_corpus_file, tmp_path):
@@ -114,7 +110,7 @@ tune: {scheduler: asha, grace_period: 1, reduction_factor: 2, metric: kl, mode: 
 """)
     out = tmp_path / "tune_run"
     pgs_before = set(ray.util.placement_group_table())
-    t0_ms = time.time() * 1000 - 1000
+    actors_before = set(_dgrpo_actors())
     # `dgrpo tune` joins the session's cluster (ray is initialised), as it would join RAY_ADDRESS
     cli = CliRunner().invoke(main, ["tune", "--config", str(TINY), "--search", str(search),
                                     "--set", f"corpus.path={tiny_corpus_file}", "--set", f"run.out_dir={out}",
@@ -139,7 +135,7 @@ tune: {scheduler: asha, grace_period: 1, reduction_factor: 2, metric: kl, mode: 
     assert all(info["state"] == "REMOVED" for info in new_pgs.values())
     for p in placements:
         assert p["bundles"] == [{"CPU": 0.25}, {"CPU": 0.5}, {"CPU": 0.5}, {"CPU": 0.25}]
-    actors = _dgrpo_actors_since(t0_ms)
+    actors = [a for actor_id, a in _dgrpo_actors().items() if actor_id not in actors_before]
     assert len(actors) == 6, actors
     for pg in trial_pgs:
         assert sorted(c for c, a_pg in actors if a_pg == pg) == ["JudgeWorker", "LearnerActor", "RolloutWorker"]

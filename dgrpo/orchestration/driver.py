@@ -135,7 +135,17 @@ class Driver:
                                          generator=torch.Generator().manual_seed(run.eval_seed))
         (self.out / "config.yaml").write_text(to_yaml(cfg))
 
-        res = cfg.resources
+        if resume and not find_checkpoints(self.out):
+            raise RunError(f"--resume: no checkpoint under {self.out / 'checkpoints'}; start without --resume")
+        self.learner, self.workers, self.judges = None, None, None
+        try:
+            self._start(cfg, model, tokenizer, resume)
+        except BaseException:  # a failed resume (or anything else) must not leave the actors running
+            self._kill_actors()
+            raise
+
+    def _start(self, cfg: TrainConfig, model, tokenizer, resume: bool) -> None:
+        run, grpo, res = cfg.run, cfg.grpo, cfg.resources
         model_cfg, vocab = model.cfg.to_dict(), tokenizer.to_dict()
         sampler = cfg.sampler.model_dump()
         init = ray.put(WeightSnapshot.from_module(model, version=0))
@@ -510,8 +520,13 @@ class Driver:
             self.rollout_log.close()
         for p in list(self.pending):
             ray.cancel(p, force=False) if self.pending[p].kind != "train" else None
-        for actor in [self.learner, *self.workers.handles(), *self.judges.handles()]:
-            ray.kill(actor, no_restart=True)
+        self._kill_actors()
+
+    def _kill_actors(self) -> None:
+        groups = [g.handles() for g in (self.workers, self.judges) if g is not None]
+        for actor in [self.learner, *(h for handles in groups for h in handles)]:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
 
 
 def run_training(cfg: TrainConfig, resume: bool = False, report=None) -> dict:
