@@ -1,6 +1,6 @@
 """A/B timing of the model forward (and forward+backward) against a baseline transformer.py.
 
-    python -m bench.compare_forward --baseline /tmp/baseline_transformer.py
+    python -m bench.compare_forward --baseline /tmp/baseline_transformer.py [--compile]
 
 Both versions run interleaved in one process with the same weights, so the
 ratio is robust to the noise of a shared machine. Prints and writes JSON.
@@ -45,12 +45,15 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compile", action="store_true", help="torch.compile both (as `dgrpo pretrain` does)")
     ap.add_argument("--out", default="bench/results/compare_forward.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     base_mod = load_module(args.baseline)
     models = {"baseline": build(base_mod, args.preset), "current": build(current, args.preset)}
     models["current"].load_state_dict(models["baseline"].state_dict())
+    if args.compile:
+        models = {name: torch.compile(m) for name, m in models.items()}
     T = current.PRESETS[args.preset]["block_size"]
     x = torch.randint(0, 65, (args.batch, T))
     results = {name: {"forward_s": [], "train_s": []} for name in models}
@@ -64,7 +67,8 @@ def main(argv=None):
                 m(x).square().mean().backward()
             step()
             results[name]["train_s"].append(timed(step, 1))
-    summary = {"preset": args.preset, "batch": args.batch, "threads": args.threads, "tokens": args.batch * T}
+    summary = {"preset": args.preset, "batch": args.batch, "threads": args.threads, "compile": args.compile,
+               "tokens": args.batch * T}
     for name, r in results.items():
         summary[name] = {k: min(v) for k, v in r.items()}
     summary["forward_speedup"] = summary["baseline"]["forward_s"] / summary["current"]["forward_s"]

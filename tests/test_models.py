@@ -140,6 +140,24 @@ def test_qk_norm_makes_attention_invariant_to_query_and_key_scale():
         assert torch.allclose(before, after, atol=1e-5) == invariant
 
 
+@pytest.mark.parametrize("attn_scale", [0.8, None])
+def test_compiled_attention_equals_the_sdpa_kernel(attn_scale):
+    """Under torch.compile the CPU attention is written out (q k^T, softmax, v) for inductor to fuse;
+    outputs and gradients must equal the eager SDPA kernel's. backend="eager" traces the same
+    branch without building kernels."""
+    torch.manual_seed(0)
+    lm = DiffusionLM(tiny_cfg(attn_scale=attn_scale))
+    idx = torch.randint(0, N_CHARS, (3, 16))
+    eager_out = lm(idx)
+    eager_grads = torch.autograd.grad(eager_out.square().mean(), list(lm.parameters()))
+    traced = torch.compile(lm, backend="eager")
+    traced_out = traced(idx)
+    traced_grads = torch.autograd.grad(traced_out.square().mean(), list(lm.parameters()))
+    assert torch.allclose(eager_out, traced_out, atol=1e-5)
+    for a, b in zip(eager_grads, traced_grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_model_config_fields_added_later_default_to_the_old_behaviour():
     """A checkpoint's config.json written before a field existed loads as it was trained."""
     old = {"vocab_size": 66, "block_size": 128, "n_layer": 4, "n_head": 4, "n_embd": 128,
