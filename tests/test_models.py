@@ -123,6 +123,10 @@ def test_forward_flops_counts_every_linear_weight():
     extra = forward_flops_per_token(cfg, 32, N_CHARS) - forward_flops_per_token(cfg, 0, N_CHARS)
     assert extra == cfg.n_layer * 4 * 32 * cfg.n_embd  # QK^T and AV
     assert count_params(lm) > linear
+    last_mlp_and_head = sum(m.weight.numel() for m in (*lm.trunk.blocks[-1].mlp.modules(), lm.lm_head)
+                            if isinstance(m, nn.Linear))
+    half = forward_flops_per_token(cfg, 0, N_CHARS, output_fraction=0.5)
+    assert half == 2 * linear - last_mlp_and_head  # half the positions skip them: 2 x half the weights
 
 
 def test_qk_norm_makes_attention_invariant_to_query_and_key_scale():
@@ -222,31 +226,34 @@ def test_complementary_masks_pair_each_window_with_its_complement():
     assert abs(float(t.mean()) - 0.5) < 0.01 and abs(float(t.std()) - 1 / math.sqrt(12)) < 0.01  # still U(0,1)
 
 
-class RecordingLM(DiffusionLM):
-    def forward(self, idx):
-        self.last_logits = super().forward(idx)
-        self.last_logits.retain_grad()
-        return self.last_logits
+def test_logits_of_chosen_rows_equal_the_full_forward():
+    """model(idx, rows) runs the last MLP on the chosen positions only; what it returns must be
+    the full forward's logits at those positions, attention still over every position."""
+    torch.manual_seed(0)
+    lm = DiffusionLM(tiny_cfg())
+    idx = torch.randint(0, N_CHARS + 1, (3, 32))
+    rows = torch.tensor([0, 5, 31, 32, 70, 95])  # flat indices into the 3 x 32 positions
+    full = lm(idx)
+    assert torch.allclose(lm(idx, rows), full.flatten(0, 1)[rows], atol=1e-6)
+    assert lm(idx, rows[:0]).shape == (0, N_CHARS)
 
 
 def test_diffusion_loss_is_ce_on_masked_tokens_only():
     torch.manual_seed(0)
-    lm = RecordingLM(tiny_cfg())
+    lm = DiffusionLM(tiny_cfg())
     x = torch.randint(0, N_CHARS, (8, 32))
-    loss, ce = diffusion_loss(lm, x, generator=torch.Generator().manual_seed(5))
-    _, masked, t = mask_tokens(x, MASK, torch.Generator().manual_seed(5))  # the same draws
+    noisy, masked, t = mask_tokens(x, MASK, torch.Generator().manual_seed(5))  # the loss's draws
     assert 0 < masked.sum() < masked.numel()
-    logits = lm.last_logits
+    logits = lm(noisy)  # every position's logits, the reference
     expected = F.cross_entropy(logits[masked], x[masked])
+    expected_grads = torch.autograd.grad(expected, list(lm.parameters()))
+    loss, ce = diffusion_loss(lm, x, generator=torch.Generator().manual_seed(5))
     assert torch.allclose(loss, expected, atol=1e-6) and torch.allclose(ce, expected, atol=1e-6)
-    loss.backward()
-    grad_norm = logits.grad.abs().sum(-1)
-    assert float(grad_norm[~masked].max()) == 0.0  # visible positions carry no loss
-    assert bool((grad_norm[masked] > 0).all())
+    for got, want in zip(torch.autograd.grad(loss, list(lm.parameters())), expected_grads):
+        assert torch.allclose(got, want, atol=1e-7)  # visible positions carry no loss
 
-    lm.zero_grad()
     elbo, ce2 = diffusion_loss(lm, x, generator=torch.Generator().manual_seed(5), elbo_weight=True)
-    per_tok = F.cross_entropy(lm.last_logits.flatten(0, 1), x.flatten(), reduction="none").view_as(x)
+    per_tok = F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="none").view_as(x)
     assert torch.allclose(elbo, (per_tok * masked / t[:, None]).sum() / x.numel(), atol=1e-6)
     assert torch.allclose(ce2, expected, atol=1e-6)
 

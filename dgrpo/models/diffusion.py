@@ -29,9 +29,10 @@ class DiffusionLM(nn.Module):
     def mask_id(self) -> int:
         return self.cfg.vocab_size - 1
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx (B, T) with [MASK] at unknown positions -> logits (B, T, n_chars)."""
-        return self.lm_head(self.trunk(idx))
+    def forward(self, idx: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) with [MASK] at unknown positions -> logits (B, T, n_chars); with rows (flat
+        indices of positions, see Trunk) only those positions' logits, (N, n_chars)."""
+        return self.lm_head(self.trunk(idx, rows))
 
 
 def mask_tokens(x: torch.Tensor, mask_id: int, generator: torch.Generator | None = None,
@@ -71,12 +72,12 @@ def diffusion_loss(model: DiffusionLM, x: torch.Tensor, generator: torch.Generat
     """
     noisy, masked, t = mask_tokens(x, model.mask_id, generator, stratified=stratified_t,
                                    complementary=complementary)
-    logits = model(noisy)
-    ce = F.cross_entropy(logits.float().flatten(0, 1), x.flatten(), reduction="none").view_as(x)
-    n_masked = masked.sum().clamp_min(1)
-    token_ce = (ce * masked).sum() / n_masked
+    rows = masked.flatten().nonzero().squeeze(1)  # the loss needs the masked positions' logits only
+    logits = model(noisy, rows)
+    ce = F.cross_entropy(logits.float(), x.flatten()[rows], reduction="none")
+    token_ce = ce.sum() / max(len(rows), 1)
     if elbo_weight:
-        loss = (ce * masked / t[:, None]).sum() / x.numel()
+        loss = (ce / t.repeat_interleave(x.shape[1])[rows]).sum() / x.numel()
     else:
         loss = token_ce
     return loss, token_ce.detach()

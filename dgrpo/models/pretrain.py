@@ -49,9 +49,10 @@ def evaluate_masked_ce(model: DiffusionLM, windows: torch.Tensor, batch_size: in
     for start in range(0, len(windows), batch_size):
         x = windows[start:start + batch_size]
         noisy, masked, _ = mask_tokens(x, model.mask_id, g, stratified=stratified)
+        rows = masked.flatten().nonzero().squeeze(1)
         with autocast_context(x.device, autocast_dtype):
-            logits = model(noisy)
-        ce = F.cross_entropy(logits.float()[masked], x[masked], reduction="sum")
+            logits = model(noisy, rows)
+        ce = F.cross_entropy(logits.float(), x.flatten()[rows], reduction="sum")
         total += float(ce)
         count += int(masked.sum())
     model.train(was_training)
@@ -83,7 +84,7 @@ def compile_errors_explained():
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas,
-                   kind: str = "adamw") -> torch.optim.Optimizer | ChainedOptimizer:
+                   kind: str = "adamw", newton_schulz: str = "quintic") -> torch.optim.Optimizer | ChainedOptimizer:
     """AdamW on everything, or Muon on the hidden weight matrices (attention and MLP) with
     AdamW on embeddings, head and norms. Muon's step is scaled to AdamW's update RMS
     ("match_rms_adamw"), so both use the same lr and the same schedule."""
@@ -98,7 +99,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
     if kind == "adamw":
         return adamw
     muon = Muon([params[n] for n in hidden], lr=lr, weight_decay=weight_decay, momentum=0.95,
-                adjust_lr_fn="match_rms_adamw")
+                adjust_lr_fn="match_rms_adamw", newton_schulz=newton_schulz)
     return ChainedOptimizer(muon, adamw)
 
 
@@ -120,7 +121,7 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
     # moving average; the training weights are kept beside them for resuming
     ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema_decay)) if cfg.ema_decay else None
     saved_model = ema.module if ema is not None else model
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.optimizer)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.optimizer, cfg.newton_schulz)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     mask_gen = torch.Generator().manual_seed(cfg.seed + 1)
     start_iter, tokens_seen, elapsed, history = 0, 0, 0.0, []

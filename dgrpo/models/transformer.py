@@ -153,8 +153,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
+        if rows is not None:  # only these positions' outputs are wanted: (B, T, C) -> (N, C)
+            x = x.flatten(0, 1)[rows]
         return x + self.mlp(self.ln_2(x))
 
 
@@ -194,10 +196,12 @@ class Trunk(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """rows: flat indices into the B*T positions whose states alone are returned, (N, n_embd);
+        the last block's MLP then runs on those positions only (every position is still attended to)."""
         x = self.drop(self.wte(idx))
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rows if i == len(self.blocks) - 1 else None)
         return self.ln_f(x)
 
 
@@ -205,8 +209,9 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def forward_flops_per_token(cfg: ModelConfig, seq_len: int, out_dim: int) -> float:
-    """Matmul FLOPs of one forward pass per token (2 per multiply-add)."""
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int, out_dim: int, output_fraction: float = 1.0) -> float:
+    """Matmul FLOPs of one forward pass per token (2 per multiply-add); output_fraction: the share
+    of positions whose outputs are asked for (`rows`), which alone run the last MLP and the head."""
     C, L = cfg.n_embd, cfg.n_layer
     per_layer = 2 * (3 * C * C + C * C + 8 * C * C) + 2 * 2 * seq_len * C  # qkv, proj, mlp, attention
-    return L * per_layer + 2 * C * out_dim
+    return L * per_layer - (1 - output_fraction) * 2 * 8 * C * C + output_fraction * 2 * C * out_dim
