@@ -84,7 +84,7 @@ def compile_errors_explained():
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas,
-                   kind: str = "adamw", newton_schulz: str = "quintic") -> torch.optim.Optimizer | ChainedOptimizer:
+                   kind: str = "adamw") -> torch.optim.Optimizer | ChainedOptimizer:
     """AdamW on everything, or Muon on the hidden weight matrices (attention and MLP) with
     AdamW on embeddings, head and norms. Muon's step is scaled to AdamW's update RMS
     ("match_rms_adamw"), so both use the same lr and the same schedule."""
@@ -99,7 +99,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
     if kind == "adamw":
         return adamw
     muon = Muon([params[n] for n in hidden], lr=lr, weight_decay=weight_decay, momentum=0.95,
-                adjust_lr_fn="match_rms_adamw", newton_schulz=newton_schulz)
+                adjust_lr_fn="match_rms_adamw")
     return ChainedOptimizer(muon, adamw)
 
 
@@ -121,7 +121,7 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
     # moving average; the training weights are kept beside them for resuming
     ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema_decay)) if cfg.ema_decay else None
     saved_model = ema.module if ema is not None else model
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.optimizer, cfg.newton_schulz)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.optimizer)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     mask_gen = torch.Generator().manual_seed(cfg.seed + 1)
     start_iter, tokens_seen, elapsed, history = 0, 0, 0.0, []

@@ -51,9 +51,6 @@ class PretrainConfig(Section):
     betas: tuple[float, float] = (0.9, 0.99)
     optimizer: Literal["adamw", "muon"] = Field("muon", description=(
         "muon: Muon on the hidden weight matrices, AdamW on embeddings, head and norms"))
-    newton_schulz: Literal["quintic", "polar_express"] = Field("quintic", description=(
-        "Muon's orthogonalisation, 5 iterations either way: torch's fixed quintic, or Polar Express's "
-        "per-iteration quintics (singular values nearer 1)"))
     grad_clip: float = Field(1.0, gt=0)
     zero_init_residual: bool = Field(True, description="start every block as the identity (output projections zero)")
     dropout: Optional[float] = Field(None, ge=0, lt=1, description=(
