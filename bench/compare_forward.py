@@ -1,6 +1,6 @@
 """A/B timing of the model forward (and forward+backward) against a baseline transformer.py.
 
-    python -m bench.compare_forward --baseline /tmp/baseline_transformer.py [--compile]
+    python -m bench.compare_forward --baseline /tmp/baseline_transformer.py [--compile] [--masked-rows]
 
 Both versions run interleaved in one process with the same weights, so the
 ratio is robust to the noise of a shared machine. Prints and writes JSON.
@@ -46,6 +46,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="torch.compile both (as `dgrpo pretrain` does)")
+    ap.add_argument("--masked-rows", action="store_true",
+                    help="the current model returns half of the positions (rows, as the masked-diffusion loss asks), "
+                         "the baseline all of them")
     ap.add_argument("--out", default="bench/results/compare_forward.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -56,19 +59,24 @@ def main(argv=None):
         models = {name: torch.compile(m) for name, m in models.items()}
     T = current.PRESETS[args.preset]["block_size"]
     x = torch.randint(0, 65, (args.batch, T))
+    rows = {"baseline": None, "current": None}
+    if args.masked_rows:
+        rows["current"] = torch.randperm(args.batch * T, generator=torch.Generator().manual_seed(0))[:args.batch * T // 2]
     results = {name: {"forward_s": [], "train_s": []} for name in models}
     for _ in range(args.rounds):
         for name, m in models.items():
+            def forward(m=m, r=rows[name]):  # a baseline from before `rows` takes idx alone
+                return m(x) if r is None else m(x, r)
             with torch.no_grad():
-                m(x)
-                results[name]["forward_s"].append(timed(lambda: m(x), 2))
+                forward()
+                results[name]["forward_s"].append(timed(forward, 2))
 
             def step():
-                m(x).square().mean().backward()
+                forward().square().mean().backward()
             step()
             results[name]["train_s"].append(timed(step, 1))
     summary = {"preset": args.preset, "batch": args.batch, "threads": args.threads, "compile": args.compile,
-               "tokens": args.batch * T}
+               "masked_rows": args.masked_rows, "tokens": args.batch * T}
     for name, r in results.items():
         summary[name] = {k: min(v) for k, v in r.items()}
     summary["forward_speedup"] = summary["baseline"]["forward_s"] / summary["current"]["forward_s"]

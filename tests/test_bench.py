@@ -90,3 +90,17 @@ def test_compare_compile(tmp_path, capsys):
     assert data == json.loads(json.dumps(report))
     assert all(len(v) == 2 and all(_positive(x) for x in v) for v in data["ms_per_step"].values())
     assert _positive(data["speedup"]) and data["threads"] == 1
+
+
+def test_compare_forward_against_a_baseline_file(tmp_path):
+    """A/B of the trunk against a transformer.py (here this one): with --masked-rows the current
+    model returns half of the positions, the baseline all; both timings and the ratios land in the JSON."""
+    from bench import compare_forward
+    from dgrpo.models import transformer
+    out = tmp_path / "cf.json"
+    report = compare_forward.main(["--baseline", transformer.__file__, "--preset", "tiny", "--batch", "4",
+                                   "--rounds", "1", "--masked-rows", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(report)) and data["masked_rows"] is True
+    assert all(_positive(data[name][k]) for name in ("baseline", "current") for k in ("forward_s", "train_s"))
+    assert _positive(data["forward_speedup"]) and _positive(data["train_speedup"])

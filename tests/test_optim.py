@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dgrpo.models.diffusion import DiffusionLM
-from dgrpo.models.optim import ChainedOptimizer, Muon
+from dgrpo.models.optim import ChainedOptimizer, Muon, orthogonalize
 from dgrpo.models.pretrain import make_optimizer
 from dgrpo.models.transformer import preset_config
 
@@ -40,6 +40,28 @@ def test_muon_update_is_orthogonalised():
     Muon([p], lr=1.0, weight_decay=0.0, nesterov=False, momentum=0.0, adjust_lr_fn=None).step()
     s = torch.linalg.svdvals(p.detach())
     assert 0.6 < float(s.min()) and float(s.max()) < 1.25
+
+
+@pytest.mark.parametrize("shape", [(3, 96, 32), (3, 32, 96), (2, 32, 32)])
+def test_orthogonalize_on_the_small_side_equals_the_direct_iteration(shape):
+    """A rectangular batch iterates on its m x m Gram side (Q <- p(A) Q, A <- p(A) A p(A)); the
+    result must be the direct iteration's x <- p(x x^T) x, here computed in float64."""
+    torch.manual_seed(3)
+    g = torch.randn(shape) * torch.logspace(-2, 0, shape[-1])  # a spread of column scales
+    coefficients = (3.4445, -4.7750, 2.0315)
+
+    def direct(x, steps=5):
+        x = x.mT if x.size(1) > x.size(2) else x
+        y = x / x.norm(dim=(1, 2), keepdim=True)
+        for _ in range(steps):
+            gram = y @ y.mT
+            y = coefficients[0] * y + (coefficients[1] * gram + coefficients[2] * gram @ gram) @ y
+        return y.mT if g.size(1) > g.size(2) else y
+
+    want = direct(g.double())
+    got = orthogonalize(g, coefficients, 5, 1e-7)
+    assert got.shape == g.shape
+    assert float((got.double() - want).norm() / want.norm()) < 1e-5
 
 
 def test_make_optimizer_muon_groups_and_round_trip():
