@@ -119,7 +119,7 @@ class Driver:
         self.report = report  # optional callback(step_record) (Ray Tune)
         self.out = Path(cfg.run.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        run, grpo = cfg.run, cfg.grpo
+        run = cfg.run
         tokenizer, model, corpus = load_generator(cfg, cfg.corpus.path, cfg.corpus.cache_dir, cfg.corpus.val_fraction)
         self.tokenizer = tokenizer
         self.length = cfg.prompts.length or model.cfg.block_size
@@ -145,6 +145,7 @@ class Driver:
             raise
 
     def _start(self, cfg: TrainConfig, model, tokenizer, resume: bool) -> None:
+        """Starts the actors, then the run's state: fresh, or from the newest usable checkpoint."""
         run, grpo, res = cfg.run, cfg.grpo, cfg.resources
         model_cfg, vocab = model.cfg.to_dict(), tokenizer.to_dict()
         sampler = cfg.sampler.model_dump()
