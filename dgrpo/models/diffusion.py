@@ -61,6 +61,13 @@ def mask_tokens(x: torch.Tensor, mask_id: int, generator: torch.Generator | None
     return torch.where(masked, torch.full_like(x, mask_id), x), masked, t
 
 
+def masked_token_ce(model: DiffusionLM, noisy: torch.Tensor, x: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each masked position, (N,) in the order of x[masked]; the model computes
+    the logits of those positions alone (see Trunk's rows)."""
+    rows = masked.flatten().nonzero().squeeze(1)
+    return F.cross_entropy(model(noisy, rows).float(), x.flatten()[rows], reduction="none")
+
+
 def diffusion_loss(model: DiffusionLM, x: torch.Tensor, generator: torch.Generator | None = None,
                    elbo_weight: bool = False, stratified_t: bool = False,
                    complementary: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,12 +79,10 @@ def diffusion_loss(model: DiffusionLM, x: torch.Tensor, generator: torch.Generat
     """
     noisy, masked, t = mask_tokens(x, model.mask_id, generator, stratified=stratified_t,
                                    complementary=complementary)
-    rows = masked.flatten().nonzero().squeeze(1)  # the loss needs the masked positions' logits only
-    logits = model(noisy, rows)
-    ce = F.cross_entropy(logits.float(), x.flatten()[rows], reduction="none")
-    token_ce = ce.sum() / max(len(rows), 1)
+    ce = masked_token_ce(model, noisy, x, masked)
+    token_ce = ce.sum() / max(ce.numel(), 1)
     if elbo_weight:
-        loss = (ce / t.repeat_interleave(x.shape[1])[rows]).sum() / x.numel()
+        loss = (ce / t[:, None].expand_as(x)[masked]).sum() / x.numel()
     else:
         loss = token_ce
     return loss, token_ce.detach()

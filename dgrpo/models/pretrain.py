@@ -8,13 +8,12 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from ..corpus import Corpus, check_length, fixed_windows, random_windows
 from .checkpoint import MODEL_FILE, CheckpointError, load_checkpoint, save_checkpoint
-from .diffusion import DiffusionLM, diffusion_loss, mask_tokens
+from .diffusion import DiffusionLM, diffusion_loss, mask_tokens, masked_token_ce
 from .optim import ChainedOptimizer, Muon
 from .sampler import autocast_context, resolve_precision
 from .transformer import preset_config
@@ -49,12 +48,10 @@ def evaluate_masked_ce(model: DiffusionLM, windows: torch.Tensor, batch_size: in
     for start in range(0, len(windows), batch_size):
         x = windows[start:start + batch_size]
         noisy, masked, _ = mask_tokens(x, model.mask_id, g, stratified=stratified)
-        rows = masked.flatten().nonzero().squeeze(1)
         with autocast_context(x.device, autocast_dtype):
-            logits = model(noisy, rows)
-        ce = F.cross_entropy(logits.float(), x.flatten()[rows], reduction="sum")
-        total += float(ce)
-        count += int(masked.sum())
+            ce = masked_token_ce(model, noisy, x, masked)
+        total += float(ce.sum())
+        count += ce.numel()
     model.train(was_training)
     return total / max(count, 1)
 

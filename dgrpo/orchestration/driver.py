@@ -524,8 +524,9 @@ class Driver:
         self._kill_actors()
 
     def _kill_actors(self) -> None:
-        groups = [g.handles() for g in (self.workers, self.judges) if g is not None]
-        for actor in [self.learner, *(h for handles in groups for h in handles)]:
+        """Every actor started so far (a start that failed may have left some groups unmade)."""
+        handles = [h for group in (self.workers, self.judges) if group is not None for h in group.handles()]
+        for actor in [self.learner, *handles]:
             if actor is not None:
                 ray.kill(actor, no_restart=True)
 
