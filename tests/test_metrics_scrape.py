@@ -76,8 +76,11 @@ def test_prometheus_endpoint_exports_driver_and_actor_metrics(ray_cluster, tiny_
     waited = {}
 
     def complete(snapshot) -> bool:
+        # the driver's gauges reach the endpoint one export interval after they are set: wait for step 2's
+        # policy version, not only for the names (step 1's value is still there for a few seconds)
         workers = {s.labels.get("actor_id") for s in snapshot.get("ray_dgrpo_rollout_tokens_per_s", [])}
-        return wanted <= set(snapshot) and workers >= {"0", "1"}
+        version = [s.value for s in snapshot.get("ray_dgrpo_policy_version", [])]
+        return wanted <= set(snapshot) and workers >= {"0", "1"} and version == [2.0]
 
     def report(record):
         if record["step"] != 2:
