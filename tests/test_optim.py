@@ -42,6 +42,46 @@ def test_muon_update_is_orthogonalised():
     assert 0.6 < float(s.min()) and float(s.max()) < 1.25
 
 
+def test_muon_split_orthogonalises_each_block_as_its_own_matrix():
+    """A fused (3m, n) matrix in a group with split=3 takes the same steps as three (m, n)
+    matrices stepped separately (momentum, Newton-Schulz, lr scaling and weight decay per block)."""
+    torch.manual_seed(2)
+    fused = torch.nn.Parameter(torch.randn(24, 16))
+    blocks = [torch.nn.Parameter(b.detach().clone()) for b in fused.detach().chunk(3)]
+    kw = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    opt_fused, opt_blocks = Muon([{"params": [fused], "split": 3}], **kw), Muon(blocks, **kw)
+    start = fused.detach().clone()
+    for _ in range(3):
+        g = torch.randn(24, 16)
+        fused.grad = g.clone()
+        for b, gb in zip(blocks, g.chunk(3)):
+            b.grad = gb.clone()
+        opt_fused.step()
+        opt_blocks.step()
+    assert float((fused.detach() - start).abs().max()) > 0.02
+    torch.testing.assert_close(fused.detach(), torch.cat([b.detach() for b in blocks]), rtol=0, atol=1e-6)
+    # and not what the unsplit matrix would have taken
+    whole = torch.nn.Parameter(start.clone())
+    opt_whole = Muon([whole], **kw)
+    torch.manual_seed(2), torch.randn(24, 16)
+    for _ in range(3):
+        whole.grad = torch.randn(24, 16)
+        opt_whole.step()
+    assert float((whole.detach() - fused.detach()).abs().max()) > 1e-3
+
+
+def test_make_optimizer_splits_only_the_qkv_matrices():
+    model = DiffusionLM(preset_config("tiny", vocab_size=11))
+    muon = make_optimizer(model, 1e-3, 0.1, (0.9, 0.99), "muon", split_qkv=True).optimizers[0]
+    split = [g for g in muon.param_groups if g.get("split", 1) == 3]
+    assert len(split) == 1
+    names = {p: n for n, p in model.named_parameters()}
+    assert sorted(names[p].split(".", 2)[-1] for p in split[0]["params"]) == \
+        [f"{i}.attn.qkv.weight" for i in range(model.cfg.n_layer)]
+    assert all(not n.endswith("qkv.weight") for g in muon.param_groups if g.get("split", 1) == 1
+               for n in (names[p] for p in g["params"]))
+
+
 @pytest.mark.parametrize("shape", [(3, 96, 32), (3, 32, 96), (2, 32, 32)])
 def test_orthogonalize_on_the_small_side_equals_the_direct_iteration(shape):
     """A rectangular batch iterates on its m x m Gram side (Q <- p(A) Q, A <- p(A) A p(A)); the

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from dgrpo.corpus import fixed_windows, load_corpus
 from dgrpo.models.checkpoint import CheckpointError, load_checkpoint
 from dgrpo.models.diffusion import DiffusionLM
-from dgrpo.models.pretrain import cosine_lr, ema_with_warmup, evaluate_masked_ce, pretrain
+from dgrpo.models.pretrain import ema_with_warmup, evaluate_masked_ce, pretrain, scheduled_lr
 from dgrpo.models.transformer import preset_config
 from dgrpo.orchestration.cli import main
 from dgrpo.orchestration.config import PretrainConfig
@@ -46,11 +46,21 @@ def weights(path):
 
 
 def test_cosine_lr():
-    assert cosine_lr(0, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
-    assert cosine_lr(9, 100, 1.0, 0.1, 10) == pytest.approx(1.0)
-    assert cosine_lr(10, 100, 1.0, 0.1, 10) == pytest.approx(1.0)
-    assert cosine_lr(100, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
-    assert cosine_lr(20, 100, 1.0, 0.1, 10, time_fraction=1.0) == pytest.approx(0.1)  # time budget
+    assert scheduled_lr(0, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
+    assert scheduled_lr(9, 100, 1.0, 0.1, 10) == pytest.approx(1.0)
+    assert scheduled_lr(10, 100, 1.0, 0.1, 10) == pytest.approx(1.0)
+    assert scheduled_lr(55, 100, 1.0, 0.1, 10) == pytest.approx(0.55)  # half way: the mean of lr and min_lr
+    assert scheduled_lr(100, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
+    assert scheduled_lr(20, 100, 1.0, 0.1, 10, time_fraction=1.0) == pytest.approx(0.1)  # time budget
+
+
+def test_linear_lr_with_a_hold():
+    lr = lambda it, **kw: scheduled_lr(it, 110, 1.0, 0.0, 10, shape="linear", **kw)
+    assert [lr(i) for i in (10, 35, 60, 85, 110)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    # held at lr for the first 40% of the 100 post-warmup iterations, then linear to min_lr
+    assert [lr(i, hold=0.4) for i in (10, 30, 50, 80, 110)] == pytest.approx([1.0, 1.0, 1.0, 0.5, 0.0])
+    assert lr(12, hold=0.4, time_fraction=0.7) == pytest.approx(0.5)  # the wall-time budget leads
+    assert scheduled_lr(50, 110, 1.0, 0.0, 10, hold=0.4) == pytest.approx(1.0)  # cosine holds too
 
 
 @pytest.mark.parametrize("zero_init", [True, False])
@@ -156,6 +166,20 @@ def test_resume_with_another_optimizer_is_a_clear_error(tmp_path, corpus_file):
         pretrain(cfg(tmp_path / "o", max_iters=4, optimizer="muon"), corpus, {}, resume=True, progress=False,
                  log=lambda *_: None)
     assert load_checkpoint(tmp_path / "o").state["iter"] == 2  # nothing overwritten
+
+
+def test_resume_across_the_qkv_split_is_a_clear_error(tmp_path, corpus_file):
+    """Checkpoints written before the split default (muon_split_qkv absent: fused) hold one Muon
+    param group; resuming them asks for the setting they were trained with."""
+    corpus = load_corpus(str(corpus_file))
+    quiet = dict(progress=False, log=lambda *_: None)
+    pretrain(cfg(tmp_path / "q", max_iters=2, optimizer="muon", muon_split_qkv=False), corpus, {}, **quiet)
+    with pytest.raises(CheckpointError, match=r"muon_split_qkv=False.*--set muon_split_qkv=false"):
+        pretrain(cfg(tmp_path / "q", max_iters=4, optimizer="muon"), corpus, {}, resume=True, **quiet)
+    assert load_checkpoint(tmp_path / "q").state["iter"] == 2  # nothing overwritten
+    state = pretrain(cfg(tmp_path / "q", max_iters=4, optimizer="muon", muon_split_qkv=False), corpus, {},
+                     resume=True, **quiet)
+    assert state["iter"] == 4
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path, corpus_file):

@@ -65,7 +65,7 @@ from ..corpus import CharTokenizer, check_length, fixed_windows, load_corpus, ra
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .diffusion import DiffusionLM
 from .judge import Judge, judge_config, load_judge
-from .pretrain import cosine_lr, make_optimizer
+from .pretrain import make_optimizer, scheduled_lr
 from .sampler import autocast_context, resolve_precision, sample
 
 EVAL_FILE = "eval.json"
@@ -402,7 +402,7 @@ def train_judge(cfg, config_dict: dict, resume: bool = False, progress: bool = T
             pool_tokens[idx], pool_x[idx], pool_changed[idx] = refill(refresh_n)
             pool_ptr = (pool_ptr + refresh_n) % pool_size
         time_fraction = elapsed / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
-        lr = cosine_lr(it, cfg.max_iters, cfg.lr, cfg.min_lr, cfg.warmup_iters, time_fraction)
+        lr = scheduled_lr(it, cfg.max_iters, cfg.lr, cfg.min_lr, cfg.warmup_iters, time_fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr
         parts, targets, changed = [], [], []

@@ -21,14 +21,18 @@ from .transformer import preset_config
 TRAIN_WEIGHTS = "train_weights"  # the raw training weights when the checkpoint holds an EMA
 
 
-def cosine_lr(it: int, max_iters: int, lr: float, min_lr: float, warmup: int,
-              time_fraction: float = 0.0) -> float:
-    """Linear warmup, then cosine decay to min_lr; with a wall-time budget the
-    decay follows whichever of iterations or time is further along."""
+def scheduled_lr(it: int, max_iters: int, lr: float, min_lr: float, warmup: int,
+                 time_fraction: float = 0.0, shape: str = "cosine", hold: float = 0.0) -> float:
+    """Linear warmup, then lr held for the first `hold` of the run, then a cosine or linear
+    decay to min_lr; with a wall-time budget the schedule follows whichever of iterations or
+    time is further along."""
     if it < warmup:
         return lr * (it + 1) / warmup
     progress = min(1.0, max(time_fraction, (it - warmup) / max(1, max_iters - warmup)))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+    decayed = max(0.0, progress - hold) / (1.0 - hold)
+    if shape == "linear":
+        return lr - (lr - min_lr) * decayed
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * decayed))
 
 
 @torch.no_grad()
@@ -81,10 +85,11 @@ def compile_errors_explained():
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas,
-                   kind: str = "adamw") -> torch.optim.Optimizer | ChainedOptimizer:
+                   kind: str = "adamw", split_qkv: bool = False) -> torch.optim.Optimizer | ChainedOptimizer:
     """AdamW on everything, or Muon on the hidden weight matrices (attention and MLP) with
     AdamW on embeddings, head and norms. Muon's step is scaled to AdamW's update RMS
-    ("match_rms_adamw"), so both use the same lr and the same schedule."""
+    ("match_rms_adamw"), so both use the same lr and the same schedule. split_qkv: Muon
+    orthogonalises the query, key and value blocks of the fused qkv matrix one by one."""
     if kind not in ("adamw", "muon"):
         raise ValueError(f"unknown optimizer {kind!r}; choose adamw or muon")
     params = dict(model.named_parameters())
@@ -95,8 +100,11 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
                                {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
     if kind == "adamw":
         return adamw
-    muon = Muon([params[n] for n in hidden], lr=lr, weight_decay=weight_decay, momentum=0.95,
-                adjust_lr_fn="match_rms_adamw")
+    qkv = [n for n in hidden if split_qkv and n.endswith("attn.qkv.weight")]
+    groups = [{"params": [params[n] for n in hidden if n not in qkv]}]
+    if qkv:
+        groups.append({"params": [params[n] for n in qkv], "split": 3})
+    muon = Muon(groups, lr=lr, weight_decay=weight_decay, momentum=0.95, adjust_lr_fn="match_rms_adamw")
     return ChainedOptimizer(muon, adamw)
 
 
@@ -118,7 +126,7 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
     # moving average; the training weights are kept beside them for resuming
     ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema_decay)) if cfg.ema_decay else None
     saved_model = ema.module if ema is not None else model
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.optimizer)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.optimizer, cfg.muon_split_qkv)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     mask_gen = torch.Generator().manual_seed(cfg.seed + 1)
     start_iter, tokens_seen, elapsed, history = 0, 0, 0.0, []
@@ -128,6 +136,11 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
         if saved_optimizer != cfg.optimizer:
             raise CheckpointError(f"{out} was trained with optimizer {saved_optimizer!r}, this run asks for "
                                   f"{cfg.optimizer!r}; resume with --set optimizer={saved_optimizer}")
+        saved_split = ckpt.state.get("muon_split_qkv", False)  # checkpoints before stop 14: fused qkv
+        if cfg.optimizer == "muon" and saved_split != cfg.muon_split_qkv:
+            raise CheckpointError(f"{out} was trained with muon_split_qkv={saved_split}, this run asks for "
+                                  f"{cfg.muon_split_qkv} (the optimizer state is laid out differently); resume "
+                                  f"with --set muon_split_qkv={str(saved_split).lower()}")
         averaged = ckpt.has(TRAIN_WEIGHTS)  # trained with an EMA: model.safetensors holds the average
         ckpt.load_weights_into(model, f"{TRAIN_WEIGHTS}.safetensors" if averaged else MODEL_FILE)
         if ema is not None and averaged:  # the average goes on from the saved one
@@ -152,7 +165,8 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
     def save(it: int, val_loss: float | None):
         nonlocal state
         state = {"iter": it, "tokens_seen": tokens_seen, "wall_time_s": elapsed, "val_loss": val_loss,
-                 "preset": cfg.preset, "optimizer": cfg.optimizer, "history": history}
+                 "preset": cfg.preset, "optimizer": cfg.optimizer, "muon_split_qkv": cfg.muon_split_qkv,
+                 "history": history}
         extra = {"rng": {"data": data_gen.get_state(), "mask": mask_gen.get_state()}}
         if ema is not None:
             state["ema_updates"] = int(ema.n_averaged)
@@ -171,7 +185,8 @@ def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progr
     it = start_iter
     for it in bar:
         time_fraction = elapsed / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
-        lr = cosine_lr(it, cfg.max_iters, cfg.lr, cfg.min_lr, cfg.warmup_iters, time_fraction)
+        lr = scheduled_lr(it, cfg.max_iters, cfg.lr, cfg.min_lr, cfg.warmup_iters, time_fraction,
+                          cfg.lr_schedule, cfg.lr_hold)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if cfg.complementary_masks:

@@ -47,10 +47,15 @@ class PretrainConfig(Section):
     lr: float = Field(6e-3, gt=0)
     min_lr: float = Field(2e-4, ge=0)
     warmup_iters: int = Field(100, ge=0)
+    lr_schedule: Literal["cosine", "linear"] = Field("cosine", description="shape of the decay from lr to min_lr")
+    lr_hold: float = Field(0.0, ge=0, lt=1, description=(
+        "fraction of the run (iterations or max_minutes, whichever is further along) held at lr before the decay"))
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.99)
     optimizer: Literal["adamw", "muon"] = Field("muon", description=(
         "muon: Muon on the hidden weight matrices, AdamW on embeddings, head and norms"))
+    muon_split_qkv: bool = Field(True, description=(
+        "Muon orthogonalises the query, key and value blocks of each fused qkv matrix separately"))
     grad_clip: float = Field(1.0, gt=0)
     zero_init_residual: bool = Field(True, description="start every block as the identity (output projections zero)")
     dropout: Optional[float] = Field(None, ge=0, lt=1, description=(
