@@ -3,7 +3,9 @@
 The figure `dgrpo pretrain` logs is one estimate on one set of validation windows
 and one draw of masks. This script repeats it on `--sets` window sets (different
 windows and mask seeds) and reports the mean and its standard error, so two
-checkpoints can be compared without mistaking estimator noise for progress.
+checkpoints can be compared without mistaking estimator noise for progress; every
+checkpoint after the first also gets its paired difference to the first (same windows
+and masks in each set: mean, smallest and largest over the sets).
 With `--compare-iid` it also reports the spread of the i.i.d.-t estimator that
 stratified t replaced; with `--train-split` the same estimate on training windows, and
 the generalisation gap (held-out minus training CE).
@@ -79,13 +81,19 @@ def main(argv: list[str] | None = None) -> dict:
         if args.train_split:
             row["train"] = summary(estimates(model, corpus.train, args.windows, args.sets, args.batch, True))
             row["gap"] = row["stratified"]["mean"] - row["train"]["mean"]
+        if rows:  # every set uses the same windows and mask seeds for every checkpoint: a paired difference
+            diffs = [a - b for a, b in zip(row["stratified"]["values"], rows[0]["stratified"]["values"])]
+            row["paired_vs_first"] = {"mean": statistics.fmean(diffs), "min": min(diffs), "max": max(diffs)}
         rows.append(row)
     table = [{"checkpoint": r["checkpoint"], "iter": r["iter"], "ce": r["stratified"]["mean"],
               "se": r["stratified"]["se"], "sd_set": r["stratified"]["sd"],
+              "vs_first": r.get("paired_vs_first", {}).get("mean"), "vs_min": r.get("paired_vs_first", {}).get("min"),
+              "vs_max": r.get("paired_vs_first", {}).get("max"),
               "ce_iid": r.get("iid", {}).get("mean"), "sd_iid": r.get("iid", {}).get("sd"),
               "ce_train": r.get("train", {}).get("mean"), "gap": r.get("gap")} for r in rows]
     print_table(table, [("checkpoint", "checkpoint"), ("iter", "iter"), ("ce", "CE nats", ".4f"),
-                        ("se", "s.e.", ".4f"), ("sd_set", "sd/set", ".4f"), ("ce_iid", "CE iid", ".4f"),
+                        ("se", "s.e.", ".4f"), ("sd_set", "sd/set", ".4f"), ("vs_first", "vs first", "+.4f"),
+                        ("vs_min", "min", "+.4f"), ("vs_max", "max", "+.4f"), ("ce_iid", "CE iid", ".4f"),
                         ("sd_iid", "sd/set iid", ".4f"), ("ce_train", "CE train", ".4f"), ("gap", "gap", ".4f")],
                 title=f"held-out masked-token CE, {args.sets} sets x {args.windows} validation windows")
     report = {"bench": "eval_generator", "machine": machine_info(), "windows": args.windows, "sets": args.sets,

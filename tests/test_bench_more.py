@@ -9,6 +9,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from bench import bench_e2e, bench_learner, bench_quality, bench_scaling, bench_weight_sync, common
 
@@ -159,3 +160,34 @@ def test_eval_generator(tmp_path, capsys):
         assert len(s["values"]) == 3 and all(_positive(v) for v in s["values"])
         assert s["mean"] == pytest.approx(sum(s["values"]) / 3) and s["se"] >= 0
     assert "CE nats" in printed
+
+
+
+def test_eval_generator_pairs_each_checkpoint_with_the_first(tmp_path, capsys):
+    """Checkpoints after the first get their per-set difference to it, on the same windows and masks:
+    a copy of the first differs by exactly zero, another model by the difference of the set values."""
+    from bench import eval_generator
+    from dgrpo.corpus import load_corpus
+    from dgrpo.models.checkpoint import save_checkpoint
+    from dgrpo.models.diffusion import DiffusionLM
+    from dgrpo.models.transformer import preset_config
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be, that is the question.\n" * 60)
+    tok = load_corpus(str(corpus)).tokenizer
+    paths = []
+    for name, seed in (("a", 0), ("copy", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        model = DiffusionLM(preset_config("tiny", tok.vocab_size))
+        save_checkpoint(tmp_path / name, kind="generator", model_config=model.cfg, vocab=tok.to_dict(), weights=model)
+        paths.append(str(tmp_path / name))
+    out = tmp_path / "eg.json"
+    data = eval_generator.main([*paths, "--corpus", str(corpus), "--windows", "32", "--sets", "3", "--batch", "16",
+                                "--out", str(out)])
+    first, copy, other = data["results"]
+    assert "paired_vs_first" not in first
+    assert copy["paired_vs_first"] == {"mean": 0.0, "min": 0.0, "max": 0.0}
+    diffs = [b - a for a, b in zip(first["stratified"]["values"], other["stratified"]["values"])]
+    assert other["paired_vs_first"]["mean"] == pytest.approx(sum(diffs) / 3)
+    assert (other["paired_vs_first"]["min"], other["paired_vs_first"]["max"]) == (min(diffs), max(diffs))
+    assert min(diffs) != 0.0
+    assert "vs first" in capsys.readouterr().out

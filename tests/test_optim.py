@@ -50,24 +50,18 @@ def test_muon_split_orthogonalises_each_block_as_its_own_matrix():
     blocks = [torch.nn.Parameter(b.detach().clone()) for b in fused.detach().chunk(3)]
     kw = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     opt_fused, opt_blocks = Muon([{"params": [fused], "split": 3}], **kw), Muon(blocks, **kw)
+    whole = torch.nn.Parameter(fused.detach().clone())  # the unsplit matrix, for contrast
+    opt_whole = Muon([whole], **kw)
     start = fused.detach().clone()
-    for _ in range(3):
-        g = torch.randn(24, 16)
-        fused.grad = g.clone()
+    for g in torch.randn(3, 24, 16):
+        fused.grad, whole.grad = g.clone(), g.clone()
         for b, gb in zip(blocks, g.chunk(3)):
             b.grad = gb.clone()
-        opt_fused.step()
-        opt_blocks.step()
+        for opt in (opt_fused, opt_blocks, opt_whole):
+            opt.step()
     assert float((fused.detach() - start).abs().max()) > 0.02
     torch.testing.assert_close(fused.detach(), torch.cat([b.detach() for b in blocks]), rtol=0, atol=1e-6)
-    # and not what the unsplit matrix would have taken
-    whole = torch.nn.Parameter(start.clone())
-    opt_whole = Muon([whole], **kw)
-    torch.manual_seed(2), torch.randn(24, 16)
-    for _ in range(3):
-        whole.grad = torch.randn(24, 16)
-        opt_whole.step()
-    assert float((whole.detach() - fused.detach()).abs().max()) > 1e-3
+    assert float((whole.detach() - fused.detach()).abs().max()) > 1e-3  # not what the unsplit matrix takes
 
 
 def test_make_optimizer_splits_only_the_qkv_matrices():
