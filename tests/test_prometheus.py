@@ -331,6 +331,10 @@ def test_promtool_checks_config_and_rules():
 def test_promtool_unit_tests_of_the_rules():
     result = promtool("test", "rules", "rules_test.yml")
     print("\n" + result.stdout + result.stderr)
+    tests = yaml.safe_load((PROM_DIR / "rules_test.yml").read_text())["tests"]
+    for case in sorted((c for t in tests for c in t.get("alert_rule_test", [])), key=lambda c: c["alertname"]):
+        firing = [a["exp_labels"]["SessionName"] for a in case["exp_alerts"]]
+        print(f"  {case['alertname']:28} at {case['eval_time']:>4}: " + (f"firing for {firing}" if firing else "silent"))
     assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
 
 
