@@ -265,8 +265,10 @@ def exported_metric_names() -> set[str]:
 def test_prometheus_config_and_podmonitor():
     prom = load_yaml("prometheus/prometheus.yml")
     jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
+    # one job: a second one on a node the service-discovery file lists too would store every series twice
+    assert list(jobs) == ["ray"]
     assert jobs["ray"]["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
-    assert jobs["ray-local"]["static_configs"][0]["targets"] == ["127.0.0.1:8080"]
+    assert prom["rule_files"] == ["rules.yml"] and (DEPLOY / "prometheus" / "rules.yml").is_file()
     pm = load_yaml("prometheus/podmonitor.yaml")
     assert pm["kind"] == "PodMonitor" and pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
 

@@ -19,6 +19,7 @@ DRIVER_GAUGES = {
     "dgrpo_rollout_idle_ratio": "rollout_idle_ratio",
     "dgrpo_dropped_stale_batches": "dropped_stale_batches",
     "dgrpo_worker_restarts": "worker_restarts",
+    "dgrpo_judge_restarts": "judge_restarts",
     "dgrpo_eval_reward_mean": "eval_reward_mean",
     "dgrpo_steps_per_min": "steps_per_min",
 }
