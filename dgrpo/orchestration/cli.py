@@ -13,7 +13,8 @@ from pathlib import Path
 
 import click
 
-from .config import ConfigError, JudgeTrainConfig, PretrainConfig, TrainConfig, load_config, to_dict, to_yaml
+from .config import (ConfigError, JudgeTrainConfig, LMTrainConfig, PretrainConfig, TrainConfig, load_config, to_dict,
+                     to_yaml)
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
 
@@ -155,6 +156,37 @@ def judge_eval(judge_ckpt, generator, corpus_path, windows, seed):
     click.echo(json.dumps(figures, indent=2))
 
 
+@main.group()
+def lm():
+    """The autoregressive character language model of the gold evaluation."""
+
+
+@lm.command("train")
+@config_options
+@click.option("--corpus", "corpus_path", type=click.Path(), default=None,
+              help="local UTF-8 text file (default: download tiny Shakespeare); trains on its train split")
+@click.option("--preset", type=click.Choice(["tiny", "small", "base"]), default=None)
+@click.option("--max-iters", type=int, default=None)
+@click.option("--max-minutes", type=float, default=None)
+@click.option("--out", type=click.Path(), default=None, help="checkpoint directory")
+@click.option("--resume", is_flag=True, help="continue from the checkpoint in --out")
+@click.option("--threads", type=int, default=None, help="torch threads (default: all cores)")
+@friendly
+def lm_train(config_file, overrides, corpus_path, preset, max_iters, max_minutes, out, resume, threads):
+    """Train a causal character LM by maximum likelihood; reports held-out bits per character."""
+    from ..corpus import load_corpus
+    from ..models.char_lm import train_char_lm
+    cfg = load_config(LMTrainConfig, config_file, flag_overrides(
+        preset=preset, max_iters=max_iters, max_minutes=max_minutes, out=out,
+        **{"corpus.path": corpus_path}) + list(overrides))
+    set_threads(threads)
+    click.echo(to_yaml(cfg))
+    corpus = load_corpus(cfg.corpus.path, cfg.corpus.cache_dir, cfg.corpus.val_fraction)
+    state = train_char_lm(cfg, corpus, to_dict(cfg), resume=resume)
+    click.echo(f"done: iter {state.get('iter')}, held-out {state.get('val_bits_per_char'):.4f} bits/char, "
+               f"{state.get('wall_time_s', 0):.0f} s, checkpoint {cfg.out}")
+
+
 @main.command()
 @config_options
 @click.option("--resume", is_flag=True, help="continue from the last checkpoint in run.out_dir")
@@ -208,10 +240,10 @@ def tune_cmd(config_file, overrides, search_file, num_samples, scheduler, metric
 
 
 @main.command()
-@click.argument("kind", type=click.Choice(["pretrain", "judge", "train"]), default="train")
+@click.argument("kind", type=click.Choice(["pretrain", "judge", "train", "lm"]), default="train")
 def config(kind):
     """Print the default config tree of a command as YAML."""
-    cls = {"pretrain": PretrainConfig, "judge": JudgeTrainConfig, "train": TrainConfig}[kind]
+    cls = {"pretrain": PretrainConfig, "judge": JudgeTrainConfig, "train": TrainConfig, "lm": LMTrainConfig}[kind]
     if cls is JudgeTrainConfig:
         click.echo(to_yaml(cls(generator="GENERATOR_CHECKPOINT")))
     else:
