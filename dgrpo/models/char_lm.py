@@ -25,41 +25,31 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..corpus import Corpus, CharTokenizer, VocabularyError, check_length, fixed_windows, random_windows
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .diffusion import DiffusionLM
 from .pretrain import make_optimizer, scheduled_lr
 from .sampler import autocast_context, resolve_precision
-from .transformer import ModelConfig, Trunk, preset_config
+from .transformer import ModelConfig, preset_config
 
 KIND = "lm"
 SCORE_CHUNK_ROWS = 256
 
 
-class CharLM(nn.Module):
+class CharLM(DiffusionLM):
+    """DiffusionLM's trunk and character head with a causal mask; its extra input id is BOS, not [MASK]."""
+
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
         if not cfg.causal:
             raise ValueError("the evaluation language model is autoregressive: its config needs causal=True")
-        self.cfg = cfg
-        self.trunk = Trunk(cfg)
-        self.lm_head = nn.Linear(cfg.n_embd, self.n_chars, bias=False)
-        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.02)
-
-    @property
-    def n_chars(self) -> int:
-        return self.cfg.vocab_size - 1
+        super().__init__(cfg)
 
     @property
     def bos_id(self) -> int:
         return self.cfg.vocab_size - 1
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx (B, T) -> logits (B, T, n_chars); position t sees idx[:, :t + 1] only."""
-        return self.lm_head(self.trunk(idx))
 
     def shifted_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
         """BOS, x_0, ..., x_{T-2}: the inputs under which position t predicts x_t."""
@@ -183,7 +173,7 @@ def train_char_lm(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, 
         tokens_seen += x.numel()
         elapsed = time.perf_counter() - t_start
         train_bpc = float(loss.detach()) / math.log(2)
-        bar.set_postfix(bpc=f"{train_bpc:.3f}")
+        bar.set_postfix(bpc=f"{train_bpc:.3f}", refresh=False)
         out_of_time = cfg.max_minutes is not None and elapsed > 60 * cfg.max_minutes
         if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.max_iters or out_of_time:
             val_bpc = float(bits_per_char(lm, val_windows, autocast_dtype).mean())
