@@ -228,9 +228,11 @@ def test_evaluate_writes_every_measure_with_error_bars(tmp_path, checkpoints):
 
 def test_policy_alone_takes_its_stored_reference_as_the_base(tmp_path, checkpoints):
     out = tmp_path / "p.json"
-    result = _evaluate("--policy", checkpoints["moved"], "--out", str(out))
+    result = _evaluate("--policy", checkpoints["moved"], "--prompt-kind", "infill", "--out", str(out))
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
+    assert report["prompts"]["kind"] == "infill" and "trajectory KL" in report["kl_definition"]
+    assert report["rows"][1]["kl_per_sequence"]["mean"] > 0
     assert report["rows"][0]["checkpoint"].endswith("(its stored reference)")
     assert report["checkpoints"]["proxy_judge"] == checkpoints["proxy"]  # from the run's reward config
     assert report["rows"][0]["gold_reward"] is None and report["rows"][0]["lm_bits_per_char"] is None

@@ -47,6 +47,14 @@ SAMPLER_DEFAULTS = {"steps": 32, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "
 PER_SAMPLE = (("proxy_reward", "gold_reward", "lm_bits_per_char")
               + tuple(f"distinct_{n}_per_sample" for n in DISTINCT_ORDERS) + tuple(REPEATED))
 DEFAULT_EVAL_SEED = 1234
+KL_DEFINITION = {
+    "random": "policy rows: mean of log pi(trajectory) - log ref(trajectory) over the policy's samples; the revealed "
+              "positions do not depend on the model, so this estimates the trajectory KL without bias. best-of-N "
+              "rows: the bound log N - (N-1)/N",
+    "confidence": "policy rows: mean of the token log-prob differences over the policy's samples, the positions "
+                  "taken as given: the token part of the trajectory KL, not all of it (positions chosen by "
+                  "confidence depend on the model). best-of-N rows: the bound log N - (N-1)/N",
+}
 N_EXAMPLES = 2
 
 
@@ -287,26 +295,35 @@ class Evaluator:
 
     # -- rows ----------------------------------------------------------------------------------------
 
+    def row(self, name: str, kind: str, per_prompt: dict, stats: TextStats, sets: list[list[int]], kl: dict,
+            kl_kind: str, examples: list[str], **info) -> dict:
+        """A row: per-prompt values summarised over prompts, distinct-n over `sets` (lists of sample indices,
+        one sample per prompt), and the KL."""
+        distinct = {f"distinct_{n}": distinct_over_sets([[stats.word_ngrams[n][i] for i in s] for s in sets])
+                    for n in DISTINCT_ORDERS}
+        summaries = {k: None if v is None else mean_stderr(v) for k, v in per_prompt.items()}
+        return {"name": name, "kind": kind, **info, **summaries, **distinct, "kl_per_sequence": kl,
+                "kl_kind": kl_kind, "sqrt_kl": math.sqrt(max(kl["mean"], 0.0)), "examples": examples[:N_EXAMPLES]}
+
     def sampled_row(self, name: str, kind: str, model: DiffusionLM, reference: DiffusionLM | None) -> tuple[dict, dict]:
-        """Row of a model sampled `samples_per_prompt` times per prompt; (row, per-prompt values)."""
+        """(row, per-prompt values) of a model sampled `samples_per_prompt` times per prompt; with a reference,
+        the KL to it is measured on those samples."""
         P, m = self.opts.prompts, self.opts.samples_per_prompt
         tokens, reveal_step, logprobs = self.draw(model, m, self.seed + 1)
         values, stats, texts = self.measure(tokens)
         per_prompt = {k: None if v is None else per_prompt_means(v.view(P, m)) for k, v in values.items()}
         if reference is None:
-            kl = {"mean": 0.0, "stderr": 0.0}
+            kl, kl_kind = {"mean": 0.0, "stderr": 0.0}, "base"
         else:
             kl_samples = self.sequence_kl(reference, tokens, reveal_step, logprobs)
-            kl = mean_stderr(per_prompt_means(kl_samples.view(P, m)))
-        row = {"name": name, "kind": kind, "n": 1 if kind == "base" else None, "samples_per_prompt": m,
-               **self._summaries(per_prompt),
-               **{f"distinct_{n}": distinct_over_sets([[stats.word_ngrams[n][i * m + j] for i in range(P)]
-                                                       for j in range(m)]) for n in DISTINCT_ORDERS},
-               "kl_per_sequence": kl, "kl_kind": "base" if reference is None else "measured",
-               "sqrt_kl": math.sqrt(max(kl["mean"], 0.0)), "examples": texts[:N_EXAMPLES]}
+            kl, kl_kind = mean_stderr(per_prompt_means(kl_samples.view(P, m))), "measured"
+        sets = [[i * m + j for i in range(P)] for j in range(m)]  # sample j of every prompt
+        row = self.row(name, kind, per_prompt, stats, sets, kl, kl_kind, texts, n=1 if kind == "base" else None,
+                       samples_per_prompt=m)
         return row, per_prompt
 
     def best_of_n_rows(self) -> list[tuple[dict, dict]]:
+        """(row, per-prompt values) of best-of-N for every N, all from one pool per prompt."""
         P = self.opts.prompts
         pool = self.opts.pool or max(self.opts.best_of)
         tokens, _, _ = self.draw(self.base, pool, self.seed + 2)
@@ -316,24 +333,16 @@ class Evaluator:
         for n in sorted(set(self.opts.best_of) | {1}):
             per_prompt = {k: None if v is None else best_of_n_expectation(proxy, v.view(P, pool), n)
                           for k, v in values.items()}
-            # distinct-n over sets of one sample per prompt: the proxy-argmax of each disjoint group of n
+            # sets for distinct-n: the proxy's pick in each of the pool // n disjoint groups of n
             groups = pool // n
-            best = proxy[:, :groups * n].reshape(P, groups, n).argmax(-1) + torch.arange(groups) * n  # (P, groups)
-            index = best + torch.arange(P)[:, None] * pool
+            picks = proxy[:, :groups * n].reshape(P, groups, n).argmax(-1) + torch.arange(groups) * n
+            sets = (picks + torch.arange(P)[:, None] * pool).T.tolist()
             kl = bon_kl_bound(n)
-            rows.append(({"name": f"best-of-{n}", "kind": "best_of_n", "n": n, "samples_per_prompt": pool,
-                          **self._summaries(per_prompt),
-                          **{f"distinct_{k}": distinct_over_sets([[stats.word_ngrams[k][int(i)] for i in index[:, g]]
-                                                                  for g in range(groups)])
-                             for k in DISTINCT_ORDERS},
-                          "kl_per_sequence": {"mean": kl, "stderr": 0.0}, "kl_kind": "bon_bound",
-                          "sqrt_kl": math.sqrt(kl), "examples": [texts[int(i)] for i in index[0, :N_EXAMPLES]]},
-                         per_prompt))
+            row = self.row(f"best-of-{n}", "best_of_n", per_prompt, stats, sets, {"mean": kl, "stderr": 0.0},
+                           "bon_bound", [texts[s[0]] for s in sets], n=n,
+                           samples_per_prompt=pool)
+            rows.append((row, per_prompt))
         return rows
-
-    @staticmethod
-    def _summaries(per_prompt: dict) -> dict:
-        return {k: None if v is None else mean_stderr(v) for k, v in per_prompt.items()}
 
     def run(self) -> dict:
         opts = self.opts
@@ -364,8 +373,8 @@ class Evaluator:
             "best_of_n_pool": (opts.pool or max(opts.best_of)) if opts.best_of else None,
             "prompts": {"kind": self.prompt_kind, "mask_fraction": self.mask_fraction, "length": self.length,
                         "seed": self.seed, "split": "validation", "corpus": self.corpus_path},
-            "sampler": self.sampler, "sampling_seeds": {"base_and_policies": self.seed + 1,
-                                                        "best_of_n_pool": self.seed + 2},
+            "sampler": self.sampler, "kl_definition": KL_DEFINITION[self.sampler["order"]],
+            "sampling_seeds": {"base_and_policies": self.seed + 1, "best_of_n_pool": self.seed + 2},
             "checkpoints": {"generator": self.base_source, "proxy_judge": self.judge_path, "gold_judge": opts.gold,
                             "lm": opts.lm, "policies": list(opts.policies)},
             "precision": opts.precision, "autocast": str(self.autocast_dtype) if self.autocast_dtype else "fp32",
