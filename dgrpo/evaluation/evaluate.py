@@ -411,7 +411,8 @@ def _cell(metric: dict | None, fmt: str = ".4f") -> str:
 def format_report(report: dict) -> str:
     """The rows as a table of mean ± s.e. over prompts, then paired differences to the base row."""
     columns = [("proxy_reward", "proxy"), ("gold_reward", "gold"), ("lm_bits_per_char", "LM bits/char"),
-               ("distinct_2", "distinct-2"), ("repeated_word_2grams", "rep. word 2g")]
+               ("distinct_2", "distinct-2"), ("repeated_char_4grams", "rep. char 4g"),
+               ("repeated_word_2grams", "rep. word 2g")]
     lines = [["row", "KL nats/seq", "d"] + [title for _, title in columns]]
     for r in report["rows"]:
         kl = r["kl_per_sequence"]
