@@ -28,9 +28,11 @@ Evaluation, on fixed held-out validation windows (`fixed_windows` of the
 validation split, same seed and prompt kind as the run's evaluation):
 the starting generator draws a pool of N samples per prompt; "generator (N=1)"
 is the mean pool reward per prompt, "best-of-N" the best of the pool per
-prompt (the judge picks), "best-of-n" for smaller n uses the first n of the
-pool; the policy draws `--policy-samples` per prompt. Means and standard
-errors are over prompts; the policy vs best-of-N difference is paired by prompt.
+prompt (the judge picks), "best-of-n" for smaller n the unbiased estimate from
+the same pool (dgrpo.evaluation.best_of_n); the policy draws `--policy-samples`
+per prompt. Means and standard errors are over prompts; the policy vs best-of-N
+difference is paired by prompt. The full gold evaluation (independent judge,
+language model, diversity, over-optimisation curves) is `dgrpo evaluate`.
 
     python -m bench.bench_quality --generator CKPT --judge CKPT --policy runs/R/checkpoints/step_N
         [--kl X [--kl-per-sequence]] [--kl-source metrics|measured] [--prompts 64] [--policy-samples 4]
@@ -50,42 +52,21 @@ import torch
 
 from bench.common import corpus_path, default_out, machine_info, print_table, write_json
 from dgrpo.corpus import CharTokenizer, fixed_windows, load_corpus, make_prompts
+from dgrpo.evaluation.best_of_n import best_of_n_expectation, bon_kl_bound, n_for_kl  # noqa: F401 (n_for_kl: tests)
+from dgrpo.evaluation.evaluate import sample_per_prompt, sequence_kl
+from dgrpo.evaluation.statistics import mean_stderr
 from dgrpo.models.checkpoint import load_checkpoint, save_checkpoint
 from dgrpo.models.diffusion import DiffusionLM
 from dgrpo.models.judge import Judge, judge_config, load_judge
-from dgrpo.models.sampler import sample
-from dgrpo.models.trajectory import trajectory_logprobs
+from dgrpo.models.judge_training import judge_scores
 from dgrpo.models.transformer import preset_config
 
 SAMPLER_DEFAULTS = {"steps": 32, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "order": "random"}
 
 
-def bon_kl_bound(n: float) -> float:
-    """KL(best-of-n || base) bound in nats per sequence: log n - (n - 1) / n."""
-    return math.log(n) - (n - 1) / n
-
-
-def n_for_kl(kl_seq: float, max_n: int = 256) -> tuple[int, float]:
-    """(N rounded and clipped to [1, max_n], the continuous solution) of log N - (N-1)/N = kl_seq."""
-    if not math.isfinite(kl_seq) or kl_seq <= 0:
-        return 1, 1.0
-    lo, hi = 1.0, float(max_n)
-    if bon_kl_bound(hi) <= kl_seq:
-        return max_n, math.inf if bon_kl_bound(hi) < kl_seq else hi
-    for _ in range(200):  # f is increasing on [1, inf)
-        mid = 0.5 * (lo + hi)
-        if bon_kl_bound(mid) < kl_seq:
-            lo = mid
-        else:
-            hi = mid
-    n = 0.5 * (lo + hi)
-    return int(min(max(round(n), 1), max_n)), n
-
-
 def mean_se(x: torch.Tensor) -> tuple[float, float]:
-    x = x.double()
-    se = float(x.std(unbiased=True) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
-    return float(x.mean()), se
+    m = mean_stderr(x)
+    return m["mean"], m["stderr"]
 
 
 def kl_from_metrics(policy_dir: Path, step: int | None) -> tuple[float | None, Path]:
@@ -104,17 +85,8 @@ def kl_from_metrics(policy_dir: Path, step: int | None) -> tuple[float | None, P
     return (float(pick["kl"]) if pick else None), path
 
 
-def sample_chunked(model, prompts: torch.Tensor, repeats: int, sampler: dict, seed: int, chunk: int):
-    """`repeats` samples per prompt row (rows i*repeats .. of prompt i), in chunks of `chunk` rows."""
-    x = prompts.repeat_interleave(repeats, dim=0)
-    g = torch.Generator().manual_seed(seed)
-    outs = [sample(model, x[i:i + chunk], generator=g, **sampler) for i in range(0, len(x), chunk)]
-    return (torch.cat([o.tokens for o in outs]), torch.cat([o.reveal_step for o in outs]),
-            torch.cat([o.logprobs for o in outs]))
-
-
 def judge_rewards(judge: Judge, tokens: torch.Tensor, chunk: int) -> torch.Tensor:
-    return torch.cat([1.0 - judge.score(tokens[i:i + chunk]) for i in range(0, len(tokens), chunk)])
+    return 1.0 - judge_scores(judge, tokens, chunk_rows=chunk)
 
 
 def make_quick_checkpoints(root: Path, corpus: str) -> dict:
@@ -205,14 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # policy samples, their rewards and the measured KL to the reference
     P, m = args.prompts, args.policy_samples
-    p_tokens, p_reveal, p_logp = sample_chunked(policy, prompts, m, sampler, seed + 1, args.chunk)
-    with torch.no_grad():
-        ref_lp = torch.cat([trajectory_logprobs(generator, p_tokens[i:i + args.chunk], p_reveal[i:i + args.chunk],
-                                                sampler["steps"], sampler["temperature"], sampler["top_k"],
-                                                sampler["top_p"])
-                            for i in range(0, len(p_tokens), args.chunk)])
-    kl_samples = (p_logp.sum(1) - ref_lp.sum(1)).double()
-    kl_measured, kl_measured_se = mean_se(kl_samples)
+    p_tokens, p_reveal, p_logp = sample_per_prompt(policy, prompts, m, sampler, seed + 1, args.chunk)
+    kl_measured, kl_measured_se = mean_se(sequence_kl(generator, p_tokens, p_reveal, p_logp, sampler, args.chunk))
     policy_r = judge_rewards(judge, p_tokens, args.chunk).view(P, m)
 
     # which KL picks N
@@ -235,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     # best-of-N pool from the starting generator
     print(f"sampling {P} x {n_best} from the generator and {P} x {m} from the policy "
           f"(T={length}, S={sampler['steps']})", flush=True)
-    g_tokens, _, _ = sample_chunked(generator, prompts, n_best, sampler, seed + 2, args.chunk)
+    g_tokens, _, _ = sample_per_prompt(generator, prompts, n_best, sampler, seed + 2, args.chunk)
     pool = judge_rewards(judge, g_tokens, args.chunk).view(P, n_best)
 
     base_mean, base_se = mean_se(pool.mean(1))
@@ -254,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     curve = []
     for n in sorted({2 ** i for i in range(n_best.bit_length()) if 2 ** i <= n_best} | {n_best}):
-        r_mean, r_se = mean_se(pool[:, :n].max(1).values)
+        r_mean, r_se = mean_se(best_of_n_expectation(pool, pool, n))
         curve.append({"n": n, "kl_bound": bon_kl_bound(n), "reward_mean": r_mean, "reward_se": r_se})
     report = {
         "bench": "quality", "threads": torch.get_num_threads(), "machine": info,

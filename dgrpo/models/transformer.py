@@ -1,7 +1,7 @@
 """Bidirectional transformer trunk shared by the diffusion LM and the judge.
 
 Pre-LayerNorm blocks, PyTorch scaled-dot-product attention without a causal
-mask, rotary position embeddings. Rotary positions matter here: with learned
+mask (`causal` turns one on for the autoregressive evaluation LM, char_lm.py), rotary position embeddings. Rotary positions matter here: with learned
 absolute positions a 4x128 masked-diffusion model sat on the unigram plateau
 (3.27 nats) for 800 steps, with RoPE it reached 2.5 by step 200. Queries and keys
 are RMS-normalised per head (QK-norm) in the presets: with pretraining's identity
@@ -36,6 +36,9 @@ class ModelConfig:
     # off for checkpoints written before this field existed
     qk_norm: bool = False
     attn_scale: Optional[float] = None  # None: 1/sqrt(head size)
+    # each position attends only to itself and earlier ones (the autoregressive evaluation LM);
+    # off for the diffusion generator and the judge
+    causal: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,6 +116,7 @@ class SelfAttention(nn.Module):
         self.rotary = rotary
         self.qk_norm = cfg.qk_norm
         self.scale = cfg.attn_scale
+        self.causal = cfg.causal
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -127,9 +131,13 @@ class SelfAttention(nn.Module):
             # inductor fuses the softmax of this explicit form into its own kernels; for short CPU
             # blocks that beats the flash kernel (1.06x forward+backward, small preset, 2 threads)
             scale = self.scale if self.scale is not None else q.size(-1) ** -0.5
-            y = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1) @ v
+            att = (q @ k.transpose(-2, -1)) * scale
+            if self.causal:
+                future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+                att = att.masked_fill(future, float("-inf"))
+            y = att.softmax(dim=-1) @ v
         else:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.causal, scale=self.scale)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 

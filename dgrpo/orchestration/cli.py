@@ -13,19 +13,21 @@ from pathlib import Path
 
 import click
 
-from .config import ConfigError, JudgeTrainConfig, PretrainConfig, TrainConfig, load_config, to_dict, to_yaml
+from .config import (ConfigError, JudgeTrainConfig, LMTrainConfig, PretrainConfig, TrainConfig, load_config, to_dict,
+                     to_yaml)
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from ..corpus import CorpusError, VocabularyError
+    from ..evaluation import EvaluationError
     from ..models.checkpoint import CheckpointError
     from ..models.pretrain import CompileError
     from ..protocols import CodecError
     from .errors import RunError
     return USER_ERRORS + (CorpusError, VocabularyError, CheckpointError, CodecError, RunError, FileNotFoundError,
-                          CompileError)
+                          CompileError, EvaluationError)
 
 
 def friendly(fn):
@@ -64,27 +66,41 @@ def main():
     """diffusion-grpo: GRPO fine-tuning of masked-diffusion language models on Ray."""
 
 
+def trainer_options(fn):
+    """The flags of the single-process trainers (pretrain, lm train)."""
+    options = [
+        click.option("--preset", type=click.Choice(["tiny", "small", "base"]), default=None),
+        click.option("--corpus", "corpus_path", type=click.Path(), default=None,
+                     help="local UTF-8 text file (default: download tiny Shakespeare)"),
+        click.option("--max-iters", type=int, default=None),
+        click.option("--max-minutes", type=float, default=None),
+        click.option("--out", type=click.Path(), default=None, help="checkpoint directory"),
+        click.option("--resume", is_flag=True, help="continue from the checkpoint in --out"),
+        click.option("--threads", type=int, default=None, help="torch threads (default: all cores)"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def trainer_setup(cls, config_file, overrides, corpus_path, threads, **flags):
+    """(validated config, its corpus) of a single-process trainer; prints the config."""
+    from ..corpus import load_corpus
+    cfg = load_config(cls, config_file, flag_overrides(**flags, **{"corpus.path": corpus_path}) + list(overrides))
+    set_threads(threads)
+    click.echo(to_yaml(cfg))
+    return cfg, load_corpus(cfg.corpus.path, cfg.corpus.cache_dir, cfg.corpus.val_fraction)
+
+
 @main.command()
 @config_options
-@click.option("--preset", type=click.Choice(["tiny", "small", "base"]), default=None)
-@click.option("--corpus", "corpus_path", type=click.Path(), default=None,
-              help="local UTF-8 text file (default: download tiny Shakespeare)")
-@click.option("--max-iters", type=int, default=None)
-@click.option("--max-minutes", type=float, default=None)
-@click.option("--out", type=click.Path(), default=None, help="checkpoint directory")
-@click.option("--resume", is_flag=True, help="continue from the checkpoint in --out")
-@click.option("--threads", type=int, default=None, help="torch threads (default: all cores)")
+@trainer_options
 @friendly
 def pretrain(config_file, overrides, preset, corpus_path, max_iters, max_minutes, out, resume, threads):
     """Supervised masked-diffusion pretraining of the generator."""
-    from ..corpus import load_corpus
     from ..models.pretrain import pretrain as run_pretrain
-    cfg = load_config(PretrainConfig, config_file, flag_overrides(
-        preset=preset, max_iters=max_iters, max_minutes=max_minutes, out=out,
-        **{"corpus.path": corpus_path}) + list(overrides))
-    set_threads(threads)
-    click.echo(to_yaml(cfg))
-    corpus = load_corpus(cfg.corpus.path, cfg.corpus.cache_dir, cfg.corpus.val_fraction)
+    cfg, corpus = trainer_setup(PretrainConfig, config_file, overrides, corpus_path, threads, preset=preset,
+                                max_iters=max_iters, max_minutes=max_minutes, out=out)
     state = run_pretrain(cfg, corpus, to_dict(cfg), resume=resume)
     click.echo(f"done: iter {state.get('iter')}, val masked-token CE {state.get('val_loss'):.4f} nats, "
                f"{state.get('wall_time_s', 0):.0f} s, checkpoint {cfg.out}")
@@ -155,6 +171,88 @@ def judge_eval(judge_ckpt, generator, corpus_path, windows, seed):
     click.echo(json.dumps(figures, indent=2))
 
 
+@main.group()
+def lm():
+    """The autoregressive character language model of the gold evaluation."""
+
+
+@lm.command("train")
+@config_options
+@trainer_options
+@friendly
+def lm_train(config_file, overrides, preset, corpus_path, max_iters, max_minutes, out, resume, threads):
+    """Train a causal character LM by maximum likelihood on the train split; reports held-out bits per character."""
+    from ..models.char_lm import train_char_lm
+    cfg, corpus = trainer_setup(LMTrainConfig, config_file, overrides, corpus_path, threads, preset=preset,
+                                max_iters=max_iters, max_minutes=max_minutes, out=out)
+    state = train_char_lm(cfg, corpus, to_dict(cfg), resume=resume)
+    click.echo(f"done: iter {state.get('iter')}, held-out {state.get('val_bits_per_char'):.4f} bits/char, "
+               f"{state.get('wall_time_s', 0):.0f} s, checkpoint {cfg.out}")
+
+
+def _int_list(text: str | None, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in (text or "").split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes a comma-separated list of integers, got {text!r}") from None
+
+
+@main.command("evaluate")
+@click.option("--policy", "policies", multiple=True, type=click.Path(),
+              help="GRPO checkpoint (weights + its stored reference); repeatable")
+@click.option("--run", "runs", multiple=True, type=click.Path(),
+              help="a GRPO run directory: every checkpoint under RUN/checkpoints; repeatable")
+@click.option("--generator", type=click.Path(), default=None,
+              help="base generator (default: the first policy's stored reference)")
+@click.option("--best-of", default=None, help="best-of-N from the base generator, e.g. 1,2,4,8,16,32,64")
+@click.option("--pool", type=int, default=None, help="best-of-N pool per prompt (default: the largest N)")
+@click.option("--judge", "judge_ckpt", type=click.Path(), default=None,
+              help="proxy judge (default: the run's reward.judge_checkpoint)")
+@click.option("--gold", type=click.Path(), default=None, help="gold judge, trained independently of the proxy")
+@click.option("--lm", "lm_ckpt", type=click.Path(), default=None, help="`dgrpo lm train` checkpoint")
+@click.option("--prompts", default=64, show_default=True, help="held-out prompts (validation windows)")
+@click.option("--samples-per-prompt", default=4, show_default=True, help="samples of the base and of each policy")
+@click.option("--seed", type=int, default=None, help="prompt seed (default: the run's run.eval_seed)")
+@click.option("--corpus", "corpus_path", type=click.Path(), default=None, help="default: the run's corpus.path")
+@click.option("--prompt-kind", type=click.Choice(["unconditional", "infill"]), default=None)
+@click.option("--mask-fraction", type=float, default=None)
+@click.option("--length", type=int, default=None, help="characters per sample (default: the run's)")
+@click.option("--steps", type=int, default=None, help="sampler steps (default: the run's)")
+@click.option("--temperature", type=float, default=None)
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--order", type=click.Choice(["random", "confidence"]), default=None)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]), default="fp32", show_default=True,
+              help="fp32 keeps the measured KL exact (sampler and replay in one precision)")
+@click.option("--chunk", default=256, show_default=True, help="rows per sampler / judge / LM call")
+@click.option("--threads", type=int, default=None)
+@click.option("--out", required=True, type=click.Path(), help="JSON file")
+@friendly
+def evaluate_cmd(policies, runs, generator, best_of, pool, judge_ckpt, gold, lm_ckpt, prompts, samples_per_prompt,
+                 seed, corpus_path, prompt_kind, mask_fraction, length, steps, temperature, top_k, top_p, order,
+                 precision, chunk, threads, out):
+    """Gold evaluation: proxy and gold reward, LM bits/char, diversity and KL per sequence, with s.e."""
+    from ..evaluation import EvaluateOptions, evaluate, format_report
+    from .errors import RunError
+    policies = list(policies)
+    for run in runs:
+        found = sorted((Path(run) / "checkpoints").glob("step_*"))  # as driver.find_checkpoints, without Ray
+        if not found:
+            raise RunError(f"--run {run}: no checkpoints under {Path(run) / 'checkpoints'}")
+        policies += [str(p) for p in found]
+    set_threads(threads)
+    opts = EvaluateOptions(
+        policies=policies, generator=generator, best_of=_int_list(best_of, "--best-of"), pool=pool, judge=judge_ckpt,
+        gold=gold, lm=lm_ckpt, prompts=prompts, samples_per_prompt=samples_per_prompt, seed=seed, corpus=corpus_path,
+        prompt_kind=prompt_kind, mask_fraction=mask_fraction, length=length, precision=precision, chunk=chunk,
+        sampler={"steps": steps, "temperature": temperature, "top_k": top_k, "top_p": top_p, "order": order})
+    report = evaluate(opts, log=click.echo)
+    click.echo(format_report(report))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2))
+    click.echo(f"{report['timings']['total_s']:.1f} s; wrote {out}")
+
+
 @main.command()
 @config_options
 @click.option("--resume", is_flag=True, help="continue from the last checkpoint in run.out_dir")
@@ -208,10 +306,10 @@ def tune_cmd(config_file, overrides, search_file, num_samples, scheduler, metric
 
 
 @main.command()
-@click.argument("kind", type=click.Choice(["pretrain", "judge", "train"]), default="train")
+@click.argument("kind", type=click.Choice(["pretrain", "judge", "train", "lm"]), default="train")
 def config(kind):
     """Print the default config tree of a command as YAML."""
-    cls = {"pretrain": PretrainConfig, "judge": JudgeTrainConfig, "train": TrainConfig}[kind]
+    cls = {"pretrain": PretrainConfig, "judge": JudgeTrainConfig, "train": TrainConfig, "lm": LMTrainConfig}[kind]
     if cls is JudgeTrainConfig:
         click.echo(to_yaml(cls(generator="GENERATOR_CHECKPOINT")))
     else:
@@ -219,12 +317,29 @@ def config(kind):
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path())
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--overoptimization", is_flag=True,
+              help="PATHS are `dgrpo evaluate` JSONs: plot proxy and gold reward vs sqrt(KL) with Gao fits")
+@click.option("--out", type=click.Path(), default="overoptimization.png", show_default=True,
+              help="with --overoptimization: the PNG (the curves and fits go to the same name .json)")
 @friendly
-def report(run_dir):
-    """PNG plots (reward, KL, loss, clip fraction, throughput, phase times) and report.md for a run."""
+def report(paths, overoptimization, out):
+    """PNG plots (reward, KL, loss, clip fraction, throughput, phase times) and report.md for a run directory;
+    with --overoptimization, the over-optimisation plot of evaluate JSONs."""
+    if overoptimization:
+        from ..evaluation.overoptimization import format_fit
+        from ..evaluation.plot import plot_overoptimization
+        summary = plot_overoptimization(paths, out)
+        for curve in summary["curves"]:
+            for reward in ("proxy", "gold"):
+                click.echo(f"{curve['label']}, {reward}: {format_fit(curve['fits'][reward])}")
+        click.echo(f"wrote {summary['plot']} and {Path(summary['plot']).with_suffix('.json')}")
+        return
+    from .errors import RunError
+    if len(paths) != 1:
+        raise RunError("dgrpo report takes one run directory (or --overoptimization and evaluate JSONs)")
     from .report import make_report
-    summary = make_report(run_dir)
+    summary = make_report(paths[0])
     click.echo(json.dumps(summary, indent=2))
 
 

@@ -112,6 +112,29 @@ class JudgeTrainConfig(Section):
     corpus: CorpusConfig = CorpusConfig()
 
 
+class LMTrainConfig(Section):
+    """The autoregressive character model of the gold evaluation (dgrpo/models/char_lm.py)."""
+    preset: Literal["tiny", "small", "base"] = "small"
+    out: str = "runs/lm"
+    seed: int = 0
+    max_iters: int = Field(3000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    block_size: Optional[int] = Field(None, ge=8, description=(
+        "override the preset's block size; at least the length of the texts it will score"))
+    lr: float = Field(2e-3, gt=0)
+    min_lr: float = Field(1e-4, ge=0)
+    warmup_iters: int = Field(100, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = Field(1.0, gt=0)
+    dropout: Optional[float] = Field(None, ge=0, lt=1, description="override the preset's dropout")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    eval_every: int = Field(500, ge=1)
+    eval_windows: int = Field(256, ge=1, description="held-out validation windows per evaluation")
+    max_minutes: Optional[float] = Field(None, gt=0, description="stop (and checkpoint) after this wall time")
+    corpus: CorpusConfig = CorpusConfig()
+
+
 class GeneratorConfig(Section):
     checkpoint: Optional[str] = Field(None, description="pretrained generator; None = fresh init of `preset`")
     preset: Literal["tiny", "small", "base"] = "tiny"
