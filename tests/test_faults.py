@@ -26,11 +26,11 @@ import torch
 from safetensors.torch import load_file
 
 from dgrpo.actors.judge import JudgeWorker
+from dgrpo.actors.learner import LearnerActor
 from dgrpo.actors.rollout import RolloutWorker
-from dgrpo.learner.actor import LearnerActor
-from dgrpo.orchestration.config import TrainConfig
+from dgrpo.config import TrainConfig
+from dgrpo.errors import RunError
 from dgrpo.orchestration.driver import Driver
-from dgrpo.orchestration.errors import RunError
 from dgrpo.orchestration.metrics import read_jsonl
 from dgrpo.protocols.rollout_log import read_rollout_log
 

@@ -8,11 +8,11 @@ import torch
 
 from dgrpo.actors.judge import JudgeWorker
 from dgrpo.actors.rollout import RolloutWorker
+from dgrpo.config import GRPOConfig, RewardConfig, TrainConfig
 from dgrpo.corpus import load_corpus, make_prompts, random_windows
 from dgrpo.learner.core import LearnerCore
 from dgrpo.models.diffusion import DiffusionLM
 from dgrpo.models.transformer import preset_config
-from dgrpo.orchestration.config import GRPOConfig, RewardConfig, TrainConfig
 from dgrpo.orchestration.driver import run_training
 from dgrpo.protocols import RolloutRequest, WeightSnapshot
 from dgrpo.protocols.rollout_log import read_rollout_log

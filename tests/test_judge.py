@@ -6,16 +6,16 @@ import torch
 from click.testing import CliRunner
 from scipy import stats
 
+from dgrpo.config import JudgeTrainConfig, to_dict
 from dgrpo.corpus import CharTokenizer, VocabularyError, fixed_windows, load_corpus
 from dgrpo.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dgrpo.models.diffusion import DiffusionLM
 from dgrpo.models.generation import generate_texts
 from dgrpo.models.judge import Judge, judge_config, load_judge
-from dgrpo.models.judge_training import (auc, average_ranks, build_refills, copy_generator_trunk, judge_targets,
-                                         realised_fractions, sample_fractions, spearman, train_judge)
 from dgrpo.models.transformer import preset_config
 from dgrpo.orchestration.cli import main
-from dgrpo.orchestration.config import JudgeTrainConfig, to_dict
+from dgrpo.training.judge import (auc, average_ranks, build_refills, copy_generator_trunk, judge_targets,
+                                         realised_fractions, sample_fractions, spearman, train_judge)
 
 FIGURES = ("auc", "spearman", "score_real", "score_generated")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from dgrpo.orchestration.config import TrainConfig
+from dgrpo.config import TrainConfig
 from dgrpo.orchestration.driver import Driver
 from dgrpo.orchestration.metrics import read_jsonl
 from dgrpo.protocols.rollout_log import read_rollout_log

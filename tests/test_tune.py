@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from dgrpo.orchestration.config import ConfigError, TrainConfig, load_config
+from dgrpo.config import TrainConfig, load_config
+from dgrpo.errors import ConfigError
 from dgrpo.orchestration.tune import (SearchSpec, TuneSettings, apply_params, load_search, num_grid_points,
                                       to_param_space, trial_bundles)
 

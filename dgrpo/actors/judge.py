@@ -9,8 +9,9 @@ import torch
 
 from ..corpus import CharTokenizer
 from ..models.rewards import build_reward, compute_rewards
+from ..precision import pick_device
 from ..protocols import RolloutBatch, ScoredBatch
-from .telemetry import ActorTelemetry, pick_device
+from .telemetry import ActorTelemetry
 
 
 class JudgeWorker:

@@ -12,10 +12,11 @@ import time
 import torch
 
 from ..models.diffusion import DiffusionLM
-from ..models.sampler import resolve_precision, sample
+from ..models.sampler import sample
 from ..models.transformer import ModelConfig
+from ..precision import pick_device, resolve_precision
 from ..protocols import RolloutBatch, RolloutRequest, WeightSnapshot
-from .telemetry import ActorTelemetry, pick_device
+from .telemetry import ActorTelemetry
 
 
 class StaleWorkerError(RuntimeError):

@@ -11,7 +11,7 @@ n_chars + 1 is [CLS].
 
 score(tokens) = sigmoid(logit) in [0, 1]: the judge's estimate of the fraction
 of positions re-filled by the generator (target g(x) = x, see
-judge_training.judge_targets), so higher = more synthetic and the reward is
+training.judge.judge_targets), so higher = more synthetic and the reward is
 1 - score.
 
 The window logit is head(h[CLS]) + mean over positions of token_head(h[p]).
@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 
 from ..corpus import CharTokenizer, VocabularyError
+from ..precision import autocast_context
 from .checkpoint import CheckpointError, load_checkpoint
-from .sampler import autocast_context
 from .transformer import ModelConfig, Trunk, preset_config
 
 

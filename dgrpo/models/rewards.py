@@ -13,12 +13,12 @@ Pure torch: no Ray here.
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
 
 from ..corpus import CharTokenizer, VocabularyError
-from ..learner.grpo import validate_rewards
 
 _DECODE_MASK = "\x00"  # a [MASK] left in a sequence decodes to NUL, never to a corpus character
 
@@ -171,6 +171,38 @@ def build_reward(cfg, tokenizer: CharTokenizer, device: torch.device | str = "cp
     if kind == "regex":
         return RegexReward(tokenizer, getattr(cfg, "pattern", ""), bool(getattr(cfg, "normalize", True)))
     raise ValueError(f"unknown reward kind {kind!r}; choose one of {', '.join(REWARD_KINDS)}")
+
+
+def validate_rewards(rewards: torch.Tensor, n: int) -> None:
+    """Raise ValueError unless ``rewards`` has shape (n,) and every entry is finite.
+
+    The message names the offending rows (the first 20) and says the reward
+    function must return n finite floats.
+    """
+    need = f"the reward function must return {n} finite floats (shape ({n},))"
+    if not isinstance(rewards, torch.Tensor):
+        try:
+            rewards = torch.as_tensor(rewards)
+        except Exception as exc:  # noqa: BLE001 - re-raised as ValueError with context
+            raise ValueError(f"{need}; got an object of type {type(rewards).__name__}") from exc
+    if tuple(rewards.shape) != (n,):
+        raise ValueError(f"{need}; got shape {tuple(rewards.shape)}")
+    if rewards.dtype.is_complex:
+        raise ValueError(f"{need}; got complex dtype {rewards.dtype}")
+    if rewards.is_floating_point():
+        bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+        if bad:
+            shown = bad[:20]
+            more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
+            values = ", ".join(_fmt(float(rewards[i])) for i in shown)
+            raise ValueError(f"{need}; non-finite rewards at rows {shown}{more} "
+                             f"(values: {values})")
+
+
+def _fmt(v: float) -> str:
+    if math.isnan(v):
+        return "nan"
+    return "inf" if v > 0 else "-inf"
 
 
 def compute_rewards(fn: RewardFunction, tokens: torch.Tensor) -> torch.Tensor:

@@ -13,19 +13,18 @@ from pathlib import Path
 
 import click
 
-from .config import ConfigError, JudgeTrainConfig, PretrainConfig, TrainConfig, load_config, to_dict, to_yaml
+from ..config import JudgeTrainConfig, PretrainConfig, TrainConfig, load_config, to_dict, to_yaml
+from ..errors import ConfigError, RunError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, RunError)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from ..corpus import CorpusError, VocabularyError
     from ..models.checkpoint import CheckpointError
-    from ..models.pretrain import CompileError
     from ..protocols import CodecError
-    from .errors import RunError
-    return USER_ERRORS + (CorpusError, VocabularyError, CheckpointError, CodecError, RunError, FileNotFoundError,
-                          CompileError)
+    from ..training.pretrain import CompileError
+    return USER_ERRORS + (CorpusError, VocabularyError, CheckpointError, CodecError, FileNotFoundError, CompileError)
 
 
 def friendly(fn):
@@ -78,7 +77,7 @@ def main():
 def pretrain(config_file, overrides, preset, corpus_path, max_iters, max_minutes, out, resume, threads):
     """Supervised masked-diffusion pretraining of the generator."""
     from ..corpus import load_corpus
-    from ..models.pretrain import pretrain as run_pretrain
+    from ..training.pretrain import pretrain as run_pretrain
     cfg = load_config(PretrainConfig, config_file, flag_overrides(
         preset=preset, max_iters=max_iters, max_minutes=max_minutes, out=out,
         **{"corpus.path": corpus_path}) + list(overrides))
@@ -132,7 +131,7 @@ def judge():
 @friendly
 def judge_train(config_file, overrides, generator, corpus_path, preset, max_iters, max_minutes, out, resume, threads):
     """Train the judge on real windows partly re-filled by the generator."""
-    from ..models.judge_training import train_judge
+    from ..training.judge import train_judge
     cfg = load_config(JudgeTrainConfig, config_file, flag_overrides(
         generator=generator, preset=preset, max_iters=max_iters, max_minutes=max_minutes, out=out,
         **{"corpus.path": corpus_path}) + list(overrides))
@@ -150,7 +149,7 @@ def judge_train(config_file, overrides, generator, corpus_path, preset, max_iter
 @friendly
 def judge_eval(judge_ckpt, generator, corpus_path, windows, seed):
     """AUC, Spearman and mean scores on held-out windows; writes eval.json beside the judge."""
-    from ..models.judge_training import evaluate_judge_cli
+    from ..training.judge import evaluate_judge_cli
     figures = evaluate_judge_cli(judge_ckpt, generator, corpus_path, windows, seed)
     click.echo(json.dumps(figures, indent=2))
 

@@ -28,17 +28,17 @@ import ray
 import torch
 
 from ..actors.judge import JudgeWorker
+from ..actors.learner import LearnerActor
 from ..actors.rollout import RolloutWorker, StaleWorkerError
+from ..config import TrainConfig, to_dict, to_yaml
 from ..corpus import CharTokenizer, PromptStream, check_length, fixed_windows, load_corpus, make_prompts
-from ..learner.actor import LearnerActor
+from ..errors import RunError
 from ..models.checkpoint import CheckpointError, load_checkpoint
-from ..models.diffusion import DiffusionLM
+from ..models.diffusion import DiffusionLM, load_generator
 from ..models.transformer import preset_config
 from ..protocols import CodecError, RolloutRequest, ScoredBatch, WeightSnapshot
 from ..protocols.rollout_log import RolloutLogWriter, read_rollout_log
 from .cluster import connect, make_actor
-from .config import TrainConfig, to_dict, to_yaml
-from .errors import RunError
 from .fault import ActorGroup, Slot
 from .metrics import MetricsLogger, truncate_jsonl
 
@@ -53,19 +53,15 @@ class Pending:
     epoch: int = 0  # the slot's incarnation when the call was made
 
 
-def load_generator(cfg: TrainConfig, corpus_path, cache_dir, val_fraction):
-    """(tokenizer, model config, initial weights, corpus) from a checkpoint or a fresh preset."""
+def initial_policy(cfg: TrainConfig):
+    """(tokenizer, initial policy, corpus): the pretrained generator, or a fresh `generator.preset`."""
+    c = cfg.corpus
     if cfg.generator.checkpoint:
-        ckpt = load_checkpoint(cfg.generator.checkpoint, expect_kind="generator")
-        tokenizer = CharTokenizer.from_dict(ckpt.vocab)
-        model = ckpt.load_weights_into(DiffusionLM(ckpt.model_config))
-        corpus = load_corpus(corpus_path, cache_dir, val_fraction, tokenizer=tokenizer)
-    else:
-        corpus = load_corpus(corpus_path, cache_dir, val_fraction)
-        tokenizer = corpus.tokenizer
-        torch.manual_seed(cfg.run.seed)
-        model = DiffusionLM(preset_config(cfg.generator.preset, tokenizer.vocab_size))
-    return tokenizer, model, corpus
+        model, tokenizer, _ = load_generator(cfg.generator.checkpoint)
+        return tokenizer, model, load_corpus(c.path, c.cache_dir, c.val_fraction, tokenizer=tokenizer)
+    corpus = load_corpus(c.path, c.cache_dir, c.val_fraction)
+    torch.manual_seed(cfg.run.seed)
+    return corpus.tokenizer, DiffusionLM(preset_config(cfg.generator.preset, corpus.tokenizer.vocab_size)), corpus
 
 
 def check_judge_vocabulary(cfg: TrainConfig, tokenizer: CharTokenizer, length: int) -> None:
@@ -120,7 +116,7 @@ class Driver:
         self.out = Path(cfg.run.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         run = cfg.run
-        tokenizer, model, corpus = load_generator(cfg, cfg.corpus.path, cfg.corpus.cache_dir, cfg.corpus.val_fraction)
+        tokenizer, model, corpus = initial_policy(cfg)
         self.tokenizer = tokenizer
         self.length = cfg.prompts.length or model.cfg.block_size
         if self.length > model.cfg.block_size:

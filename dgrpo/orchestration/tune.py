@@ -41,8 +41,8 @@ from typing import Literal, Optional
 
 from pydantic import Field, ValidationError
 
-from .config import (ConfigError, Section, TrainConfig, _format_errors, deep_merge, read_yaml_mapping, to_dict,
-                     to_yaml)
+from ..config import Section, TrainConfig, _format_errors, deep_merge, read_yaml_mapping, to_dict, to_yaml
+from ..errors import ConfigError
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 # config keys holding file paths: made absolute, because Tune runs each trial in its own working directory

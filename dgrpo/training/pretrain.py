@@ -12,11 +12,11 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from ..corpus import Corpus, check_length, fixed_windows, random_windows
-from .checkpoint import MODEL_FILE, CheckpointError, load_checkpoint, save_checkpoint
-from .diffusion import DiffusionLM, diffusion_loss, mask_tokens, masked_token_ce
-from .optim import ChainedOptimizer, Muon
-from .sampler import autocast_context, resolve_precision
-from .transformer import preset_config
+from ..models.checkpoint import MODEL_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from ..models.diffusion import DiffusionLM, diffusion_loss, mask_tokens, masked_token_ce
+from ..models.optim import make_optimizer
+from ..models.transformer import preset_config
+from ..precision import autocast_context, resolve_precision
 
 TRAIN_WEIGHTS = "train_weights"  # the raw training weights when the checkpoint holds an EMA
 
@@ -82,30 +82,6 @@ def compile_errors_explained():
     except torch._dynamo.exc.TorchDynamoException as e:
         raise CompileError(f"torch.compile of the training step failed ({type(e).__name__}: {str(e)[:300]}); "
                            f"train without it: --set compile=false") from e
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas,
-                   kind: str = "adamw", split_qkv: bool = False) -> torch.optim.Optimizer | ChainedOptimizer:
-    """AdamW on everything, or Muon on the hidden weight matrices (attention and MLP) with
-    AdamW on embeddings, head and norms. Muon's step is scaled to AdamW's update RMS
-    ("match_rms_adamw"), so both use the same lr and the same schedule. split_qkv: Muon
-    orthogonalises the query, key and value blocks of the fused qkv matrix one by one."""
-    if kind not in ("adamw", "muon"):
-        raise ValueError(f"unknown optimizer {kind!r}; choose adamw or muon")
-    params = dict(model.named_parameters())
-    hidden = [n for n, p in params.items() if p.dim() == 2 and ".blocks." in f".{n}"]
-    decay = [p for n, p in params.items() if p.dim() >= 2 and (kind == "adamw" or n not in hidden)]
-    no_decay = [p for p in params.values() if p.dim() < 2]
-    adamw = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
-    if kind == "adamw":
-        return adamw
-    qkv = [n for n in hidden if split_qkv and n.endswith("attn.qkv.weight")]
-    groups = [{"params": [params[n] for n in hidden if n not in qkv]}]
-    if qkv:
-        groups.append({"params": [params[n] for n in qkv], "split": 3})
-    muon = Muon(groups, lr=lr, weight_decay=weight_decay, momentum=0.95, adjust_lr_fn="match_rms_adamw")
-    return ChainedOptimizer(muon, adamw)
 
 
 def pretrain(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progress: bool = True,

@@ -14,9 +14,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    pass
+from .errors import ConfigError
 
 
 class Section(BaseModel):

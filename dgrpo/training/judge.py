@@ -62,11 +62,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..corpus import CharTokenizer, check_length, fixed_windows, load_corpus, random_windows
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .diffusion import DiffusionLM
-from .judge import Judge, judge_config, load_judge
-from .pretrain import make_optimizer, scheduled_lr
-from .sampler import autocast_context, resolve_precision, sample
+from ..errors import ConfigError
+from ..models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..models.diffusion import DiffusionLM, load_generator
+from ..models.judge import Judge, judge_config, load_judge
+from ..models.optim import make_optimizer
+from ..models.sampler import sample
+from ..precision import autocast_context, resolve_precision
+from .pretrain import scheduled_lr
 
 EVAL_FILE = "eval.json"
 FIGURE_KEYS = ("auc", "spearman", "score_real", "score_generated")
@@ -228,19 +231,6 @@ def write_eval_json(directory, figures: dict) -> Path:
 
 # --- loading ----------------------------------------------------------------------------------
 
-def load_generator(path, device: torch.device | str = "cpu"):
-    """(frozen DiffusionLM in eval mode, its tokenizer, checkpoint) from a generator checkpoint."""
-    ckpt = load_checkpoint(path, expect_kind="generator")
-    tokenizer = CharTokenizer.from_dict(ckpt.vocab)
-    if ckpt.model_config.vocab_size != tokenizer.vocab_size:
-        raise CheckpointError(f"generator checkpoint {path}: model vocab_size {ckpt.model_config.vocab_size} "
-                              f"does not match its {tokenizer.n_chars} characters + [MASK]; it is corrupt")
-    model = DiffusionLM(ckpt.model_config)
-    ckpt.load_weights_into(model)
-    model.to(device).eval().requires_grad_(False)
-    return model, tokenizer, ckpt
-
-
 def copy_generator_trunk(judge: Judge, generator: DiffusionLM) -> bool:
     """Copy the generator's trunk into the judge when the shapes allow (same width/depth/block).
 
@@ -266,11 +256,6 @@ def copy_generator_trunk(judge: Judge, generator: DiffusionLM) -> bool:
     return True
 
 
-def _config_error(msg: str):
-    from ..orchestration.config import ConfigError  # pydantic only, no Ray
-    return ConfigError(msg)
-
-
 # --- training ---------------------------------------------------------------------------------
 
 def train_judge(cfg, config_dict: dict, resume: bool = False, progress: bool = True, log=print,
@@ -281,7 +266,7 @@ def train_judge(cfg, config_dict: dict, resume: bool = False, progress: bool = T
     (None: cfg.init_from_generator if the config has it, else True).
     """
     if cfg.p_real + cfg.p_generated > 1 + 1e-9:
-        raise _config_error(f"p_real ({cfg.p_real}) + p_generated ({cfg.p_generated}) must be at most 1")
+        raise ConfigError(f"p_real ({cfg.p_real}) + p_generated ({cfg.p_generated}) must be at most 1")
     t_run = time.perf_counter()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
@@ -477,7 +462,7 @@ def evaluate_judge_cli(judge_ckpt, generator_ckpt=None, corpus_path=None, window
     corpus = load_corpus(corpus_path if corpus_path is not None else corpus_cfg.get("path"),
                          corpus_cfg.get("cache_dir"), corpus_cfg.get("val_fraction", 0.1), tokenizer=tokenizer)
     if windows < 2:
-        raise _config_error(f"--windows must be >= 2, got {windows}")
+        raise ConfigError(f"--windows must be >= 2, got {windows}")
     autocast_dtype = resolve_precision(cfg.get("precision", "auto"))
     t0 = time.perf_counter()
     figures = evaluate_judge(judge, generator, corpus.val, windows, cfg.get("sampler", {}) or {}, seed,

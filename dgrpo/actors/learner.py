@@ -8,14 +8,13 @@ from pathlib import Path
 
 import torch
 
-from ..actors.telemetry import pick_device
+from ..config import GRPOConfig
+from ..learner.core import LearnerCore
 from ..models.checkpoint import load_checkpoint, save_checkpoint
 from ..models.diffusion import DiffusionLM
-from ..models.sampler import resolve_precision
 from ..models.transformer import ModelConfig
-from ..orchestration.config import GRPOConfig
+from ..precision import pick_device, resolve_precision
 from ..protocols import ScoredBatch, WeightSnapshot
-from .core import LearnerCore
 
 
 class LearnerActor:
