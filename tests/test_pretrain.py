@@ -12,7 +12,8 @@ from dgrpo.models.checkpoint import CheckpointError, load_checkpoint
 from dgrpo.models.diffusion import DiffusionLM
 from dgrpo.models.transformer import preset_config
 from dgrpo.orchestration.cli import main
-from dgrpo.training.pretrain import ema_with_warmup, evaluate_masked_ce, pretrain, scheduled_lr
+from dgrpo.training.loop import scheduled_lr
+from dgrpo.training.pretrain import ema_with_warmup, evaluate_masked_ce, pretrain
 
 LINES = ["the cat sat on the mat.", "a dog ran to the park.", "we eat bread and jam.",
          "she reads a good book.", "it is cold in winter."]

@@ -59,7 +59,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..corpus import CharTokenizer, check_length, fixed_windows, load_corpus, random_windows
 from ..errors import ConfigError
@@ -69,7 +68,7 @@ from ..models.judge import Judge, judge_config, load_judge
 from ..models.optim import make_optimizer
 from ..models.sampler import sample
 from ..precision import autocast_context, resolve_precision
-from .pretrain import scheduled_lr
+from .loop import TrainingLoop
 
 EVAL_FILE = "eval.json"
 FIGURE_KEYS = ("auc", "spearman", "score_real", "score_generated")
@@ -258,188 +257,211 @@ def copy_generator_trunk(judge: Judge, generator: DiffusionLM) -> bool:
 
 # --- training ---------------------------------------------------------------------------------
 
+class RefillPool:
+    """The x > 0 windows of judge training: generator refills of train windows, reused a few
+    times each because generating them is the expensive part; refresh the oldest quarter at a time."""
+
+    def __init__(self, size: int, T: int):
+        self.tokens = torch.zeros(size, T, dtype=torch.long)
+        self.x = torch.zeros(size)
+        self.changed = torch.zeros(size, T, dtype=torch.uint8)  # 1 where the refill differs from the real text
+        self.ptr = 0
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def replace_oldest(self, tokens: torch.Tensor, x: torch.Tensor, changed: torch.Tensor) -> None:
+        idx = (self.ptr + torch.arange(len(x))) % len(self)
+        self.tokens[idx], self.x[idx], self.changed[idx] = tokens, x, changed
+        self.ptr = (self.ptr + len(x)) % len(self)
+
+    def draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pick = torch.randint(0, len(self), (n,), generator=generator)
+        return self.tokens[pick], self.x[pick], self.changed[pick].float()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"tokens": self.tokens, "x": self.x, "changed": self.changed, "ptr": torch.tensor([self.ptr])}
+
+    def load(self, saved: dict[str, torch.Tensor]) -> bool:
+        """Take a saved pool; False (and nothing changed) when it does not have this pool's shape."""
+        if saved.get("tokens") is None or saved["tokens"].shape != self.tokens.shape or "changed" not in saved:
+            return False
+        self.tokens, self.x, self.changed, self.ptr = saved["tokens"], saved["x"], saved["changed"], int(saved["ptr"][0])
+        return True
+
+
+class JudgeTrainer:
+    """One judge training run per `cfg` (JudgeTrainConfig) against cfg.generator (see the module doc)."""
+
+    def __init__(self, cfg, config_dict: dict, resume: bool = False, log=print,
+                 init_from_generator: bool | None = None):
+        if cfg.p_real + cfg.p_generated > 1 + 1e-9:
+            raise ConfigError(f"p_real ({cfg.p_real}) + p_generated ({cfg.p_generated}) must be at most 1")
+        self.t_run = time.perf_counter()
+        self.cfg, self.config_dict, self.log = cfg, config_dict, log
+        torch.manual_seed(cfg.seed)
+        self.out = Path(cfg.out)
+        self.generator, self.tokenizer, self.gen_ckpt = load_generator(cfg.generator)
+        self.gen_path = str(Path(cfg.generator).resolve())
+        self.corpus = load_corpus(cfg.corpus.path, cfg.corpus.cache_dir, cfg.corpus.val_fraction,
+                                  tokenizer=self.tokenizer)
+        self.T = T = self.generator.cfg.block_size
+        check_length(self.corpus.train, T, "train")
+        check_length(self.corpus.val, T, "validation")
+        self.judge = Judge(judge_config(cfg.preset, self.tokenizer.n_chars, T))
+        if init_from_generator is None:
+            init_from_generator = cfg.init_from_generator
+        self.initialised = init_from_generator and copy_generator_trunk(self.judge, self.generator)
+        self.optimizer = make_optimizer(self.judge, cfg.lr, cfg.weight_decay, (0.9, 0.99))
+        self.autocast_dtype = resolve_precision(cfg.precision)
+        self.data_gen = torch.Generator().manual_seed(cfg.seed)
+        self.sample_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.loop = TrainingLoop(cfg, self.optimizer, {"data": self.data_gen, "sample": self.sample_gen}, "judge", log)
+        B = cfg.batch_size
+        self.n_real = min(B, round(B * cfg.p_real))
+        self.n_pool = B - self.n_real  # windows per batch drawn from the pool
+        self.pool = RefillPool(cfg.refill_pool if self.n_pool else 0, T)
+        self.p_gen_pool = min(1.0, cfg.p_generated / (1 - cfg.p_real)) if cfg.p_real < 1 else 0.0
+        self.refill_time, self.eval_time, self.windows_refilled = 0.0, 0.0, 0
+        self.figures, self.train_loss, self.state = None, None, {}
+
+        resumed = resume and (self.out / "config.json").exists()
+        if resumed:
+            self._resume()
+        elif self.initialised:
+            log(f"judge trunk initialised from the generator's ({cfg.preset} preset, same shapes)")
+        self.loop.tick()  # the clock starts: filling the pool and the eval set count as training time
+        if len(self.pool) and not resumed:
+            log(f"filling the refill pool: {len(self.pool)} windows of {T} ({cfg.sampler.steps} sampler steps)")
+            self.pool.replace_oldest(*self.refill(len(self.pool)))
+            self.loop.tick()
+        t0 = time.perf_counter()
+        self.eval_tokens, self.eval_x = make_eval_set(self.generator, self.corpus.val, cfg.eval_windows, cfg.sampler,
+                                                      cfg.seed, self.autocast_dtype)
+        self.eval_set_time = time.perf_counter() - t0
+        log(f"held-out eval set: {3 * cfg.eval_windows} validation windows ({self.eval_set_time:.1f} s to generate)")
+        self.eval_time += self.eval_set_time
+
+    def _resume(self) -> None:
+        out = self.out
+        ckpt = load_checkpoint(out, expect_kind="judge")
+        saved_gen = ckpt.state.get("generator")
+        if saved_gen and saved_gen != self.gen_path:
+            raise CheckpointError(f"{out} was trained against generator {saved_gen}, this run names {self.gen_path}; "
+                                  f"resume with the same generator or use a new --out")
+        CharTokenizer.from_dict(ckpt.vocab).check_same(self.tokenizer, "judge checkpoint vs generator")
+        if ckpt.model_config != self.judge.cfg:
+            raise CheckpointError(f"{out} holds a judge with model {ckpt.model_config.to_dict()}, this run builds "
+                                  f"{self.judge.cfg.to_dict()}; resume with the same preset or use a new --out")
+        ckpt.load_weights_into(self.judge)
+        if len(self.pool) and not self.pool.load(ckpt.load_tensors("pool") if ckpt.has("pool") else {}):
+            raise CheckpointError(f"{out} has no refill pool of {len(self.pool)} windows of {self.T}; resume with "
+                                  f"the same refill_pool / p_real or use a new --out")
+        st = ckpt.state
+        self.refill_time, self.eval_time = st.get("refill_time_s", 0.0), st.get("eval_time_s", 0.0)
+        self.figures, self.windows_refilled = st.get("figures"), st.get("windows_refilled", 0)
+        self.initialised = st.get("init_from_generator", self.initialised)
+        self.state = dict(st)
+        self.loop.resume(ckpt)
+
+    def refill(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """n fresh pool entries: (tokens, realised x, changed) of train windows re-filled by the generator."""
+        t0 = time.perf_counter()
+        windows = random_windows(self.corpus.train, n, self.T, self.data_gen)
+        x = sample_fractions(n, 0.0, self.p_gen_pool, self.data_gen)
+        x = x.clamp_min(1.0 / self.T)  # pool windows hold generated text: at least one re-filled position
+        tokens = build_refills(self.generator, windows, x, self.cfg.sampler, self.sample_gen, self.autocast_dtype)
+        self.refill_time += time.perf_counter() - t0
+        self.windows_refilled += n
+        return tokens, realised_fractions(x, self.T), (tokens != windows).to(torch.uint8)
+
+    def shares(self) -> dict:
+        total = max(self.loop.elapsed, 1e-9)
+        return {"refill_time_s": self.refill_time, "refill_share": self.refill_time / total,
+                "eval_time_s": self.eval_time, "eval_share": self.eval_time / total}
+
+    def step(self, it: int) -> dict:
+        cfg = self.cfg
+        if len(self.pool) and it > 0 and it % cfg.refill_every == 0:
+            self.pool.replace_oldest(*self.refill(max(1, len(self.pool) // 4)))
+        parts, targets, changed = [], [], []
+        if self.n_real:
+            parts.append(random_windows(self.corpus.train, self.n_real, self.T, self.data_gen))
+            targets.append(torch.zeros(self.n_real))
+            changed.append(torch.zeros(self.n_real, self.T))
+        if self.n_pool:
+            tokens, x, ch = self.pool.draw(self.n_pool, self.data_gen)
+            parts.append(tokens)
+            targets.append(x)
+            changed.append(ch)
+        x = torch.cat(parts)
+        y = judge_targets(torch.cat(targets))
+        with autocast_context("cpu", self.autocast_dtype):
+            logits, tok_logits = self.judge(x, token_logits=True)
+        seq_loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        tok_loss = F.binary_cross_entropy_with_logits(tok_logits.float(), torch.cat(changed))
+        loss = seq_loss + cfg.token_loss_weight * tok_loss if cfg.token_loss_weight else seq_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.judge.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.train_loss = float(seq_loss.detach())
+        return {"loss": f"{self.train_loss:.4f}", "tok": f"{float(tok_loss.detach()):.4f}",
+                "refill": f"{self.refill_time / max(self.loop.tick(), 1e-9):.0%}"}
+
+    def checkpoint(self, iters: int) -> None:
+        t0 = time.perf_counter()
+        self.figures = judge_figures(self.judge, self.eval_tokens, self.eval_x, self.cfg.eval_windows,
+                                     self.autocast_dtype)
+        self.judge.train()
+        self.eval_time += time.perf_counter() - t0
+        elapsed = self.loop.tick()
+        figures = self.figures
+        self.loop.history.append({"iter": iters, **_json_safe(figures), "train_loss": self.train_loss,
+                                  "wall_time_s": elapsed})
+        self.log(f"iter {iters}: held-out AUC {figures['auc']:.4f}, Spearman {figures['spearman']:.4f}, "
+                 f"score real {figures['score_real']:.3f}, generated {figures['score_generated']:.3f}, "
+                 f"train BCE {self.train_loss:.4f}, {elapsed:.0f} s, refill generation "
+                 f"{self.refill_time / elapsed:.0%} of the time")
+        self.save(iters)
+
+    def save(self, iters: int) -> None:
+        cfg = self.cfg
+        self.state = {**self.loop.state(iters), **self.shares(), "windows_refilled": self.windows_refilled,
+                      "generator": self.gen_path, "generator_iter": self.gen_ckpt.state.get("iter"),
+                      "preset": cfg.preset, "block_size": self.T, "init_from_generator": self.initialised,
+                      "figures": self.figures, "history": self.loop.history, "train_loss": self.train_loss}
+        extra = self.loop.rng_tensors()
+        if len(self.pool):
+            extra["pool"] = self.pool.tensors()
+        save_checkpoint(self.out, kind="judge", model_config=self.judge.cfg, vocab=self.tokenizer.to_dict(),
+                        weights=self.judge, state=self.state, config=self.config_dict, optimizer=self.optimizer,
+                        extra_tensors=extra)
+        write_eval_json(self.out, {**self.figures, "iter": iters, "generator": self.gen_path, "seed": cfg.seed,
+                                   **self.shares()})
+
+    def run(self, progress: bool = True) -> dict:
+        self.judge.train()
+        self.loop.run(self.step, self.checkpoint, progress)
+        total = time.perf_counter() - self.t_run
+        state = self.state
+        if state:
+            self.log(f"done: iter {state['iter']}, {state['wall_time_s']:.0f} s training wall time ({total:.0f} s in "
+                     f"all), refill generation {state['refill_share']:.0%} of it ({state['refill_time_s']:.0f} s, "
+                     f"{state['windows_refilled']} windows), held-out eval set {self.eval_set_time:.0f} s; "
+                     f"checkpoint {self.out}, figures {self.out / EVAL_FILE}")
+        top = {k: state["figures"][k] for k in FIGURE_KEYS if state.get("figures")}  # also at top level
+        return {**state, **top, "eval_set_time_s": self.eval_set_time, "total_time_s": total}
+
+
 def train_judge(cfg, config_dict: dict, resume: bool = False, progress: bool = True, log=print,
                 init_from_generator: bool | None = None) -> dict:
     """Train a judge per `cfg` (JudgeTrainConfig) against cfg.generator; checkpoint and eval.json in cfg.out.
 
     init_from_generator: copy the generator's trunk into the judge when the presets match
-    (None: cfg.init_from_generator if the config has it, else True).
+    (None: cfg.init_from_generator).
     """
-    if cfg.p_real + cfg.p_generated > 1 + 1e-9:
-        raise ConfigError(f"p_real ({cfg.p_real}) + p_generated ({cfg.p_generated}) must be at most 1")
-    t_run = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    generator, tokenizer, gen_ckpt = load_generator(cfg.generator)
-    gen_path = str(Path(cfg.generator).resolve())
-    corpus = load_corpus(cfg.corpus.path, cfg.corpus.cache_dir, cfg.corpus.val_fraction, tokenizer=tokenizer)
-    T = generator.cfg.block_size
-    check_length(corpus.train, T, "train")
-    check_length(corpus.val, T, "validation")
-    judge = Judge(judge_config(cfg.preset, tokenizer.n_chars, T))
-    if init_from_generator is None:
-        init_from_generator = bool(getattr(cfg, "init_from_generator", True))
-    initialised = init_from_generator and copy_generator_trunk(judge, generator)
-    optimizer = make_optimizer(judge, cfg.lr, cfg.weight_decay, (0.9, 0.99))
-    autocast_dtype = resolve_precision(cfg.precision)
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    sample_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    B = cfg.batch_size
-    n_real = min(B, round(B * cfg.p_real))
-    n_pool_batch = B - n_real
-    pool_size = cfg.refill_pool if n_pool_batch else 0
-    refresh_n = max(1, pool_size // 4)
-    p_gen_pool = min(1.0, cfg.p_generated / (1 - cfg.p_real)) if cfg.p_real < 1 else 0.0
-    pool_tokens = torch.zeros(pool_size, T, dtype=torch.long)
-    pool_x = torch.zeros(pool_size)
-    pool_changed = torch.zeros(pool_size, T, dtype=torch.uint8)  # 1 where the refill differs from the real text
-    token_weight = float(getattr(cfg, "token_loss_weight", 1.0))
-    pool_ptr = 0
-    start_iter, elapsed, refill_time, eval_time, history, figures = 0, 0.0, 0.0, 0.0, [], None
-    windows_refilled = 0
-    state: dict = {}
-
-    resumed = resume and (out / "config.json").exists()
-    if resumed:
-        ckpt = load_checkpoint(out, expect_kind="judge")
-        saved_gen = ckpt.state.get("generator")
-        if saved_gen and saved_gen != gen_path:
-            raise CheckpointError(f"{out} was trained against generator {saved_gen}, this run names {gen_path}; "
-                                  f"resume with the same generator or use a new --out")
-        CharTokenizer.from_dict(ckpt.vocab).check_same(tokenizer, "judge checkpoint vs generator")
-        if ckpt.model_config != judge.cfg:
-            raise CheckpointError(f"{out} holds a judge with model {ckpt.model_config.to_dict()}, this run builds "
-                                  f"{judge.cfg.to_dict()}; resume with the same preset or use a new --out")
-        ckpt.load_weights_into(judge)
-        ckpt.load_optimizer_into(optimizer)
-        rng = ckpt.load_tensors("rng")
-        data_gen.set_state(rng["data"])
-        sample_gen.set_state(rng["sample"])
-        if pool_size:
-            pool = ckpt.load_tensors("pool") if ckpt.has("pool") else {}
-            if pool.get("tokens") is None or tuple(pool["tokens"].shape) != (pool_size, T) or "changed" not in pool:
-                raise CheckpointError(f"{out} has no refill pool of {pool_size} windows of {T}; resume with the "
-                                      f"same refill_pool / p_real or use a new --out")
-            pool_tokens, pool_x, pool_ptr = pool["tokens"], pool["x"], int(pool["ptr"][0])
-            pool_changed = pool["changed"]
-        st = ckpt.state
-        start_iter, elapsed = st["iter"], st["wall_time_s"]
-        refill_time, eval_time = st.get("refill_time_s", 0.0), st.get("eval_time_s", 0.0)
-        history, figures = st.get("history", []), st.get("figures")
-        windows_refilled = st.get("windows_refilled", 0)
-        initialised = st.get("init_from_generator", initialised)
-        state = dict(st)
-        log(f"resumed from {out} at iter {start_iter}")
-    elif initialised:
-        log(f"judge trunk initialised from the generator's ({cfg.preset} preset, same shapes)")
-    t_start = time.perf_counter() - elapsed
-
-    def refill(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        nonlocal refill_time, windows_refilled
-        t0 = time.perf_counter()
-        windows = random_windows(corpus.train, n, T, data_gen)
-        x = sample_fractions(n, 0.0, p_gen_pool, data_gen)
-        x = x.clamp_min(1.0 / T)  # pool windows hold generated text: at least one re-filled position
-        tokens = build_refills(generator, windows, x, cfg.sampler, sample_gen, autocast_dtype)
-        refill_time += time.perf_counter() - t0
-        windows_refilled += n
-        return tokens, realised_fractions(x, T), (tokens != windows).to(torch.uint8)
-
-    if pool_size and not resumed:
-        log(f"filling the refill pool: {pool_size} windows of {T} ({cfg.sampler.steps} sampler steps)")
-        pool_tokens, pool_x, pool_changed = refill(pool_size)
-        elapsed = time.perf_counter() - t_start
-
-    t0 = time.perf_counter()
-    eval_tokens, eval_x = make_eval_set(generator, corpus.val, cfg.eval_windows, cfg.sampler, cfg.seed,
-                                        autocast_dtype)
-    eval_set_time = time.perf_counter() - t0
-    log(f"held-out eval set: {3 * cfg.eval_windows} validation windows ({eval_set_time:.1f} s to generate)")
-
-    eval_time += eval_set_time
-
-    def shares() -> dict:
-        total = max(elapsed, 1e-9)
-        return {"refill_time_s": refill_time, "refill_share": refill_time / total, "eval_time_s": eval_time,
-                "eval_share": eval_time / total}
-
-    def save(it: int) -> None:
-        nonlocal state
-        state = {"iter": it, "wall_time_s": elapsed, **shares(), "windows_refilled": windows_refilled,
-                 "generator": gen_path, "generator_iter": gen_ckpt.state.get("iter"), "preset": cfg.preset,
-                 "block_size": T, "init_from_generator": initialised, "figures": figures, "history": history,
-                 "train_loss": train_loss}
-        extra = {"rng": {"data": data_gen.get_state(), "sample": sample_gen.get_state()}}
-        if pool_size:
-            extra["pool"] = {"tokens": pool_tokens, "x": pool_x, "changed": pool_changed,
-                             "ptr": torch.tensor([pool_ptr])}
-        save_checkpoint(out, kind="judge", model_config=judge.cfg, vocab=tokenizer.to_dict(), weights=judge,
-                        state=state, config=config_dict, optimizer=optimizer, extra_tensors=extra)
-        write_eval_json(out, {**figures, "iter": it, "generator": gen_path, "seed": cfg.seed, **shares()})
-
-    judge.train()
-    bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters,
-               disable=not progress, desc="judge", dynamic_ncols=True, mininterval=5.0)
-    train_loss = None
-    for it in bar:
-        if pool_size and it > 0 and it % cfg.refill_every == 0:
-            idx = (pool_ptr + torch.arange(refresh_n)) % pool_size
-            pool_tokens[idx], pool_x[idx], pool_changed[idx] = refill(refresh_n)
-            pool_ptr = (pool_ptr + refresh_n) % pool_size
-        time_fraction = elapsed / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
-        lr = scheduled_lr(it, cfg.max_iters, cfg.lr, cfg.min_lr, cfg.warmup_iters, time_fraction)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        parts, targets, changed = [], [], []
-        if n_real:
-            parts.append(random_windows(corpus.train, n_real, T, data_gen))
-            targets.append(torch.zeros(n_real))
-            changed.append(torch.zeros(n_real, T))
-        if n_pool_batch:
-            pick = torch.randint(0, pool_size, (n_pool_batch,), generator=data_gen)
-            parts.append(pool_tokens[pick])
-            targets.append(pool_x[pick])
-            changed.append(pool_changed[pick].float())
-        x = torch.cat(parts)
-        y = judge_targets(torch.cat(targets))
-        with autocast_context("cpu", autocast_dtype):
-            logits, tok_logits = judge(x, token_logits=True)
-        seq_loss = F.binary_cross_entropy_with_logits(logits.float(), y)
-        tok_loss = F.binary_cross_entropy_with_logits(tok_logits.float(), torch.cat(changed))
-        loss = seq_loss + token_weight * tok_loss if token_weight else seq_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(judge.parameters(), cfg.grad_clip)
-        optimizer.step()
-        train_loss = float(seq_loss.detach())
-        elapsed = time.perf_counter() - t_start
-        bar.set_postfix(loss=f"{train_loss:.4f}", tok=f"{float(tok_loss.detach()):.4f}", refill=f"{refill_time / max(elapsed, 1e-9):.0%}")
-        last = it + 1 == cfg.max_iters
-        out_of_time = cfg.max_minutes is not None and elapsed > 60 * cfg.max_minutes
-        if (it + 1) % cfg.eval_every == 0 or last or out_of_time:
-            t0 = time.perf_counter()
-            figures = judge_figures(judge, eval_tokens, eval_x, cfg.eval_windows, autocast_dtype)
-            judge.train()
-            eval_time += time.perf_counter() - t0
-            elapsed = time.perf_counter() - t_start
-            history.append({"iter": it + 1, **_json_safe(figures), "train_loss": train_loss, "wall_time_s": elapsed})
-            log(f"iter {it + 1}: held-out AUC {figures['auc']:.4f}, Spearman {figures['spearman']:.4f}, "
-                f"score real {figures['score_real']:.3f}, generated {figures['score_generated']:.3f}, "
-                f"train BCE {train_loss:.4f}, {elapsed:.0f} s, refill generation "
-                f"{refill_time / elapsed:.0%} of the time")
-            save(it + 1)
-        if out_of_time:
-            log(f"stopping: max_minutes={cfg.max_minutes} reached at iter {it + 1}")
-            break
-    bar.close()
-    total = time.perf_counter() - t_run
-    if state:
-        log(f"done: iter {state['iter']}, {state['wall_time_s']:.0f} s training wall time ({total:.0f} s in all), "
-            f"refill generation {state['refill_share']:.0%} of it ({state['refill_time_s']:.0f} s, "
-            f"{state['windows_refilled']} windows), held-out eval set {eval_set_time:.0f} s; checkpoint {out}, "
-            f"figures {out / EVAL_FILE}")
-    top = {k: state["figures"][k] for k in FIGURE_KEYS if state.get("figures")}  # also at top level
-    return {**state, **top, "eval_set_time_s": eval_set_time, "total_time_s": total}
+    return JudgeTrainer(cfg, config_dict, resume, log, init_from_generator).run(progress)
 
 
 def evaluate_judge_cli(judge_ckpt, generator_ckpt=None, corpus_path=None, windows: int = 256, seed: int = 0) -> dict:
