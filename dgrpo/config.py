@@ -207,7 +207,6 @@ class RunConfig(Section):
     eval_seed: int = 1234
     checkpoint_every: int = Field(25, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
-    sample_dump_every: int = Field(10, ge=1)
     log_rollouts: bool = False
     actor_timeout_s: float = Field(300.0, gt=0)
     max_worker_failures: int = Field(10, ge=0, description="stop the run after this many actor deaths")
@@ -228,7 +227,7 @@ class TrainConfig(Section):
     resources: ResourcesConfig = ResourcesConfig()
 
 
-def _format_errors(e: ValidationError) -> str:
+def format_errors(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(root)"
@@ -282,7 +281,7 @@ def load_config(cls: type[Section], path: str | Path | None = None, overrides: l
         return cls.model_validate(data)
     except ValidationError as e:
         where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid configuration{where}:\n{_format_errors(e)}") from None
+        raise ConfigError(f"invalid configuration{where}:\n{format_errors(e)}") from None
 
 
 def deep_merge(a: dict, b: dict) -> dict:

@@ -8,7 +8,7 @@ import torch
 
 from dgrpo.actors.judge import JudgeWorker
 from dgrpo.actors.rollout import RolloutWorker
-from dgrpo.config import GRPOConfig, RewardConfig, TrainConfig
+from dgrpo.config import GRPOConfig, RewardConfig, SamplerConfig, TrainConfig
 from dgrpo.corpus import load_corpus, make_prompts, random_windows
 from dgrpo.learner.core import LearnerCore
 from dgrpo.models.diffusion import DiffusionLM
@@ -38,8 +38,7 @@ def local_rollouts(corpus_file, n_prompts=4, k=4, steps=6, seed=0):
     corpus = load_corpus(corpus_file)
     torch.manual_seed(seed)
     model = DiffusionLM(preset_config("tiny", corpus.tokenizer.vocab_size))
-    worker = RolloutWorker(0, model.cfg.to_dict(), {"steps": steps, "temperature": 1.0, "top_k": 0,
-                                                    "top_p": 1.0, "order": "random"})
+    worker = RolloutWorker(0, model.cfg, SamplerConfig(steps=steps))
     worker.set_weights(WeightSnapshot.from_module(model, 0))
     windows = random_windows(corpus.train, n_prompts, model.cfg.block_size, torch.Generator().manual_seed(seed))
     prompts = make_prompts(windows, corpus.tokenizer.mask_id, "infill", 0.5, torch.Generator().manual_seed(seed))
@@ -79,9 +78,8 @@ def test_learner_skips_groups_without_signal(tiny_corpus_file):
 def test_weight_versions_reach_every_worker(ray_cluster, tiny_corpus_file):
     corpus = load_corpus(tiny_corpus_file)
     model = DiffusionLM(preset_config("tiny", corpus.tokenizer.vocab_size))
-    sampler = {"steps": 4, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "order": "random"}
     Worker = ray.remote(RolloutWorker).options(num_cpus=0.5)
-    workers = [Worker.remote(i, model.cfg.to_dict(), sampler) for i in range(3)]
+    workers = [Worker.remote(i, model.cfg, SamplerConfig(steps=4)) for i in range(3)]
     prompts = torch.full((2, model.cfg.block_size), corpus.tokenizer.mask_id)
     for version in (1, 2):
         ref = ray.put(WeightSnapshot.from_module(model, version))

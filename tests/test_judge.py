@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 from scipy import stats
 
-from dgrpo.config import JudgeTrainConfig, to_dict
+from dgrpo.config import JudgeTrainConfig, SamplerConfig, to_dict
 from dgrpo.corpus import CharTokenizer, VocabularyError, fixed_windows, load_corpus
 from dgrpo.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dgrpo.models.diffusion import DiffusionLM
@@ -158,7 +158,7 @@ def test_build_refills_masks_exactly_round_x_T():
     gen.trunk.ln_f.bias.data.fill_(1.0)
     gen.trunk.ln_f.weight.data.zero_()  # constant hidden state, so logit(5) = -10 * n_embd
     x = torch.tensor([0.0, 0.25, 0.5, 1.0])
-    out = build_refills(gen, windows, x, {"steps": 3}, torch.Generator().manual_seed(1))
+    out = build_refills(gen, windows, x, SamplerConfig(steps=3), torch.Generator().manual_seed(1))
     assert out.shape == windows.shape and not bool((out == gen.mask_id).any())
     assert (out != windows).sum(1).tolist() == [0, 5, 10, 20]
     assert torch.equal(out[0], windows[0])

@@ -18,6 +18,7 @@ import re
 
 import torch
 
+from ..config import RewardConfig
 from ..corpus import CharTokenizer, VocabularyError
 
 _DECODE_MASK = "\x00"  # a [MASK] left in a sequence decodes to NUL, never to a corpus character
@@ -156,21 +157,20 @@ class RegexReward(RewardFunction):
 REWARD_KINDS = ("judge", "char_frequency", "regex")
 
 
-def build_reward(cfg, tokenizer: CharTokenizer, device: torch.device | str = "cpu",
+def build_reward(cfg: RewardConfig, tokenizer: CharTokenizer, device: torch.device | str = "cpu",
                  autocast_dtype: torch.dtype | None = None) -> RewardFunction:
-    """A reward by name from a RewardConfig-like object (.kind, .judge_checkpoint, .chars, .pattern, .normalize)."""
-    kind = getattr(cfg, "kind", None)
-    if kind == "judge":
-        path = getattr(cfg, "judge_checkpoint", None)
-        if not path:
+    """The reward `cfg.kind` names, built from the fields of that kind."""
+    if cfg.kind == "judge":
+        if not cfg.judge_checkpoint:
             raise ValueError("reward.kind 'judge' needs reward.judge_checkpoint (a `dgrpo judge train --out` "
                              "directory)")
-        return JudgeReward.from_checkpoint(path, tokenizer=tokenizer, device=device, autocast_dtype=autocast_dtype)
-    if kind == "char_frequency":
-        return CharFrequencyReward(tokenizer, getattr(cfg, "chars", ""))
-    if kind == "regex":
-        return RegexReward(tokenizer, getattr(cfg, "pattern", ""), bool(getattr(cfg, "normalize", True)))
-    raise ValueError(f"unknown reward kind {kind!r}; choose one of {', '.join(REWARD_KINDS)}")
+        return JudgeReward.from_checkpoint(cfg.judge_checkpoint, tokenizer=tokenizer, device=device,
+                                           autocast_dtype=autocast_dtype)
+    if cfg.kind == "char_frequency":
+        return CharFrequencyReward(tokenizer, cfg.chars)
+    if cfg.kind == "regex":
+        return RegexReward(tokenizer, cfg.pattern, cfg.normalize)
+    raise ValueError(f"unknown reward kind {cfg.kind!r}; choose one of {', '.join(REWARD_KINDS)}")
 
 
 def validate_rewards(rewards: torch.Tensor, n: int) -> None:

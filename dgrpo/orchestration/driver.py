@@ -143,15 +143,14 @@ class Driver:
     def _start(self, cfg: TrainConfig, model, tokenizer, resume: bool) -> None:
         """Starts the actors, then the run's state: fresh, or from the newest usable checkpoint."""
         run, grpo, res = cfg.run, cfg.grpo, cfg.resources
-        model_cfg, vocab = model.cfg.to_dict(), tokenizer.to_dict()
-        sampler = cfg.sampler.model_dump()
+        vocab = tokenizer.to_dict()
         init = ray.put(WeightSnapshot.from_module(model, version=0))
-        self.learner = make_actor(self.learner_cls, res.learner, grpo.model_dump(), model_cfg, vocab, init,
+        self.learner = make_actor(self.learner_cls, res.learner, grpo, model.cfg, vocab, init,
                                   seed=run.seed, precision=res.learner.precision, torch_threads=res.torch_threads)
         metrics_on = run.metrics_export
         self.workers = ActorGroup(
             "rollout", res.rollout.num_workers, run.actor_timeout_s,
-            lambda i: make_actor(self.rollout_cls, res.rollout, i, model_cfg, sampler, res.rollout.precision,
+            lambda i: make_actor(self.rollout_cls, res.rollout, i, model.cfg, cfg.sampler, res.rollout.precision,
                                  res.torch_threads, metrics_on))
         self.judges = ActorGroup(
             "judge", res.judge.num_workers, run.actor_timeout_s,

@@ -41,7 +41,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, ValidationError
 
-from ..config import Section, TrainConfig, _format_errors, deep_merge, read_yaml_mapping, to_dict, to_yaml
+from ..config import Section, TrainConfig, format_errors, deep_merge, read_yaml_mapping, to_dict, to_yaml
 from ..errors import ConfigError
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -103,7 +103,7 @@ def apply_params(base: dict, params: dict) -> TrainConfig:
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"search space gives an invalid configuration {params}:\n{_format_errors(e)}") from None
+        raise ConfigError(f"search space gives an invalid configuration {params}:\n{format_errors(e)}") from None
 
 
 def load_search(path: str | Path, settings_overrides: dict | None = None, base: TrainConfig | None = None
@@ -118,7 +118,7 @@ def load_search(path: str | Path, settings_overrides: dict | None = None, base: 
     try:
         settings = TuneSettings.model_validate(deep_merge(settings_raw, settings_overrides or {}))
     except ValidationError as e:
-        raise ConfigError(f"invalid `tune:` settings in {p}:\n{_format_errors(e)}") from None
+        raise ConfigError(f"invalid `tune:` settings in {p}:\n{format_errors(e)}") from None
     reported = {k.replace("/", "_") for k in REPORT_KEYS} | {"eval_reward_before"}
     if settings.metric not in reported:
         raise ConfigError(f"search file {p}: tune.metric {settings.metric!r} is not reported; "

@@ -59,7 +59,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
+from ..config import JudgeTrainConfig, SamplerConfig, format_errors
 from ..corpus import CharTokenizer, check_length, fixed_windows, load_corpus, random_windows
 from ..errors import ConfigError
 from ..models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -104,13 +106,7 @@ def sample_fractions(n: int, p_real: float, p_generated: float, generator: torch
     return torch.where(u < p_real, torch.zeros_like(x), torch.where(u < p_real + p_generated, torch.ones_like(x), x))
 
 
-def _sampler_kwargs(sampler_cfg) -> dict:
-    get = (sampler_cfg.get if isinstance(sampler_cfg, dict) else lambda k, d: getattr(sampler_cfg, k, d))
-    return dict(steps=int(get("steps", 16)), temperature=float(get("temperature", 1.0)),
-                top_k=int(get("top_k", 0)), top_p=float(get("top_p", 1.0)), order=str(get("order", "random")))
-
-
-def build_refills(generator: DiffusionLM, windows: torch.Tensor, fractions: torch.Tensor, sampler_cfg,
+def build_refills(generator: DiffusionLM, windows: torch.Tensor, fractions: torch.Tensor, sampler: SamplerConfig,
                   rng: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
                   chunk_rows: int = REFILL_CHUNK_ROWS) -> torch.Tensor:
     """Mask exactly round(x_i * T) random positions of window i and let the generator re-fill them.
@@ -129,13 +125,13 @@ def build_refills(generator: DiffusionLM, windows: torch.Tensor, fractions: torc
     prompts = windows.masked_fill(masked, generator.mask_id)
     out = windows.clone()
     rows = (k > 0).nonzero().flatten()
-    kwargs = _sampler_kwargs(sampler_cfg)
     was_training = generator.training
     generator.eval()
     try:
         for start in range(0, len(rows), chunk_rows):
             idx = rows[start:start + chunk_rows]
-            out[idx] = sample(generator, prompts[idx], generator=rng, autocast_dtype=autocast_dtype, **kwargs).tokens
+            out[idx] = sample(generator, prompts[idx], generator=rng, autocast_dtype=autocast_dtype,
+                              **sampler.model_dump()).tokens
     finally:
         generator.train(was_training)
     return out
@@ -182,7 +178,7 @@ def judge_scores(judge: Judge, tokens: torch.Tensor, autocast_dtype: torch.dtype
                       for i in range(0, len(tokens), chunk_rows)])
 
 
-def make_eval_set(generator: DiffusionLM, val_data: torch.Tensor, n_windows: int, sampler_cfg, seed: int = 0,
+def make_eval_set(generator: DiffusionLM, val_data: torch.Tensor, n_windows: int, sampler: SamplerConfig, seed: int = 0,
                   autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Held-out (3n, T) tokens and (3n,) x: n real validation windows (x = 0), n fully generated
     (x = 1) and n validation windows re-filled at x ~ U(0, 1). Deterministic in seed."""
@@ -191,7 +187,7 @@ def make_eval_set(generator: DiffusionLM, val_data: torch.Tensor, n_windows: int
     windows = fixed_windows(val_data, 3 * n_windows, T, seed=seed)
     rng = torch.Generator().manual_seed(seed + 1)
     x = torch.cat([torch.zeros(n_windows), torch.ones(n_windows), torch.rand(n_windows, generator=rng)])
-    tokens = build_refills(generator, windows, x, sampler_cfg, rng, autocast_dtype)
+    tokens = build_refills(generator, windows, x, sampler, rng, autocast_dtype)
     return tokens, realised_fractions(x, T)
 
 
@@ -205,14 +201,14 @@ def judge_figures(judge: Judge, tokens: torch.Tensor, x: torch.Tensor, n_windows
             "n_windows": n_windows}
 
 
-def evaluate_judge(judge: Judge, generator: DiffusionLM, val_data: torch.Tensor, n_windows: int, sampler_cfg,
+def evaluate_judge(judge: Judge, generator: DiffusionLM, val_data: torch.Tensor, n_windows: int, sampler: SamplerConfig,
                    seed: int = 0, autocast_dtype: torch.dtype | None = None) -> dict:
     """auc (real vs fully generated), spearman (score vs x), score_real, score_generated, n_windows
     on held-out windows of val_data (pass the validation split only)."""
     if judge.cfg.block_size != generator.cfg.block_size:
         raise ValueError(f"judge block {judge.cfg.block_size} differs from the generator's "
                          f"{generator.cfg.block_size}")
-    tokens, x = make_eval_set(generator, val_data, n_windows, sampler_cfg, seed, autocast_dtype)
+    tokens, x = make_eval_set(generator, val_data, n_windows, sampler, seed, autocast_dtype)
     return judge_figures(judge, tokens, x, n_windows, autocast_dtype)
 
 
@@ -479,16 +475,19 @@ def evaluate_judge_cli(judge_ckpt, generator_ckpt=None, corpus_path=None, window
     if judge.cfg.block_size != generator.cfg.block_size:
         raise CheckpointError(f"judge {judge_ckpt} scores windows of {judge.cfg.block_size}, generator "
                               f"{generator_ckpt} writes {generator.cfg.block_size}")
-    cfg = jckpt.config or {}
-    corpus_cfg = cfg.get("corpus", {}) or {}
-    corpus = load_corpus(corpus_path if corpus_path is not None else corpus_cfg.get("path"),
-                         corpus_cfg.get("cache_dir"), corpus_cfg.get("val_fraction", 0.1), tokenizer=tokenizer)
+    try:  # the settings the judge was trained with, validated as they were then
+        trained = JudgeTrainConfig.model_validate({**jckpt.config, "generator": str(generator_ckpt)})
+    except ValidationError as e:
+        raise CheckpointError(f"judge {judge_ckpt} stores a training config this dgrpo cannot read:\n"
+                              f"{format_errors(e)}") from None
+    c = trained.corpus
+    corpus = load_corpus(corpus_path if corpus_path is not None else c.path, c.cache_dir, c.val_fraction,
+                         tokenizer=tokenizer)
     if windows < 2:
         raise ConfigError(f"--windows must be >= 2, got {windows}")
-    autocast_dtype = resolve_precision(cfg.get("precision", "auto"))
+    autocast_dtype = resolve_precision(trained.precision)
     t0 = time.perf_counter()
-    figures = evaluate_judge(judge, generator, corpus.val, windows, cfg.get("sampler", {}) or {}, seed,
-                             autocast_dtype)
+    figures = evaluate_judge(judge, generator, corpus.val, windows, trained.sampler, seed, autocast_dtype)
     figures = {**figures, "iter": jckpt.state.get("iter"), "generator": str(Path(generator_ckpt).resolve()),
                "seed": seed, "eval_time_s": time.perf_counter() - t0}
     write_eval_json(judge_ckpt, figures)
