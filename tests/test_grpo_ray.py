@@ -38,7 +38,7 @@ def local_rollouts(corpus_file, n_prompts=4, k=4, steps=6, seed=0):
     corpus = load_corpus(corpus_file)
     torch.manual_seed(seed)
     model = DiffusionLM(preset_config("tiny", corpus.tokenizer.vocab_size))
-    worker = RolloutWorker(0, model.cfg, SamplerConfig(steps=steps))
+    worker = RolloutWorker(0, model.cfg, SamplerConfig(steps=steps), precision="fp32")  # as the learner below
     worker.set_weights(WeightSnapshot.from_module(model, 0))
     windows = random_windows(corpus.train, n_prompts, model.cfg.block_size, torch.Generator().manual_seed(seed))
     prompts = make_prompts(windows, corpus.tokenizer.mask_id, "infill", 0.5, torch.Generator().manual_seed(seed))
