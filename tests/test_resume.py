@@ -29,8 +29,9 @@ from dgrpo.config import TrainConfig
 from dgrpo.errors import RunError
 from dgrpo.models.checkpoint import load_checkpoint
 from dgrpo.orchestration.cli import main
-from dgrpo.orchestration.driver import find_checkpoints, run_training
+from dgrpo.orchestration.driver import run_training
 from dgrpo.orchestration.metrics import read_jsonl
+from dgrpo.orchestration.rundir import find_checkpoints
 from dgrpo.protocols.rollout_log import read_rollout_log
 
 STEPS = 4
