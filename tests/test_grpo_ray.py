@@ -125,3 +125,27 @@ def test_grpo_raises_reward_with_two_workers(ray_cluster, tiny_corpus_file, tmp_
     assert len(ids) == len(set(ids))
     assert {b.rollout.policy_version for b in logged} <= set(range(0, 21))
     assert {b.rollout.worker_id for b in logged} == {0, 1}
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_train_cli_prints_a_line_per_step_unless_quiet(ray_cluster, tiny_corpus_file, tmp_path, quiet):
+    from click.testing import CliRunner
+
+    from dgrpo.orchestration.cli import main
+    args = ["train", "--set", f"run.out_dir={tmp_path / 'run'}", "--set", f"corpus.path={tiny_corpus_file}",
+            "--set", "generator.preset=tiny", "--set", "reward.kind=char_frequency", "--set", "run.steps=3",
+            "--set", "run.eval_every=2", "--set", "run.eval_prompts=4", "--set", "run.metrics_export=false",
+            "--set", "sampler.steps=4", "--set", "grpo.group_size=4", "--set", "grpo.prompts_per_step=2",
+            "--set", "resources.rollout.num_workers=1"] + (["--quiet"] if quiet else [])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, (result.output[-3000:], result.exception)
+    summary = json.loads(result.output[result.output.rindex("\n{"):])
+    assert summary["steps"] == 3
+    lines = [line for line in result.output.splitlines() if line.startswith("step ")]
+    if quiet:
+        assert lines == [] and "training from step" not in result.output
+        return
+    assert "training from step 0 to 3; held-out reward at step 0: " in result.output
+    assert lines[0].startswith("step 1/3  reward ") and " steps/min  staleness 0.00  ETA " in lines[0]
+    assert [line.split()[1] for line in lines][-2:] == ["2/3", "3/3"]  # step 2 evaluated, step 3 the last
+    assert " eval " in lines[-2] and lines[-1].split("  ")[-1].startswith("done in ")

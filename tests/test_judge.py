@@ -286,6 +286,28 @@ def test_sample_best_of_n_keeps_the_judge_favourite(tiny_generator, trained_judg
         assert reward == pytest.approx(top[1]) and text == top[0]
 
 
+def test_sample_out_writes_json_lines_with_rewards_and_settings(tiny_generator, trained_judge, tmp_path):
+    out = tmp_path / "samples.jsonl"
+    res = CliRunner().invoke(main, ["sample", "-k", tiny_generator, "-n", "3", "--steps", "4", "--seed", "2",
+                                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2] and all("reward" not in r for r in rows)
+    assert [r["text"] for r in rows] == [text for text, _ in generate_texts(tiny_generator, num=3, steps=4, seed=2)]
+    assert rows[0]["settings"] == {"checkpoint": tiny_generator, "prompt": None, "mask_char": "_", "length": None,
+                                   "steps": 4, "temperature": 1.0, "top_k": 0, "order": "confidence", "seed": 2,
+                                   "judge": None, "best_of": 1}
+    assert f"wrote 3 samples to {out}" in res.output
+    judge_path, _ = trained_judge
+    res = CliRunner().invoke(main, ["sample", "-k", tiny_generator, "-n", "2", "--steps", "4", "--judge", judge_path,
+                                    "--best-of", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    printed = [float(line.split()[-1]) for line in res.output.splitlines() if line.startswith("--- reward")]
+    assert [round(r["reward"], 4) for r in rows] == printed  # the file holds what was printed
+    assert rows[0]["settings"]["judge"] == judge_path and rows[0]["settings"]["best_of"] == 2
+
+
 def test_sample_best_of_errors(tiny_generator, trained_judge):
     res = CliRunner().invoke(main, ["sample", "-k", tiny_generator, "--best-of", "4"])
     assert res.exit_code == 2 and "needs a judge" in res.output

@@ -102,15 +102,29 @@ def pretrain(config_file, overrides, preset, corpus_path, max_iters, max_minutes
 @click.option("--seed", default=0, show_default=True)
 @click.option("--judge", "judge_ckpt", type=click.Path(), default=None, help="judge checkpoint for best-of-N")
 @click.option("--best-of", default=1, show_default=True, help="samples per output; the judge keeps the best")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None,
+              help="also write the samples as JSON lines: text, reward (with --judge) and the settings")
 @friendly
-def sample(checkpoint, num, length, prompt, mask_char, steps, temperature, top_k, order, seed, judge_ckpt, best_of):
+def sample(checkpoint, num, length, prompt, mask_char, steps, temperature, top_k, order, seed, judge_ckpt, best_of,
+           out_file):
     """Print samples from a generator checkpoint (infill with --prompt; best-of-N with --judge)."""
     from ..models.generation import generate_texts
-    for text, reward in generate_texts(checkpoint, num=num, length=length, prompt=prompt, mask_char=mask_char,
-                                       steps=steps, temperature=temperature, top_k=top_k, order=order,
-                                       seed=seed, judge_checkpoint=judge_ckpt, best_of=best_of):
+    settings = {"checkpoint": checkpoint, "prompt": prompt, "mask_char": mask_char, "length": length, "steps": steps,
+                "temperature": temperature, "top_k": top_k, "order": order, "seed": seed, "judge": judge_ckpt,
+                "best_of": best_of}
+    samples = generate_texts(checkpoint, num=num, length=length, prompt=prompt, mask_char=mask_char, steps=steps,
+                             temperature=temperature, top_k=top_k, order=order, seed=seed,
+                             judge_checkpoint=judge_ckpt, best_of=best_of)
+    for text, reward in samples:
         head = f"--- reward {reward:.4f}" if reward is not None else "---"
         click.echo(f"{head}\n{text}")
+    if out_file:
+        with open(out_file, "w") as fh:
+            for i, (text, reward) in enumerate(samples):
+                row = {"index": i, "text": text, **({"reward": reward} if reward is not None else {}),
+                       "settings": settings}
+                fh.write(json.dumps(row) + "\n")
+        click.echo(f"wrote {len(samples)} samples to {out_file}")
 
 
 @main.group()
@@ -157,13 +171,14 @@ def judge_eval(judge_ckpt, generator, corpus_path, windows, seed):
 @main.command()
 @config_options
 @click.option("--resume", is_flag=True, help="continue from the last checkpoint in run.out_dir")
+@click.option("--quiet", "-q", is_flag=True, help="no progress line per step (the summary is still printed)")
 @friendly
-def train(config_file, overrides, resume):
+def train(config_file, overrides, resume, quiet):
     """GRPO fine-tuning on Ray (embedded local cluster unless RAY_ADDRESS / run.ray_address is set)."""
     from .driver import run_training
     cfg = load_config(TrainConfig, config_file, list(overrides))
     click.echo(to_yaml(cfg))
-    summary = run_training(cfg, resume=resume)
+    summary = run_training(cfg, resume=resume, quiet=quiet)
     click.echo(json.dumps(summary, indent=2))
 
 
@@ -190,15 +205,16 @@ def demo(out, corpus_path, minutes, threads):
 @click.option("--metric", default=None, help="overrides tune.metric (e.g. reward_mean, eval_reward_mean)")
 @click.option("--mode", type=click.Choice(["max", "min"]), default=None, help="overrides tune.mode")
 @click.option("--max-concurrent", type=int, default=None, help="overrides tune.max_concurrent_trials")
+@click.option("--quiet", "-q", is_flag=True, help="no line per trial result, no Tune status table")
 @friendly
-def tune_cmd(config_file, overrides, search_file, num_samples, scheduler, metric, mode, max_concurrent):
+def tune_cmd(config_file, overrides, search_file, num_samples, scheduler, metric, mode, max_concurrent, quiet):
     """Ray Tune over GRPO runs: one placement group per trial, ASHA early stopping, best config to run.out_dir."""
     from .tune import load_search, run_tune, settings_from_flags
     cfg = load_config(TrainConfig, config_file, list(overrides))
     search = load_search(search_file, settings_from_flags(
         num_samples=num_samples, scheduler=scheduler, metric=metric, mode=mode,
         max_concurrent_trials=max_concurrent), base=cfg)
-    result = run_tune(cfg, search)
+    result = run_tune(cfg, search, quiet=quiet)
     click.echo(result["table"])
     click.echo(f"\nbest ({search.settings.metric}, {search.settings.mode}, scope {search.settings.best_scope}): "
                f"{json.dumps(result['best']['best_params'])} -> {result['best']['best_value']}")

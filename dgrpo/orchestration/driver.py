@@ -40,6 +40,7 @@ from ..protocols.rollout_log import RolloutLogWriter
 from .cluster import connect, make_actor
 from .groups import ActorLost, ActorManager
 from .metrics import MetricsLogger, truncate_jsonl
+from .progress import ProgressPrinter
 from .rundir import (checkpoint_path, find_checkpoints, keep_last_checkpoints, remove_partial_checkpoints,
                      truncate_rollout_log)
 
@@ -71,10 +72,11 @@ class Driver:
     judge_cls = JudgeWorker
     learner_cls = LearnerActor
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, report=None):
-        """Validates inputs, then starts the actors (Ray must be connected: see run_training)."""
+    def __init__(self, cfg: TrainConfig, resume: bool = False, report=None, quiet: bool = False):
+        """Validates inputs, then starts the actors (Ray must be connected: see run_training).
+        report: optional callback(step record) (Ray Tune); quiet: no progress line per step."""
         self.cfg = cfg
-        self.report = report  # optional callback(step_record) (Ray Tune)
+        self.report = report
         self.out = Path(cfg.run.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         run = cfg.run
@@ -92,6 +94,7 @@ class Driver:
         self.eval_prompts = make_prompts(eval_windows, tokenizer.mask_id, cfg.prompts.kind, cfg.prompts.mask_fraction,
                                          generator=torch.Generator().manual_seed(run.eval_seed))
         (self.out / "config.yaml").write_text(to_yaml(cfg))
+        self.progress = ProgressPrinter(run.steps, run.max_minutes, enabled=not quiet)
 
         if resume and not find_checkpoints(self.out):
             raise RunError(f"--resume: no checkpoint under {self.out / 'checkpoints'}; start without --resume")
@@ -185,6 +188,7 @@ class Driver:
             self.logger.log({"step": self.step, "policy_version": self.version, "wall_time": 0.0, **first})
         self.logger.phase("generating")
         self.step_started = self.t_loop = time.perf_counter()
+        self.progress.start(self.step, self.eval_history[-1] if self.eval_history else None)
         self.finished = self.step >= cfg.run.steps
         while not self.finished:
             self.issue_generation()
@@ -296,6 +300,7 @@ class Driver:
         if self.step % run.eval_every == 0 or self.finished:
             record.update(self.evaluate())
         self.logger.log(record)
+        self.progress.step(record, elapsed_s=now - self.t0, last=self.finished)
         if self.report is not None:
             self.report(record)
         if self.step % run.checkpoint_every == 0 or self.finished:
@@ -378,11 +383,11 @@ class Driver:
         self.actors.close()
 
 
-def run_training(cfg: TrainConfig, resume: bool = False, report=None) -> dict:
+def run_training(cfg: TrainConfig, resume: bool = False, report=None, quiet: bool = False) -> dict:
     started_local = connect(cfg)
     driver = None
     try:
-        driver = Driver(cfg, resume=resume, report=report)
+        driver = Driver(cfg, resume=resume, report=report, quiet=quiet)
         summary = driver.run()
     finally:
         if driver is not None:
