@@ -66,8 +66,8 @@ class PretrainConfig(Section):
     stratified_t: bool = Field(True, description="spread each batch's t evenly over (0, 1) (lower-variance loss)")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = Field(True, description=(
-        "torch.compile the model for training: 1.02-1.20x (median 1.10x) tokens/s on the small preset (docs/RESULTS.md), "
-        "after compiling (counted against max_minutes); needs a C++ compiler"))
+        "torch.compile the model for training: more tokens/s once compiled (compiling counts against "
+        "max_minutes); needs a C++ compiler"))
     eval_every: int = Field(1000, ge=1)
     eval_windows: int = Field(1024, ge=1, description="held-out validation windows per evaluation")
     max_minutes: Optional[float] = Field(None, gt=0, description="stop (and checkpoint) after this wall time")

@@ -14,9 +14,9 @@ def orthogonalize(g: torch.Tensor, coefficients: tuple[float, float, float], ste
     Each iteration is x <- p(A) x with A = x x^T and p(A) = aI + bA + cA^2 (x wide: rows <= cols).
     For a rectangular x the iteration runs on the small side alone: every iterate is Q x_0 with Q
     a polynomial in A_0, so Q <- p(A) Q and A <- p(A) A p(A) (m x m products), and x_0 is
-    multiplied once at the end: 0.55-0.70x the time of the direct form for the small preset's
-    128 x 384 and 128 x 512 matrices, the same result to fp32 rounding (tests/test_optim.py);
-    square matrices gain nothing from it and keep the direct form."""
+    multiplied once at the end: fewer flops than the direct form when rows << cols, the same
+    result to fp32 rounding (tests/test_optim.py); square matrices gain nothing from it and
+    keep the direct form."""
     a, b, c = coefficients
     tall = g.size(1) > g.size(2)
     x = g.mT if tall else g
@@ -43,9 +43,8 @@ class Muon(torch.optim.Muon):
     instead of bf16, batched over matrices of one shape.
 
     PyTorch's Muon casts to bf16 for Newton-Schulz; on a CPU without native bf16 (AVX2
-    only) that is emulated: small-model pretraining ran at 2.8k tokens/s with it against
-    7.7k with this one (one thread). The update, its state (`momentum_buffer`) and the lr
-    scaling are torch's. A param group with `split: n` treats each of its matrices as n
+    only) that is emulated and makes pretraining several times slower (docs/RESULTS.md).
+    The update, its state (`momentum_buffer`) and the lr scaling are torch's. A param group with `split: n` treats each of its matrices as n
     stacked blocks of rows, each orthogonalised (and lr-scaled) as a matrix of its own.
     """
 

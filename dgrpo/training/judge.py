@@ -8,18 +8,16 @@ Data, built on the fly from a given generator checkpoint:
   sampler (dgrpo.models.sampler.sample, the same code GRPO rollouts use), so the
   judge learns the generator's own mistakes, in context;
 * target g(x) = x (judge_targets) under binary cross-entropy with logits on the
-  window logit, plus (weight cfg.token_loss_weight if the config has it, else 1)
-  a per-position BCE of the judge's token head against "this character differs
+  window logit, plus (weight cfg.token_loss_weight) a per-position BCE of the judge's token head against "this character differs
   from the real one" (ELECTRA's replaced-token detection): T labels per window
   instead of one.
 * the judge's trunk starts as a copy of the generator's when the shapes match
   (same preset), the usual reward-model recipe; see copy_generator_trunk.
 
-Measured against the small generator (CE 2.43 nats) on this 2-core machine: a
-judge trained from scratch on the window label alone memorised its pool of
-refills (train AUC up, held-out AUC down to ~0.5 after 1,200 iterations); the
-generator's trunk + pooled per-position evidence + token labels reached held-out
-AUC 0.89 in 150 iterations on the same data.
+A judge trained from scratch on the window label alone memorises its pool of
+refills (train AUC up, held-out AUC falling towards chance); the generator's trunk,
+pooled per-position evidence and the token labels together learn fast instead
+(docs/RESULTS.md, the judge).
 
 Why g(x) = x: with a soft BCE target the loss is minimised by sigmoid(logit) =
 E[x | window], so the score is the judge's estimate of the share of the window
@@ -36,11 +34,8 @@ The share of wall time spent generating refills is measured and reported.
 
 How fresh the pool is matters more than how long the judge trains. Real windows never
 repeat; a refill that is seen many times can be memorised, which teaches the shortcut
-"seen before = generated" and fails on held-out text. Against the 2.34-nat small
-generator, with a pool of 256 refreshed 64 at a time every 50 iterations (each refill
-used ~9 times) held-out AUC peaked at 0.86 (iteration 400) and then fell; every 16
-iterations (~3 uses, refill generation 54% of the time instead of 32%) it rose steadily,
-to AUC 0.98 / Spearman 0.80 at 15 minutes (the trainer's 128-window held-out set).
+"seen before = generated" and fails on held-out text. So each refill should be used
+only a few times (cfg.refill_every), at the price of more time spent generating.
 
 Figures on held-out validation windows (evaluate_judge): AUC of real (x = 0) vs
 fully generated (x = 1) windows (Mann-Whitney, average ranks for ties), Spearman
