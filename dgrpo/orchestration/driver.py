@@ -118,7 +118,7 @@ class Driver:
             "learner", 1, lambda _: make_actor(self.learner_cls, res.learner, cfg.grpo, model.cfg, vocab, init,
                                                seed=run.seed, precision=res.learner.precision,
                                                torch_threads=res.torch_threads),
-            restartable=False, steps={"train": "a step"})
+            restartable=False, call_names={"train": "a step"})
         self.workers = self.actors.group(
             "rollout", res.rollout.num_workers,
             lambda i: make_actor(self.rollout_cls, res.rollout, i, model.cfg, cfg.sampler, res.rollout.precision,
@@ -198,7 +198,7 @@ class Driver:
             for call, result in self.actors.results():
                 if call.method == "generate":
                     self.window_gen_s += result.timings["generate_s"]
-                    self.judges.submit_least_loaded("score", result, groups=call.groups)
+                    self.judges.submit_least_loaded("score", result, size=call.size)
                 elif call.method == "score":
                     self.collect(result)
                 elif call.method == "train":
@@ -211,7 +211,7 @@ class Driver:
         return bool(self.actors.calls("train"))
 
     def groups_in_flight(self) -> int:
-        return sum(c.groups for c in self.actors.calls("generate", "score")) + \
+        return sum(c.size for c in self.actors.calls("generate", "score")) + \
             sum(b.rollout.num_groups for b in self.ready)
 
     def issue_generation(self) -> None:
@@ -237,7 +237,7 @@ class Driver:
                                          seed=cfg.run.seed * 1_000_003 + self.request_counter)
                 self.request_counter += 1
             request.min_version = self.version if sync else max(0, self.version - cfg.run.max_staleness)
-            self.workers.submit(slot, "generate", request, groups=request.prompts.shape[0])
+            self.workers.submit(slot, "generate", request, size=request.prompts.shape[0])
 
     def collect(self, scored: ScoredBatch) -> None:
         if scored.rollout.request_id in self.consumed:

@@ -65,7 +65,7 @@ class Call:
     slot: Slot
     method: str
     args: tuple
-    groups: int = 0  # prompt groups the call carries (the driver's look-ahead counts them)
+    size: int = 0  # work the call carries, in the driver's unit (prompt groups)
     epoch: int = 0
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -84,10 +84,11 @@ class ActorManager:
         self.groups: list[ActorGroup] = []
         self.in_flight: dict[ray.ObjectRef, Call] = {}
 
-    def group(self, role: str, size: int, factory: Callable[[int], object], **policy) -> "ActorGroup":
+    def group(self, role: str, slots: int, factory: Callable[[int], object], **policy) -> "ActorGroup":
+        """A group of `slots` actors of `role`, each made by factory(slot index); policy: see ActorGroup."""
         group = ActorGroup(self, role, factory, **policy)
         self.groups.append(group)  # before its actors start: a failed start still stops the started ones
-        for _ in range(size):
+        for _ in range(slots):
             group._add_slot()
         return group
 
@@ -161,15 +162,15 @@ class ActorGroup:
     on_lost        method -> "resubmit" | "requeue": what becomes of a call lost with its actor
     restarted      errors a call raises when it reached a restarted incarnation (a death, not a bug)
     load_method    the actor method that loads published weights (it answers {"version", "load_s"})
-    steps          method -> what one call does, for messages ("a step")
+    call_names     method -> what one call is called in messages ("a step")
     """
 
     def __init__(self, manager: ActorManager, role: str, factory: Callable[[int], object], restartable: bool = True,
                  on_lost: dict[str, str] | None = None, restarted: tuple[type[BaseException], ...] = (),
-                 load_method: str = "set_weights", steps: dict[str, str] | None = None):
+                 load_method: str = "set_weights", call_names: dict[str, str] | None = None):
         self.manager, self.role, self.factory = manager, role, factory
         self.restartable, self.on_lost, self.restarted = restartable, on_lost or {}, restarted
-        self.load_method, self.steps = load_method, steps or {}
+        self.load_method, self.call_names = load_method, call_names or {}
         self.restart_timeout_s = manager.timeout_s  # how long a restarting actor may take to answer again
         self.slots: list[Slot] = []
         self.weights = None  # the last published weights (an ObjectRef); every slot loads them before work
@@ -186,18 +187,18 @@ class ActorGroup:
         return [s.handle for s in self.slots if s.handle is not None]
 
     def describe(self, method: str) -> str:
-        return self.steps.get(method, method)
+        return self.call_names.get(method, method)
 
     # -- calls -------------------------------------------------------------------
-    def submit(self, slot: Slot, method: str, *args, groups: int = 0) -> Call:
-        call = Call(self, slot, method, args, groups=groups, epoch=slot.epoch)
+    def submit(self, slot: Slot, method: str, *args, size: int = 0) -> Call:
+        call = Call(self, slot, method, args, size=size, epoch=slot.epoch)
         self.manager.in_flight[getattr(slot.handle, method).remote(*args)] = call
         slot.in_flight += 1
         return call
 
-    def submit_least_loaded(self, method: str, *args, groups: int = 0) -> Call:
+    def submit_least_loaded(self, method: str, *args, size: int = 0) -> Call:
         load = Counter(id(c.slot) for c in self.manager.in_flight.values())
-        return self.submit(min(self.slots, key=lambda s: load[id(s)]), method, *args, groups=groups)
+        return self.submit(min(self.slots, key=lambda s: load[id(s)]), method, *args, size=size)
 
     def call(self, slot: Slot, method: str, *args, what: str | None = None,
              passthrough: tuple[type[BaseException], ...] = ()):
@@ -290,7 +291,7 @@ class ActorGroup:
             self.requeued.append(call.payload)
         elif policy == "resubmit":
             self.manager.counters["reissued_requests"] += 1
-            self.submit_least_loaded(call.method, *call.args, groups=call.groups)
+            self.submit_least_loaded(call.method, *call.args, size=call.size)
 
     def recover(self, slot: Slot, error: BaseException) -> None:
         """Charge the failure, then wait for Ray's restart of the slot's actor or give the slot a new
