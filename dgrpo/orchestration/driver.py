@@ -196,12 +196,12 @@ class Driver:
             if not self.actors.busy():
                 raise RunError("driver has nothing in flight; no rollout worker holds weights")
             for call, result in self.actors.results():
-                if call.method == "generate":
+                if call.method == "generate":  # a RolloutBatch: to the least busy judge
                     self.window_gen_s += result.timings["generate_s"]
                     self.judges.submit_least_loaded("score", result, size=call.size)
-                elif call.method == "score":
+                elif call.method == "score":  # a ScoredBatch: waits for its step
                     self.collect(result)
-                elif call.method == "train":
+                elif call.method == "train":  # a step: publish, broadcast, log, evaluate, checkpoint
                     self.after_train(result)
         return self.summary()
 
