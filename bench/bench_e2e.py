@@ -35,8 +35,8 @@ from pathlib import Path
 
 from bench.common import (corpus_path, default_out, local_ray, machine_info, names, pct, print_table,
                           ray_cluster_kind, write_json)
+from dgrpo.config import TrainConfig
 from dgrpo.orchestration.cluster import required_resources
-from dgrpo.orchestration.config import TrainConfig
 from dgrpo.orchestration.driver import run_training
 
 

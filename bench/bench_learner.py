@@ -30,11 +30,11 @@ import torch
 
 from bench.common import (VOCAB, default_out, ints, machine_info, median, names, pct, print_table,
                           roofline_gflops, write_json)
+from dgrpo.config import GRPOConfig
 from dgrpo.learner.core import LearnerCore
 from dgrpo.models.diffusion import DiffusionLM
 from dgrpo.models.sampler import sample
 from dgrpo.models.transformer import count_params, forward_flops_per_token, preset_config
-from dgrpo.orchestration.config import GRPOConfig
 from dgrpo.protocols import RolloutBatch, ScoredBatch
 
 

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from bench.roofline import machine_info, measure_matmul_gflops, torch_threads
 from bench.common import write_json
+from bench.roofline import machine_info, measure_matmul_gflops, torch_threads
 from dgrpo.corpus import random_windows
 from dgrpo.models.diffusion import DiffusionLM, diffusion_loss
-from dgrpo.models.pretrain import make_optimizer
-from dgrpo.models.sampler import autocast_context, resolve_precision
+from dgrpo.models.optim import make_optimizer
 from dgrpo.models.transformer import count_params, forward_flops_per_token, preset_config
+from dgrpo.precision import autocast_context, resolve_precision
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "pretrain.json"
 VOCAB = 66

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 
-from bench.roofline import machine_info, measure_matmul_gflops, torch_threads
 from bench.common import write_json
+from bench.roofline import machine_info, measure_matmul_gflops, torch_threads
 from dgrpo.models.diffusion import DiffusionLM
-from dgrpo.models.sampler import resolve_precision, sample
+from dgrpo.models.sampler import sample
 from dgrpo.models.transformer import count_params, forward_flops_per_token, preset_config
+from dgrpo.precision import resolve_precision
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "sampler.json"
 VOCAB = 66  # tiny Shakespeare: 65 characters + [MASK]

@@ -32,6 +32,7 @@ import torch
 from bench.common import (VOCAB, default_out, ints, local_ray, machine_info, median, pct, print_table,
                           ray_cluster_kind, write_json)
 from dgrpo.actors.rollout import RolloutWorker
+from dgrpo.config import SamplerConfig
 from dgrpo.models.diffusion import DiffusionLM
 from dgrpo.models.transformer import preset_config
 from dgrpo.protocols import RolloutRequest, WeightSnapshot
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = DiffusionLM(preset_config(preset, VOCAB))
     T = model.cfg.block_size
     prompts = torch.full((args.prompts, T), model.mask_id, dtype=torch.long)
-    sampler = {"steps": steps, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "order": "random"}
+    sampler = SamplerConfig(steps=steps)
     cluster_cpus = args.cpus * len(groups)
     results: dict[tuple[int, int], list[dict]] = {g: [] for g in groups}
     with local_ray(num_cpus=cluster_cpus) as ray:
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
             Worker = ray.remote(RolloutWorker).options(
                 num_cpus=args.cpus / n if args.gpus_per_worker == 0 else 1,
                 num_gpus=args.gpus_per_worker, max_restarts=0)
-            handles[n, threads] = [Worker.remote(i, model.cfg.to_dict(), sampler, "fp32", threads)
+            handles[n, threads] = [Worker.remote(i, model.cfg, sampler, "fp32", threads)
                                    for i in range(n)]
         for g, ws in handles.items():
             ray.get([w.set_weights.remote(snap) for w in ws], timeout=300)

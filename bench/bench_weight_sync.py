@@ -27,11 +27,12 @@ import torch
 from bench.common import (VOCAB, default_out, ints, local_ray, machine_info, median, names, print_table,
                           ray_cluster_kind, write_json)
 from dgrpo.actors.rollout import RolloutWorker
+from dgrpo.config import SamplerConfig
 from dgrpo.models.diffusion import DiffusionLM
 from dgrpo.models.transformer import count_params, preset_config
 from dgrpo.protocols import WeightSnapshot
 
-SAMPLER = {"steps": 4, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "order": "random"}
+SAMPLER = SamplerConfig(steps=4)
 
 
 def sync_once(ray, model: torch.nn.Module, workers: list, version: int) -> dict:
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch.manual_seed(0)
             model = DiffusionLM(preset_config(preset, VOCAB))
             t0 = time.perf_counter()
-            workers = [Worker.remote(i, model.cfg.to_dict(), SAMPLER, "fp32", 1) for i in range(n_max)]
+            workers = [Worker.remote(i, model.cfg, SAMPLER, "fp32", 1) for i in range(n_max)]
             ray.get([w.info.remote() for w in workers], timeout=300)
             start_s = time.perf_counter() - t0
             version += 1

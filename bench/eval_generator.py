@@ -26,10 +26,9 @@ import torch
 from bench.common import corpus_path, default_out, machine_info, print_table, write_json
 from dgrpo.corpus import fixed_windows, load_corpus
 from dgrpo.models.checkpoint import save_checkpoint
-from dgrpo.models.diffusion import DiffusionLM
-from dgrpo.models.judge_training import load_generator
-from dgrpo.models.pretrain import evaluate_masked_ce
+from dgrpo.models.diffusion import DiffusionLM, load_generator
 from dgrpo.models.transformer import preset_config
+from dgrpo.training.pretrain import evaluate_masked_ce
 
 
 def estimates(model: DiffusionLM, val: torch.Tensor, windows: int, sets: int, batch: int, stratified: bool

@@ -40,9 +40,9 @@ def tiny_generator(tmp_path_factory, tiny_corpus_file):
     """Path (str) to a `tiny` generator checkpoint (block 32) pretrained 60 iterations on tiny_corpus_file."""
     import torch
 
+    from dgrpo.config import PretrainConfig, to_dict
     from dgrpo.corpus import load_corpus
-    from dgrpo.models.pretrain import pretrain
-    from dgrpo.orchestration.config import PretrainConfig, to_dict
+    from dgrpo.training.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("gen") / "tiny_gen"
     cfg = PretrainConfig(preset="tiny", out=str(out), max_iters=60, batch_size=16, warmup_iters=5,

@@ -27,15 +27,15 @@ import torch
 from click.testing import CliRunner
 
 from dgrpo.actors.judge import JudgeWorker
+from dgrpo.config import RewardConfig, TrainConfig
 from dgrpo.corpus import CharTokenizer, load_corpus
+from dgrpo.errors import RunError
 from dgrpo.models.checkpoint import save_checkpoint
 from dgrpo.models.diffusion import DiffusionLM
 from dgrpo.models.judge import Judge, judge_config
 from dgrpo.models.transformer import preset_config
 from dgrpo.orchestration.cli import main
-from dgrpo.orchestration.config import RewardConfig, TrainConfig
 from dgrpo.orchestration.driver import Driver
-from dgrpo.orchestration.errors import RunError
 from dgrpo.protocols import RolloutBatch, ScoredBatch, encode
 from dgrpo.protocols.rollout_log import RolloutLogWriter
 
@@ -338,8 +338,8 @@ def test_nan_reward_stops_the_run_with_a_clear_error(ray_cluster, tiny_corpus_fi
 LISTEN_PROBE = textwrap.dedent("""
     import json, os, socket, sys, time
     import ray
+    from dgrpo.config import TrainConfig
     from dgrpo.orchestration.cluster import connect
-    from dgrpo.orchestration.config import TrainConfig
 
     def family_tree(root):
         parent = {}

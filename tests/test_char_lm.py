@@ -8,11 +8,12 @@ import torch
 from click.testing import CliRunner
 
 from dgrpo.corpus import CharTokenizer, VocabularyError, load_corpus
-from dgrpo.models.char_lm import CharLM, bits_per_char, char_logprobs, lm_config, load_char_lm, train_char_lm
+from dgrpo.models.char_lm import CharLM, bits_per_char, char_logprobs, lm_config, load_char_lm
+from dgrpo.training.lm import train_char_lm
 from dgrpo.models.checkpoint import CheckpointError
 from dgrpo.models.transformer import ModelConfig
 from dgrpo.orchestration.cli import main
-from dgrpo.orchestration.config import LMTrainConfig, to_dict
+from dgrpo.config import LMTrainConfig, to_dict
 
 N_CHARS = 20
 

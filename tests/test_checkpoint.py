@@ -10,7 +10,7 @@ from dgrpo.corpus import CharTokenizer, VocabularyError
 from dgrpo.models.checkpoint import (CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, CheckpointError,
                                      load_checkpoint, save_checkpoint)
 from dgrpo.models.diffusion import DiffusionLM, diffusion_loss
-from dgrpo.models.pretrain import make_optimizer
+from dgrpo.models.optim import make_optimizer
 from dgrpo.models.transformer import preset_config
 
 TEXT = "to be, or not to be: that is the question.\n"

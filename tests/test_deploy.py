@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dgrpo.config import TrainConfig, load_config
 from dgrpo.orchestration.cluster import required_resources, role_options
-from dgrpo.orchestration.config import TrainConfig, load_config
 from dgrpo.orchestration.tune import trial_bundles
 
 REPO = Path(__file__).resolve().parents[1]

@@ -124,11 +124,11 @@ def checkpoints(tmp_path_factory, tiny_generator, tiny_corpus_file):
     """Proxy and gold judges (random, own seeds), a 10-iteration LM, and two GRPO-style policy checkpoints:
     one equal to its stored reference, one with a perturbed head."""
     from dgrpo.corpus import load_corpus
-    from dgrpo.models.char_lm import train_char_lm
+    from dgrpo.training.lm import train_char_lm
     from dgrpo.models.checkpoint import save_checkpoint
     from dgrpo.models.judge import Judge, judge_config
-    from dgrpo.models.judge_training import load_generator
-    from dgrpo.orchestration.config import LMTrainConfig, to_dict
+    from dgrpo.models.diffusion import load_generator
+    from dgrpo.config import LMTrainConfig, to_dict
 
     root = tmp_path_factory.mktemp("eval")
     gen, tok, _ = load_generator(tiny_generator)

@@ -26,11 +26,11 @@ import torch
 from safetensors.torch import load_file
 
 from dgrpo.actors.judge import JudgeWorker
+from dgrpo.actors.learner import LearnerActor
 from dgrpo.actors.rollout import RolloutWorker
-from dgrpo.learner.actor import LearnerActor
-from dgrpo.orchestration.config import TrainConfig
+from dgrpo.config import TrainConfig
+from dgrpo.errors import RunError
 from dgrpo.orchestration.driver import Driver
-from dgrpo.orchestration.errors import RunError
 from dgrpo.orchestration.metrics import read_jsonl
 from dgrpo.protocols.rollout_log import read_rollout_log
 
@@ -77,15 +77,13 @@ def run_driver(cfg: TrainConfig, cls: type[Driver] = Driver, on_step=None, prepa
     holder["driver"] = driver
     try:
         if warm:  # wait for every actor to start, so that a short actor_timeout_s only measures the calls
-            handles = [driver.learner, *driver.workers.handles(), *driver.judges.handles()]
+            handles = [h for group in driver.actors.groups for h in group.handles()]
             ray.get([h.info.remote() for h in handles], timeout=120)
         if prepare is not None:
             prepare(driver)
         summary = driver.run()
         state = {"requests": driver.request_counter,
-                 "in_flight": sorted({p.payload.request_id for p in driver.pending.values() if p.kind == "generate"}
-                                     | {p.payload.request_id for p in driver.pending.values()
-                                        if p.kind == "score"} | {r.request_id for r in driver.retry}),
+                 "in_flight": sorted(driver.requests_in_flight()),
                  "ready": sorted(b.rollout.request_id for b in driver.ready),
                  "replacements": [s.replacements for s in driver.workers.slots],
                  "judge_replacements": [s.replacements for s in driver.judges.slots]}
@@ -232,7 +230,7 @@ def test_judge_dies_and_rollout_hangs(baseline, tiny_corpus_file, tmp_path):
                        judge=dying_judge(str(tmp_path / "judge_died"), call=4))  # call 1 is the step-0 eval
 
     def prepare(driver):  # calls time out after 5 s; waiting for a restarted actor to answer may take longer here
-        driver.workers.timeout_s = driver.judges.timeout_s = 120
+        driver.workers.restart_timeout_s = driver.judges.restart_timeout_s = 120
 
     t0 = time.perf_counter()
     summary, state = run_driver(cfg, cls, prepare=prepare, warm=True)

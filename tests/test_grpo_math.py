@@ -20,7 +20,6 @@ from dgrpo.learner.grpo import (
     masked_moments,
     token_ratio,
     truncated_importance_weight,
-    validate_rewards,
     zero_std_groups,
 )
 
@@ -341,27 +340,3 @@ def test_masked_moments():
     assert mom["min"] == 1.0 and mom["max"] == 4.0
     assert masked_moments(x, torch.zeros(2, 2, dtype=torch.bool)) == {
         "mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0}
-
-
-# --------------------------------------------------------------------------- validate_rewards
-
-
-def test_validate_rewards_ok():
-    assert validate_rewards(torch.tensor([1.0, -2.0, 0.0]), 3) is None
-
-
-def test_validate_rewards_nan():
-    with pytest.raises(ValueError, match=r"must return 3 finite floats.*rows \[1\]") as e:
-        validate_rewards(torch.tensor([1.0, float("nan"), 0.0]), 3)
-    assert "nan" in str(e.value)
-
-
-def test_validate_rewards_inf():
-    with pytest.raises(ValueError, match=r"must return 3 finite floats.*rows \[0, 2\]"):
-        validate_rewards(torch.tensor([float("inf"), 0.0, float("-inf")]), 3)
-
-
-@pytest.mark.parametrize("bad", [torch.zeros(2), torch.zeros(3, 1), torch.zeros(1, 3), torch.tensor(1.0)])
-def test_validate_rewards_wrong_shape(bad):
-    with pytest.raises(ValueError, match=r"must return 3 finite floats.*got shape"):
-        validate_rewards(bad, 3)

@@ -8,11 +8,11 @@ import torch
 
 from dgrpo.actors.judge import JudgeWorker
 from dgrpo.actors.rollout import RolloutWorker
+from dgrpo.config import GRPOConfig, RewardConfig, SamplerConfig, TrainConfig
 from dgrpo.corpus import load_corpus, make_prompts, random_windows
 from dgrpo.learner.core import LearnerCore
 from dgrpo.models.diffusion import DiffusionLM
 from dgrpo.models.transformer import preset_config
-from dgrpo.orchestration.config import GRPOConfig, RewardConfig, TrainConfig
 from dgrpo.orchestration.driver import run_training
 from dgrpo.protocols import RolloutRequest, WeightSnapshot
 from dgrpo.protocols.rollout_log import read_rollout_log
@@ -38,8 +38,7 @@ def local_rollouts(corpus_file, n_prompts=4, k=4, steps=6, seed=0):
     corpus = load_corpus(corpus_file)
     torch.manual_seed(seed)
     model = DiffusionLM(preset_config("tiny", corpus.tokenizer.vocab_size))
-    worker = RolloutWorker(0, model.cfg.to_dict(), {"steps": steps, "temperature": 1.0, "top_k": 0,
-                                                    "top_p": 1.0, "order": "random"})
+    worker = RolloutWorker(0, model.cfg, SamplerConfig(steps=steps), precision="fp32")  # as the learner below
     worker.set_weights(WeightSnapshot.from_module(model, 0))
     windows = random_windows(corpus.train, n_prompts, model.cfg.block_size, torch.Generator().manual_seed(seed))
     prompts = make_prompts(windows, corpus.tokenizer.mask_id, "infill", 0.5, torch.Generator().manual_seed(seed))
@@ -79,9 +78,8 @@ def test_learner_skips_groups_without_signal(tiny_corpus_file):
 def test_weight_versions_reach_every_worker(ray_cluster, tiny_corpus_file):
     corpus = load_corpus(tiny_corpus_file)
     model = DiffusionLM(preset_config("tiny", corpus.tokenizer.vocab_size))
-    sampler = {"steps": 4, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "order": "random"}
     Worker = ray.remote(RolloutWorker).options(num_cpus=0.5)
-    workers = [Worker.remote(i, model.cfg.to_dict(), sampler) for i in range(3)]
+    workers = [Worker.remote(i, model.cfg, SamplerConfig(steps=4)) for i in range(3)]
     prompts = torch.full((2, model.cfg.block_size), corpus.tokenizer.mask_id)
     for version in (1, 2):
         ref = ray.put(WeightSnapshot.from_module(model, version))
@@ -127,3 +125,27 @@ def test_grpo_raises_reward_with_two_workers(ray_cluster, tiny_corpus_file, tmp_
     assert len(ids) == len(set(ids))
     assert {b.rollout.policy_version for b in logged} <= set(range(0, 21))
     assert {b.rollout.worker_id for b in logged} == {0, 1}
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_train_cli_prints_a_line_per_step_unless_quiet(ray_cluster, tiny_corpus_file, tmp_path, quiet):
+    from click.testing import CliRunner
+
+    from dgrpo.orchestration.cli import main
+    args = ["train", "--set", f"run.out_dir={tmp_path / 'run'}", "--set", f"corpus.path={tiny_corpus_file}",
+            "--set", "generator.preset=tiny", "--set", "reward.kind=char_frequency", "--set", "run.steps=3",
+            "--set", "run.eval_every=2", "--set", "run.eval_prompts=4", "--set", "run.metrics_export=false",
+            "--set", "sampler.steps=4", "--set", "grpo.group_size=4", "--set", "grpo.prompts_per_step=2",
+            "--set", "resources.rollout.num_workers=1"] + (["--quiet"] if quiet else [])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, (result.output[-3000:], result.exception)
+    summary = json.loads(result.output[result.output.rindex("\n{"):])
+    assert summary["steps"] == 3
+    lines = [line for line in result.output.splitlines() if line.startswith("step ")]
+    if quiet:
+        assert lines == [] and "training from step" not in result.output
+        return
+    assert "training from step 0 to 3; held-out reward at step 0: " in result.output
+    assert lines[0].startswith("step 1/3  reward ") and " steps/min  staleness 0.00  ETA " in lines[0]
+    assert [line.split()[1] for line in lines][-2:] == ["2/3", "3/3"]  # step 2 evaluated, step 3 the last
+    assert " eval " in lines[-2] and lines[-1].split("  ")[-1].startswith("done in ")

@@ -6,16 +6,16 @@ import torch
 from click.testing import CliRunner
 from scipy import stats
 
+from dgrpo.config import JudgeTrainConfig, SamplerConfig, to_dict
 from dgrpo.corpus import CharTokenizer, VocabularyError, fixed_windows, load_corpus
 from dgrpo.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dgrpo.models.diffusion import DiffusionLM
 from dgrpo.models.generation import generate_texts
 from dgrpo.models.judge import Judge, judge_config, load_judge
-from dgrpo.models.judge_training import (auc, average_ranks, build_refills, copy_generator_trunk, judge_targets,
-                                         realised_fractions, sample_fractions, spearman, train_judge)
 from dgrpo.models.transformer import preset_config
 from dgrpo.orchestration.cli import main
-from dgrpo.orchestration.config import JudgeTrainConfig, to_dict
+from dgrpo.training.judge import (auc, average_ranks, build_refills, copy_generator_trunk, judge_targets,
+                                         realised_fractions, sample_fractions, spearman, train_judge)
 
 FIGURES = ("auc", "spearman", "score_real", "score_generated")
 
@@ -158,7 +158,7 @@ def test_build_refills_masks_exactly_round_x_T():
     gen.trunk.ln_f.bias.data.fill_(1.0)
     gen.trunk.ln_f.weight.data.zero_()  # constant hidden state, so logit(5) = -10 * n_embd
     x = torch.tensor([0.0, 0.25, 0.5, 1.0])
-    out = build_refills(gen, windows, x, {"steps": 3}, torch.Generator().manual_seed(1))
+    out = build_refills(gen, windows, x, SamplerConfig(steps=3), torch.Generator().manual_seed(1))
     assert out.shape == windows.shape and not bool((out == gen.mask_id).any())
     assert (out != windows).sum(1).tolist() == [0, 5, 10, 20]
     assert torch.equal(out[0], windows[0])
@@ -284,6 +284,28 @@ def test_sample_best_of_n_keeps_the_judge_favourite(tiny_generator, trained_judg
         group = every[4 * i:4 * i + 4]
         top = max(group, key=lambda tr: tr[1])
         assert reward == pytest.approx(top[1]) and text == top[0]
+
+
+def test_sample_out_writes_json_lines_with_rewards_and_settings(tiny_generator, trained_judge, tmp_path):
+    out = tmp_path / "samples.jsonl"
+    res = CliRunner().invoke(main, ["sample", "-k", tiny_generator, "-n", "3", "--steps", "4", "--seed", "2",
+                                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2] and all("reward" not in r for r in rows)
+    assert [r["text"] for r in rows] == [text for text, _ in generate_texts(tiny_generator, num=3, steps=4, seed=2)]
+    assert rows[0]["settings"] == {"checkpoint": tiny_generator, "prompt": None, "mask_char": "_", "length": None,
+                                   "steps": 4, "temperature": 1.0, "top_k": 0, "order": "confidence", "seed": 2,
+                                   "judge": None, "best_of": 1}
+    assert f"wrote 3 samples to {out}" in res.output
+    judge_path, _ = trained_judge
+    res = CliRunner().invoke(main, ["sample", "-k", tiny_generator, "-n", "2", "--steps", "4", "--judge", judge_path,
+                                    "--best-of", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    printed = [float(line.split()[-1]) for line in res.output.splitlines() if line.startswith("--- reward")]
+    assert [round(r["reward"], 4) for r in rows] == printed  # the file holds what was printed
+    assert rows[0]["settings"]["judge"] == judge_path and rows[0]["settings"]["best_of"] == 2
 
 
 def test_sample_best_of_errors(tiny_generator, trained_judge):

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dgrpo.orchestration.config import TrainConfig
-from dgrpo.orchestration.errors import RunError
+from dgrpo.config import TrainConfig
+from dgrpo.errors import RunError
 from dgrpo.orchestration.metrics import MetricsLogger
 
 REPO = Path(__file__).resolve().parents[1]

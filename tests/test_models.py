@@ -12,12 +12,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dgrpo.models.diffusion import DiffusionLM, diffusion_loss, mask_tokens
-from dgrpo.models.sampler import (PROMPT_STEP, autocast_context, bf16_is_fast, resolve_precision,
-                                  reveal_schedule, sample, sampling_logprobs, validate_sampling)
+from dgrpo.models.sampler import PROMPT_STEP, reveal_schedule, sample, sampling_logprobs, validate_sampling
 from dgrpo.models.trajectory import (replay_rows, replay_states, row_logprobs, scatter_rows,
                                      trajectory_logprobs)
 from dgrpo.models.transformer import (PRESETS, ModelConfig, Trunk, count_params,
                                       forward_flops_per_token, preset_config)
+from dgrpo.precision import autocast_context, bf16_is_fast, resolve_precision
 
 N_CHARS = 12
 VOCAB = N_CHARS + 1  # + [MASK]

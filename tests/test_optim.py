@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from dgrpo.models.diffusion import DiffusionLM
-from dgrpo.models.optim import ChainedOptimizer, Muon, orthogonalize
-from dgrpo.models.pretrain import make_optimizer
+from dgrpo.models.optim import ChainedOptimizer, Muon, make_optimizer, orthogonalize
 from dgrpo.models.transformer import preset_config
 
 

@@ -6,13 +6,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from dgrpo.config import PretrainConfig
 from dgrpo.corpus import fixed_windows, load_corpus
 from dgrpo.models.checkpoint import CheckpointError, load_checkpoint
 from dgrpo.models.diffusion import DiffusionLM
-from dgrpo.models.pretrain import ema_with_warmup, evaluate_masked_ce, pretrain, scheduled_lr
 from dgrpo.models.transformer import preset_config
 from dgrpo.orchestration.cli import main
-from dgrpo.orchestration.config import PretrainConfig
+from dgrpo.training.loop import scheduled_lr
+from dgrpo.training.pretrain import ema_with_warmup, evaluate_masked_ce, pretrain
 
 LINES = ["the cat sat on the mat.", "a dog ran to the park.", "we eat bread and jam.",
          "she reads a good book.", "it is cold in winter."]

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dgrpo.orchestration.config import TrainConfig
+from dgrpo.config import TrainConfig
 from dgrpo.orchestration.metrics import DRIVER_GAUGES, PHASES, MetricsLogger
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,12 +25,13 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from dgrpo.config import TrainConfig
+from dgrpo.errors import RunError
 from dgrpo.models.checkpoint import load_checkpoint
 from dgrpo.orchestration.cli import main
-from dgrpo.orchestration.config import TrainConfig
-from dgrpo.orchestration.driver import find_checkpoints, run_training
-from dgrpo.orchestration.errors import RunError
+from dgrpo.orchestration.driver import run_training
 from dgrpo.orchestration.metrics import read_jsonl
+from dgrpo.orchestration.rundir import find_checkpoints
 from dgrpo.protocols.rollout_log import read_rollout_log
 
 STEPS = 4

@@ -4,12 +4,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from dgrpo.config import RewardConfig
 from dgrpo.corpus import CharTokenizer, VocabularyError
 from dgrpo.models.checkpoint import save_checkpoint
 from dgrpo.models.judge import Judge, judge_config
 from dgrpo.models.rewards import (CharFrequencyReward, JudgeReward, RegexReward, RewardFunction,
-                                  SubstringFrequencyReward, build_reward, compute_rewards)
-from dgrpo.orchestration.config import RewardConfig
+                                  SubstringFrequencyReward, build_reward, compute_rewards, validate_rewards)
 
 TOK = CharTokenizer.from_text("abcde \n")  # ids: '\n'=0 ' '=1 a=2 b=3 c=4 d=5 e=6, [MASK]=7
 
@@ -146,3 +146,26 @@ def test_judge_reward_checks_length_and_vocabulary(random_judge_dir):
     with pytest.raises(VocabularyError, match="different corpora"):
         build_reward(SimpleNamespace(kind="judge", judge_checkpoint=random_judge_dir), other)
     assert math.isfinite(float(fn(enc("abcdabcd"))[0]))
+
+
+# --- validate_rewards: shape (n,) and finite, else a message naming the rows ---
+
+def test_validate_rewards_ok():
+    assert validate_rewards(torch.tensor([1.0, -2.0, 0.0]), 3) is None
+
+
+def test_validate_rewards_nan():
+    with pytest.raises(ValueError, match=r"must return 3 finite floats.*rows \[1\]") as e:
+        validate_rewards(torch.tensor([1.0, float("nan"), 0.0]), 3)
+    assert "nan" in str(e.value)
+
+
+def test_validate_rewards_inf():
+    with pytest.raises(ValueError, match=r"must return 3 finite floats.*rows \[0, 2\]"):
+        validate_rewards(torch.tensor([float("inf"), 0.0, float("-inf")]), 3)
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(2), torch.zeros(3, 1), torch.zeros(1, 3), torch.tensor(1.0)])
+def test_validate_rewards_wrong_shape(bad):
+    with pytest.raises(ValueError, match=r"must return 3 finite floats.*got shape"):
+        validate_rewards(bad, 3)

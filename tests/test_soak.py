@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from dgrpo.orchestration.config import TrainConfig
+from dgrpo.config import TrainConfig
 from dgrpo.orchestration.driver import Driver
 from dgrpo.orchestration.metrics import read_jsonl
 from dgrpo.protocols.rollout_log import read_rollout_log
@@ -86,9 +86,7 @@ def test_async_soak_with_random_kills(ray_cluster, tiny_corpus_file, tmp_path):
     holder["driver"] = driver
     try:
         summary = driver.run()
-        in_flight = ({p.payload.request_id for p in driver.pending.values() if p.kind == "generate"}
-                     | {p.payload.request_id for p in driver.pending.values() if p.kind == "score"}
-                     | {r.request_id for r in driver.retry})
+        in_flight = driver.requests_in_flight()
         ready = len(driver.ready)
         issued = driver.request_counter
         replacements = sum(s.replacements for s in driver.workers.slots + driver.judges.slots)

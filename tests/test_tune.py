@@ -1,11 +1,13 @@
 """Ray Tune over the GRPO loop: search files, per-trial placement groups, ASHA, results and best config."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from dgrpo.orchestration.config import ConfigError, TrainConfig, load_config
+from dgrpo.config import TrainConfig, load_config
+from dgrpo.errors import ConfigError
 from dgrpo.orchestration.tune import (SearchSpec, TuneSettings, apply_params, load_search, num_grid_points,
                                       to_param_space, trial_bundles)
 
@@ -120,6 +122,8 @@ tune: {scheduler: asha, grace_period: 1, reduction_factor: 2, metric: kl, mode: 
     table = cli.output[cli.output.index("trial_id"):cli.output.index("\nbest (")]
     print("\n" + table)
     assert "best (kl, max, scope last): {\"grpo.lr\": 0.01}" in cli.output
+    # a line per trial result, as `dgrpo train` prints per step
+    assert re.search(r"^trial \w+  step 1/4  reward \d\.\d{3}  kl \d", cli.output, re.MULTILINE), cli.output[-3000:]
     result = {"rows": json.loads((out / "tune_results.json").read_text()),
               "best": json.loads((out / "best.json").read_text())}
     rows = {r["grpo.lr"]: r for r in result["rows"]}

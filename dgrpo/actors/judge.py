@@ -7,14 +7,16 @@ import time
 
 import torch
 
+from ..config import RewardConfig
 from ..corpus import CharTokenizer
 from ..models.rewards import build_reward, compute_rewards
+from ..precision import pick_device
 from ..protocols import RolloutBatch, ScoredBatch
-from .telemetry import ActorTelemetry, pick_device
+from .telemetry import ActorTelemetry
 
 
 class JudgeWorker:
-    def __init__(self, judge_id: int, reward_cfg, vocab: dict, torch_threads: int = 1, metrics: bool = False):
+    def __init__(self, judge_id: int, reward_cfg: RewardConfig, vocab: dict, torch_threads: int = 1, metrics: bool = False):
         torch.set_num_threads(torch_threads)
         self.judge_id = judge_id
         self.device = pick_device()

@@ -11,11 +11,13 @@ import time
 
 import torch
 
+from ..config import SamplerConfig
 from ..models.diffusion import DiffusionLM
-from ..models.sampler import resolve_precision, sample
+from ..models.sampler import sample
 from ..models.transformer import ModelConfig
+from ..precision import pick_device, resolve_precision
 from ..protocols import RolloutBatch, RolloutRequest, WeightSnapshot
-from .telemetry import ActorTelemetry, pick_device
+from .telemetry import ActorTelemetry
 
 
 class StaleWorkerError(RuntimeError):
@@ -23,14 +25,14 @@ class StaleWorkerError(RuntimeError):
 
 
 class RolloutWorker:
-    def __init__(self, worker_id: int, model_config: dict, sampler: dict, precision: str = "auto",
+    def __init__(self, worker_id: int, model_config: ModelConfig, sampler: SamplerConfig, precision: str = "auto",
                  torch_threads: int = 1, metrics: bool = False):
         torch.set_num_threads(torch_threads)
         self.worker_id = worker_id
         self.device = pick_device()
-        self.model = DiffusionLM(ModelConfig.from_dict(model_config)).to(self.device).eval()
+        self.model = DiffusionLM(model_config).to(self.device).eval()
         self.model.requires_grad_(False)
-        self.sampler = dict(sampler)
+        self.sampler = sampler
         self.autocast_dtype = resolve_precision(precision, self.device)
         self.version = -1  # no weights yet
         self.telemetry = ActorTelemetry("rollout", str(worker_id), enabled=metrics)
@@ -51,7 +53,8 @@ class RolloutWorker:
         k = request.group_size
         prompts = request.prompts.to(self.device).repeat_interleave(k, dim=0)
         g = torch.Generator(device=self.device).manual_seed(request.seed)
-        out = sample(self.model, prompts, generator=g, autocast_dtype=self.autocast_dtype, **self.sampler)
+        s = self.sampler
+        out = sample(self.model, prompts, generator=g, autocast_dtype=self.autocast_dtype, **s.model_dump())
         generate_s = time.perf_counter() - t0
         n_generated = int((out.reveal_step >= 0).sum())
         self.telemetry.observe_rollout(samples=len(prompts), tokens=n_generated, seconds=generate_s)
@@ -59,9 +62,8 @@ class RolloutWorker:
             request_id=request.request_id, tokens=out.tokens.cpu(), reveal_step=out.reveal_step.cpu(),
             logprobs=out.logprobs.cpu(),
             group_index=torch.arange(request.prompts.shape[0]).repeat_interleave(k),
-            policy_version=self.version, worker_id=self.worker_id, steps=self.sampler["steps"],
-            temperature=float(self.sampler["temperature"]), top_k=int(self.sampler["top_k"]),
-            top_p=float(self.sampler["top_p"]),
+            policy_version=self.version, worker_id=self.worker_id, steps=s.steps, temperature=s.temperature,
+            top_k=s.top_k, top_p=s.top_p,
             timings={"generate_s": generate_s, "tokens_generated": float(n_generated)})
 
     def info(self) -> dict:

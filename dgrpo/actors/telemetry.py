@@ -4,13 +4,6 @@ from __future__ import annotations
 
 import threading
 
-import torch
-
-
-def pick_device() -> torch.device:
-    """The GPU Ray assigned to this actor if any, else the CPU: one code path for both."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
 
 class GaugeKeeper:
     """Sets Ray gauges and re-sends their last values every `interval_s` from a daemon thread.

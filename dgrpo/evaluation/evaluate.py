@@ -35,8 +35,10 @@ from ..corpus import CharTokenizer, check_length, fixed_windows, load_corpus, ma
 from ..models.char_lm import bits_per_char, load_char_lm
 from ..models.diffusion import DiffusionLM
 from ..models.judge import load_judge
-from ..models.judge_training import judge_scores, load_generator
-from ..models.sampler import resolve_precision, sample, validate_sampling
+from ..models.diffusion import load_generator
+from ..training.judge import judge_scores
+from ..models.sampler import sample, validate_sampling
+from ..precision import resolve_precision
 from ..models.trajectory import trajectory_logprobs
 from .best_of_n import best_of_n_expectation, bon_kl_bound
 from .overoptimization import report_series

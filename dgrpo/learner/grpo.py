@@ -18,8 +18,6 @@ chunk losses ``(w[rows] * per_token[rows]).sum()`` add up exactly to the full lo
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -223,38 +221,3 @@ def masked_moments(x: Tensor, mask: Tensor) -> dict[str, float]:
             "min": float(vals.min()),
             "max": float(vals.max()),
         }
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def validate_rewards(rewards: Tensor, n: int) -> None:
-    """Raise ValueError unless ``rewards`` has shape (n,) and every entry is finite.
-
-    The message names the offending rows (the first 20) and says the reward
-    function must return n finite floats.
-    """
-    need = f"the reward function must return {n} finite floats (shape ({n},))"
-    if not isinstance(rewards, Tensor):
-        try:
-            rewards = torch.as_tensor(rewards)
-        except Exception as exc:  # noqa: BLE001 - re-raised as ValueError with context
-            raise ValueError(f"{need}; got an object of type {type(rewards).__name__}") from exc
-    if tuple(rewards.shape) != (n,):
-        raise ValueError(f"{need}; got shape {tuple(rewards.shape)}")
-    if rewards.dtype.is_complex:
-        raise ValueError(f"{need}; got complex dtype {rewards.dtype}")
-    if rewards.is_floating_point():
-        bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
-        if bad:
-            shown = bad[:20]
-            more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
-            values = ", ".join(_fmt(float(rewards[i])) for i in shown)
-            raise ValueError(f"{need}; non-finite rewards at rows {shown}{more} "
-                             f"(values: {values})")
-
-
-def _fmt(v: float) -> str:
-    if math.isnan(v):
-        return "nan"
-    return "inf" if v > 0 else "-inf"

@@ -21,18 +21,14 @@ from __future__ import annotations
 
 import math
 import os
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from ..corpus import Corpus, CharTokenizer, VocabularyError, check_length, fixed_windows, random_windows
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..corpus import CharTokenizer, VocabularyError
+from ..precision import autocast_context
+from .checkpoint import CheckpointError, load_checkpoint
 from .diffusion import DiffusionLM
-from .pretrain import make_optimizer, scheduled_lr
-from .sampler import autocast_context, resolve_precision
 from .transformer import ModelConfig, preset_config
 
 KIND = "lm"
@@ -111,79 +107,3 @@ def load_char_lm(path: str | os.PathLike, tokenizer: CharTokenizer | None = None
     lm = ckpt.load_weights_into(CharLM(ckpt.model_config))
     lm.to(device).eval().requires_grad_(False)
     return lm, lm_tok, ckpt
-
-
-def train_char_lm(cfg, corpus: Corpus, config_dict: dict, resume: bool = False, progress: bool = True,
-                  log=print) -> dict:
-    """Train a CharLM per `cfg` (LMTrainConfig) on corpus.train; checkpoint (kind "lm") in cfg.out.
-
-    Held-out bits/char on fixed validation windows is logged every cfg.eval_every iterations
-    and stored in the checkpoint's state (val_bits_per_char)."""
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    overrides = {"block_size": cfg.block_size} if cfg.block_size else {}
-    if cfg.dropout is not None:
-        overrides["dropout"] = cfg.dropout
-    model_cfg = lm_config(cfg.preset, corpus.tokenizer.n_chars, **overrides)
-    T = model_cfg.block_size
-    check_length(corpus.train, T, "train")
-    check_length(corpus.val, T, "validation")
-    lm = CharLM(model_cfg)
-    optimizer = make_optimizer(lm, cfg.lr, cfg.weight_decay, cfg.betas, "adamw")
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    start_iter, tokens_seen, elapsed, history, state = 0, 0, 0.0, [], {}
-    if resume and (out / "config.json").exists():
-        ckpt = load_checkpoint(out, expect_kind=KIND)
-        CharTokenizer.from_dict(ckpt.vocab).check_same(corpus.tokenizer, "language model checkpoint vs corpus")
-        if ckpt.model_config != model_cfg:
-            raise CheckpointError(f"{out} holds a model {ckpt.model_config.to_dict()}, this run builds "
-                                  f"{model_cfg.to_dict()}; resume with the same preset or use a new --out")
-        ckpt.load_weights_into(lm)
-        ckpt.load_optimizer_into(optimizer)
-        data_gen.set_state(ckpt.load_tensors("rng")["data"])
-        state = dict(ckpt.state)
-        start_iter, tokens_seen, elapsed = state["iter"], state["tokens_seen"], state["wall_time_s"]
-        history = state.get("history", [])
-        log(f"resumed from {out} at iter {start_iter}")
-    autocast_dtype = resolve_precision(cfg.precision)
-    val_windows = fixed_windows(corpus.val, cfg.eval_windows, T, seed=cfg.seed)
-
-    def save(it: int, val_bpc: float) -> None:
-        nonlocal state
-        state = {"iter": it, "tokens_seen": tokens_seen, "wall_time_s": elapsed, "val_bits_per_char": val_bpc,
-                 "preset": cfg.preset, "history": history}
-        save_checkpoint(out, kind=KIND, model_config=model_cfg, vocab=corpus.tokenizer.to_dict(), weights=lm,
-                        state=state, config=config_dict, optimizer=optimizer,
-                        extra_tensors={"rng": {"data": data_gen.get_state()}})
-
-    lm.train()
-    t_start = time.perf_counter() - elapsed
-    bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters,
-               disable=not progress, desc="lm", dynamic_ncols=True, mininterval=5.0)
-    for it in bar:
-        time_fraction = elapsed / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
-        for group in optimizer.param_groups:
-            group["lr"] = scheduled_lr(it, cfg.max_iters, cfg.lr, cfg.min_lr, cfg.warmup_iters, time_fraction)
-        x = random_windows(corpus.train, cfg.batch_size, T, data_gen)
-        loss = -char_logprobs(lm, x, autocast_dtype).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.grad_clip)
-        optimizer.step()
-        tokens_seen += x.numel()
-        elapsed = time.perf_counter() - t_start
-        train_bpc = float(loss.detach()) / math.log(2)
-        bar.set_postfix(bpc=f"{train_bpc:.3f}", refresh=False)
-        out_of_time = cfg.max_minutes is not None and elapsed > 60 * cfg.max_minutes
-        if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.max_iters or out_of_time:
-            val_bpc = float(bits_per_char(lm, val_windows, autocast_dtype).mean())
-            history.append({"iter": it + 1, "val_bits_per_char": val_bpc,
-                            "train_bits_per_char": train_bpc, "wall_time_s": elapsed})
-            log(f"iter {it + 1}: held-out {val_bpc:.4f} bits/char, {elapsed:.0f} s, "
-                f"{tokens_seen / elapsed:.0f} tokens/s")
-            save(it + 1, val_bpc)
-        if out_of_time:
-            log(f"stopping: max_minutes={cfg.max_minutes} reached at iter {it + 1}")
-            break
-    bar.close()
-    return state

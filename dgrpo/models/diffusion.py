@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..corpus import CharTokenizer
+from .checkpoint import CheckpointError, load_checkpoint
 from .transformer import ModelConfig, Trunk
 
 
@@ -33,6 +35,19 @@ class DiffusionLM(nn.Module):
         """idx (B, T) with [MASK] at unknown positions -> logits (B, T, n_chars); with rows (flat
         indices of positions, see Trunk) only those positions' logits, (N, n_chars)."""
         return self.lm_head(self.trunk(idx, rows))
+
+
+def load_generator(path, device: torch.device | str = "cpu"):
+    """(frozen DiffusionLM in eval mode, its tokenizer, checkpoint) from a generator checkpoint."""
+    ckpt = load_checkpoint(path, expect_kind="generator")
+    tokenizer = CharTokenizer.from_dict(ckpt.vocab)
+    if ckpt.model_config.vocab_size != tokenizer.vocab_size:
+        raise CheckpointError(f"generator checkpoint {path}: model vocab_size {ckpt.model_config.vocab_size} "
+                              f"does not match its {tokenizer.n_chars} characters + [MASK]; it is corrupt")
+    model = DiffusionLM(ckpt.model_config)
+    ckpt.load_weights_into(model)
+    model.to(device).eval().requires_grad_(False)
+    return model, tokenizer, ckpt
 
 
 def mask_tokens(x: torch.Tensor, mask_id: int, generator: torch.Generator | None = None,

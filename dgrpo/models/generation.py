@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
+from ..precision import resolve_precision
+from .diffusion import load_generator
 from .judge import load_judge
-from .judge_training import load_generator
 from .rewards import JudgeReward, compute_rewards
-from .sampler import resolve_precision, sample
-
-
-def _error(msg: str):
-    from ..orchestration.config import ConfigError  # a user error the CLI prints without a traceback
-    return ConfigError(msg)
+from .sampler import sample
 
 
 def generate_texts(checkpoint, num: int = 3, length: int | None = None, prompt: str | None = None,
@@ -27,34 +24,34 @@ def generate_texts(checkpoint, num: int = 3, length: int | None = None, prompt: 
     judge (reward = 1 - score) and keeps, per prompt, the one with the highest reward.
     """
     if num < 1:
-        raise _error(f"--num must be >= 1, got {num}")
+        raise ConfigError(f"--num must be >= 1, got {num}")
     if best_of < 1:
-        raise _error(f"--best-of must be >= 1, got {best_of}")
+        raise ConfigError(f"--best-of must be >= 1, got {best_of}")
     if best_of > 1 and not judge_checkpoint:
-        raise _error(f"--best-of {best_of} needs a judge to choose the best sample: pass --judge CKPT "
+        raise ConfigError(f"--best-of {best_of} needs a judge to choose the best sample: pass --judge CKPT "
                      f"(a `dgrpo judge train --out` directory)")
     model, tokenizer, _ = load_generator(checkpoint)
     block = model.cfg.block_size
     if prompt is None:
         L = block if length is None else length
         if not 1 <= L <= block:
-            raise _error(f"--length must be between 1 and the generator's block size {block}, got {L}")
+            raise ConfigError(f"--length must be between 1 and the generator's block size {block}, got {L}")
         row = torch.full((L,), model.mask_id, dtype=torch.long)
     else:
         row = tokenizer.encode_prompt(prompt, mask_char)
         L = len(row)
         if not 1 <= L <= block:
-            raise _error(f"the prompt has {L} characters; it must have 1 to {block} (the generator's block size)")
+            raise ConfigError(f"the prompt has {L} characters; it must have 1 to {block} (the generator's block size)")
         if length is not None and length != L:
-            raise _error(f"--length {length} does not match the prompt's {L} characters; pass only one of them")
+            raise ConfigError(f"--length {length} does not match the prompt's {L} characters; pass only one of them")
         if not bool((row == model.mask_id).any()):
-            raise _error(f"the prompt has no {mask_char!r} to fill; mark the positions to infill with "
+            raise ConfigError(f"the prompt has no {mask_char!r} to fill; mark the positions to infill with "
                          f"--mask-char (currently {mask_char!r})")
     reward_fn = None
     if judge_checkpoint:
         judge, _, _ = load_judge(judge_checkpoint, tokenizer=tokenizer)
         if judge.cfg.block_size != L:
-            raise _error(f"the judge scores windows of exactly {judge.cfg.block_size} characters, the samples "
+            raise ConfigError(f"the judge scores windows of exactly {judge.cfg.block_size} characters, the samples "
                          f"have {L}; use --length {judge.cfg.block_size} (or a prompt of that length)")
         reward_fn = JudgeReward(judge, tokenizer, autocast_dtype=resolve_precision(precision))
     prompts = row.expand(num * best_of, L).clone()

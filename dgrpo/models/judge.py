@@ -11,17 +11,15 @@ n_chars + 1 is [CLS].
 
 score(tokens) = sigmoid(logit) in [0, 1]: the judge's estimate of the fraction
 of positions re-filled by the generator (target g(x) = x, see
-judge_training.judge_targets), so higher = more synthetic and the reward is
+training.judge.judge_targets), so higher = more synthetic and the reward is
 1 - score.
 
 The window logit is head(h[CLS]) + mean over positions of token_head(h[p]).
 token_head also gets its own training signal: it predicts which characters the
 generator replaced (ELECTRA's replaced-token detection), one label per character
-instead of one per window. Both parts were measured here (judge initialised from
-a small generator, 150 iterations): [CLS] head alone, held-out AUC 0.72; with the
-pooled per-position evidence, 0.89. The pooled term is a linear read-out of local
-evidence (like a bag of n-gram detectors) that learns fast; [CLS] can add what
-needs the whole window.
+instead of one per window. The pooled term is a linear read-out of local
+evidence (like a bag of n-gram detectors) that learns much faster than the [CLS]
+head alone (docs/RESULTS.md, the judge); [CLS] can add what needs the whole window.
 """
 
 from __future__ import annotations
@@ -32,8 +30,8 @@ import torch
 import torch.nn as nn
 
 from ..corpus import CharTokenizer, VocabularyError
+from ..precision import autocast_context
 from .checkpoint import CheckpointError, load_checkpoint
-from .sampler import autocast_context
 from .transformer import ModelConfig, Trunk, preset_config
 
 

@@ -1,5 +1,5 @@
-"""Optimizer pieces for pretraining: Muon with the Newton-Schulz iteration in fp32, and a
-wrapper that steps several optimizers as one (pure torch, no Ray)."""
+"""Optimizers for pretraining and judge training: Muon with the Newton-Schulz iteration in fp32,
+a wrapper that steps several optimizers as one, and make_optimizer that builds either (pure torch)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ def orthogonalize(g: torch.Tensor, coefficients: tuple[float, float, float], ste
     Each iteration is x <- p(A) x with A = x x^T and p(A) = aI + bA + cA^2 (x wide: rows <= cols).
     For a rectangular x the iteration runs on the small side alone: every iterate is Q x_0 with Q
     a polynomial in A_0, so Q <- p(A) Q and A <- p(A) A p(A) (m x m products), and x_0 is
-    multiplied once at the end: 0.55-0.70x the time of the direct form for the small preset's
-    128 x 384 and 128 x 512 matrices, the same result to fp32 rounding (tests/test_optim.py);
-    square matrices gain nothing from it and keep the direct form."""
+    multiplied once at the end: fewer flops than the direct form when rows << cols, the same
+    result to fp32 rounding (tests/test_optim.py); square matrices gain nothing from it and
+    keep the direct form."""
     a, b, c = coefficients
     tall = g.size(1) > g.size(2)
     x = g.mT if tall else g
@@ -43,9 +43,8 @@ class Muon(torch.optim.Muon):
     instead of bf16, batched over matrices of one shape.
 
     PyTorch's Muon casts to bf16 for Newton-Schulz; on a CPU without native bf16 (AVX2
-    only) that is emulated: small-model pretraining ran at 2.8k tokens/s with it against
-    7.7k with this one (one thread). The update, its state (`momentum_buffer`) and the lr
-    scaling are torch's. A param group with `split: n` treats each of its matrices as n
+    only) that is emulated and makes pretraining several times slower (docs/RESULTS.md).
+    The update, its state (`momentum_buffer`) and the lr scaling are torch's. A param group with `split: n` treats each of its matrices as n
     stacked blocks of rows, each orthogonalised (and lr-scaled) as a matrix of its own.
     """
 
@@ -116,3 +115,27 @@ class ChainedOptimizer:
                 "state": {i - offset: s for i, s in sd["state"].items() if offset <= i < offset + n},
                 "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in own]})
             offset += n
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas,
+                   kind: str = "adamw", split_qkv: bool = False) -> torch.optim.Optimizer | ChainedOptimizer:
+    """AdamW on everything, or Muon on the hidden weight matrices (attention and MLP) with
+    AdamW on embeddings, head and norms. Muon's step is scaled to AdamW's update RMS
+    ("match_rms_adamw"), so both use the same lr and the same schedule. split_qkv: Muon
+    orthogonalises the query, key and value blocks of the fused qkv matrix one by one."""
+    if kind not in ("adamw", "muon"):
+        raise ValueError(f"unknown optimizer {kind!r}; choose adamw or muon")
+    params = dict(model.named_parameters())
+    hidden = [n for n, p in params.items() if p.dim() == 2 and ".blocks." in f".{n}"]
+    decay = [p for n, p in params.items() if p.dim() >= 2 and (kind == "adamw" or n not in hidden)]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    adamw = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
+    if kind == "adamw":
+        return adamw
+    qkv = [n for n in hidden if split_qkv and n.endswith("attn.qkv.weight")]
+    groups = [{"params": [params[n] for n in hidden if n not in qkv]}]
+    if qkv:
+        groups.append({"params": [params[n] for n in qkv], "split": 3})
+    muon = Muon(groups, lr=lr, weight_decay=weight_decay, momentum=0.95, adjust_lr_fn="match_rms_adamw")
+    return ChainedOptimizer(muon, adamw)

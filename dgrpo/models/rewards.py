@@ -13,12 +13,13 @@ Pure torch: no Ray here.
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
 
+from ..config import RewardConfig
 from ..corpus import CharTokenizer, VocabularyError
-from ..learner.grpo import validate_rewards
 
 _DECODE_MASK = "\x00"  # a [MASK] left in a sequence decodes to NUL, never to a corpus character
 
@@ -156,21 +157,52 @@ class RegexReward(RewardFunction):
 REWARD_KINDS = ("judge", "char_frequency", "regex")
 
 
-def build_reward(cfg, tokenizer: CharTokenizer, device: torch.device | str = "cpu",
+def build_reward(cfg: RewardConfig, tokenizer: CharTokenizer, device: torch.device | str = "cpu",
                  autocast_dtype: torch.dtype | None = None) -> RewardFunction:
-    """A reward by name from a RewardConfig-like object (.kind, .judge_checkpoint, .chars, .pattern, .normalize)."""
-    kind = getattr(cfg, "kind", None)
-    if kind == "judge":
-        path = getattr(cfg, "judge_checkpoint", None)
-        if not path:
+    """The reward `cfg.kind` names, built from the fields of that kind."""
+    if cfg.kind == "judge":
+        if not cfg.judge_checkpoint:
             raise ValueError("reward.kind 'judge' needs reward.judge_checkpoint (a `dgrpo judge train --out` "
                              "directory)")
-        return JudgeReward.from_checkpoint(path, tokenizer=tokenizer, device=device, autocast_dtype=autocast_dtype)
-    if kind == "char_frequency":
-        return CharFrequencyReward(tokenizer, getattr(cfg, "chars", ""))
-    if kind == "regex":
-        return RegexReward(tokenizer, getattr(cfg, "pattern", ""), bool(getattr(cfg, "normalize", True)))
-    raise ValueError(f"unknown reward kind {kind!r}; choose one of {', '.join(REWARD_KINDS)}")
+        return JudgeReward.from_checkpoint(cfg.judge_checkpoint, tokenizer=tokenizer, device=device,
+                                           autocast_dtype=autocast_dtype)
+    if cfg.kind == "char_frequency":
+        return CharFrequencyReward(tokenizer, cfg.chars)
+    if cfg.kind == "regex":
+        return RegexReward(tokenizer, cfg.pattern, cfg.normalize)
+    raise ValueError(f"unknown reward kind {cfg.kind!r}; choose one of {', '.join(REWARD_KINDS)}")
+
+
+def validate_rewards(rewards: torch.Tensor, n: int) -> None:
+    """Raise ValueError unless ``rewards`` has shape (n,) and every entry is finite.
+
+    The message names the offending rows (the first 20) and says the reward
+    function must return n finite floats.
+    """
+    need = f"the reward function must return {n} finite floats (shape ({n},))"
+    if not isinstance(rewards, torch.Tensor):
+        try:
+            rewards = torch.as_tensor(rewards)
+        except Exception as exc:  # noqa: BLE001 - re-raised as ValueError with context
+            raise ValueError(f"{need}; got an object of type {type(rewards).__name__}") from exc
+    if tuple(rewards.shape) != (n,):
+        raise ValueError(f"{need}; got shape {tuple(rewards.shape)}")
+    if rewards.dtype.is_complex:
+        raise ValueError(f"{need}; got complex dtype {rewards.dtype}")
+    if rewards.is_floating_point():
+        bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+        if bad:
+            shown = bad[:20]
+            more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
+            values = ", ".join(_fmt(float(rewards[i])) for i in shown)
+            raise ValueError(f"{need}; non-finite rewards at rows {shown}{more} "
+                             f"(values: {values})")
+
+
+def _fmt(v: float) -> str:
+    if math.isnan(v):
+        return "nan"
+    return "inf" if v > 0 else "-inf"
 
 
 def compute_rewards(fn: RewardFunction, tokens: torch.Tensor) -> torch.Tensor:

@@ -14,11 +14,12 @@ is all the learner needs to rebuild every intermediate state exactly
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..precision import autocast_context
 
 PROMPT_STEP = -1
 REVEAL_ORDERS = ("random", "confidence")
@@ -69,34 +70,6 @@ def reveal_schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
     s = torch.arange(1, steps + 1, device=n_masked.device)
     cumulative = (n_masked[:, None] * s[None, :]) // steps
     return torch.diff(cumulative, dim=1, prepend=torch.zeros_like(cumulative[:, :1]))
-
-
-def bf16_is_fast(device: torch.device | str) -> bool:
-    """bf16 pays off on CUDA and on CPUs with native bf16 matmul (AMX / AVX512-BF16).
-
-    On an AVX2-only CPU bf16 matmul is emulated: measured here 1 GFLOP/s vs 170 in fp32.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def resolve_precision(name: str, device: torch.device | str = "cpu") -> torch.dtype | None:
-    """'fp32' -> None (no autocast), 'bf16' -> bfloat16, 'auto' -> bf16 only where it is fast."""
-    if name == "fp32":
-        return None
-    if name == "bf16":
-        return torch.bfloat16
-    if name == "auto":
-        return torch.bfloat16 if bf16_is_fast(device) else None
-    raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {name!r}")
-
-
-def autocast_context(device: torch.device | str, dtype: torch.dtype | None):
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 @torch.no_grad()

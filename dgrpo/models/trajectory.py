@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampler import autocast_context, sampling_logprobs
+from ..precision import autocast_context
+from .sampler import sampling_logprobs
 
 
 @dataclass

@@ -1,12 +1,11 @@
 """Bidirectional transformer trunk shared by the diffusion LM and the judge.
 
 Pre-LayerNorm blocks, PyTorch scaled-dot-product attention without a causal
-mask (`causal` turns one on for the autoregressive evaluation LM, char_lm.py), rotary position embeddings. Rotary positions matter here: with learned
-absolute positions a 4x128 masked-diffusion model sat on the unigram plateau
-(3.27 nats) for 800 steps, with RoPE it reached 2.5 by step 200. Queries and keys
-are RMS-normalised per head (QK-norm) in the presets: with pretraining's identity
-start it cut the small generator's held-out CE by 0.037 nats after 8 minutes, and
-made no difference after 15 (docs/RESULTS.md).
+mask (`causal` turns one on for the autoregressive evaluation LM, char_lm.py), rotary
+position embeddings. Rotary positions matter here: with learned absolute positions a
+masked-diffusion model of this size stays on the unigram plateau far longer. Queries and
+keys are RMS-normalised per head (QK-norm) in the presets: with pretraining's identity
+start, short runs learn faster; long runs end the same (docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -29,8 +28,8 @@ class ModelConfig:
     n_embd: int = 128
     dropout: float = 0.0
     rope_base: float = 10000.0
-    # exact GELU: 3.9x faster than the tanh approximation on an AVX2 CPU (6.7 vs 25.8 ms
-    # for 64x128x512); checkpoints written before this field existed used "gelu_tanh"
+    # exact GELU: much faster than the tanh approximation on CPU (docs/RESULTS.md);
+    # checkpoints written before this field existed used "gelu_tanh"
     activation: str = "gelu_tanh"
     # RMS-normalised queries and keys, so attention logits are at most attn_scale x head size;
     # off for checkpoints written before this field existed
@@ -129,7 +128,7 @@ class SelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if torch.compiler.is_compiling() and x.device.type == "cpu" and dropout == 0.0:
             # inductor fuses the softmax of this explicit form into its own kernels; for short CPU
-            # blocks that beats the flash kernel (1.06x forward+backward, small preset, 2 threads)
+            # blocks that beats the flash kernel
             scale = self.scale if self.scale is not None else q.size(-1) ** -0.5
             att = (q @ k.transpose(-2, -1)) * scale
             if self.causal:

@@ -13,21 +13,20 @@ from pathlib import Path
 
 import click
 
-from .config import (ConfigError, JudgeTrainConfig, LMTrainConfig, PretrainConfig, TrainConfig, load_config, to_dict,
-                     to_yaml)
+from ..config import JudgeTrainConfig, LMTrainConfig, PretrainConfig, TrainConfig, load_config, to_dict, to_yaml
+from ..errors import ConfigError, RunError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, RunError)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from ..corpus import CorpusError, VocabularyError
     from ..evaluation import EvaluationError
     from ..models.checkpoint import CheckpointError
-    from ..models.pretrain import CompileError
     from ..protocols import CodecError
-    from .errors import RunError
-    return USER_ERRORS + (CorpusError, VocabularyError, CheckpointError, CodecError, RunError, FileNotFoundError,
-                          CompileError, EvaluationError)
+    from ..training.pretrain import CompileError
+    return USER_ERRORS + (CorpusError, VocabularyError, CheckpointError, CodecError, FileNotFoundError, CompileError,
+                          EvaluationError)
 
 
 def friendly(fn):
@@ -98,7 +97,7 @@ def trainer_setup(cls, config_file, overrides, corpus_path, threads, **flags):
 @friendly
 def pretrain(config_file, overrides, preset, corpus_path, max_iters, max_minutes, out, resume, threads):
     """Supervised masked-diffusion pretraining of the generator."""
-    from ..models.pretrain import pretrain as run_pretrain
+    from ..training.pretrain import pretrain as run_pretrain
     cfg, corpus = trainer_setup(PretrainConfig, config_file, overrides, corpus_path, threads, preset=preset,
                                 max_iters=max_iters, max_minutes=max_minutes, out=out)
     state = run_pretrain(cfg, corpus, to_dict(cfg), resume=resume)
@@ -119,15 +118,29 @@ def pretrain(config_file, overrides, preset, corpus_path, max_iters, max_minutes
 @click.option("--seed", default=0, show_default=True)
 @click.option("--judge", "judge_ckpt", type=click.Path(), default=None, help="judge checkpoint for best-of-N")
 @click.option("--best-of", default=1, show_default=True, help="samples per output; the judge keeps the best")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None,
+              help="also write the samples as JSON lines: text, reward (with --judge) and the settings")
 @friendly
-def sample(checkpoint, num, length, prompt, mask_char, steps, temperature, top_k, order, seed, judge_ckpt, best_of):
+def sample(checkpoint, num, length, prompt, mask_char, steps, temperature, top_k, order, seed, judge_ckpt, best_of,
+           out_file):
     """Print samples from a generator checkpoint (infill with --prompt; best-of-N with --judge)."""
     from ..models.generation import generate_texts
-    for text, reward in generate_texts(checkpoint, num=num, length=length, prompt=prompt, mask_char=mask_char,
-                                       steps=steps, temperature=temperature, top_k=top_k, order=order,
-                                       seed=seed, judge_checkpoint=judge_ckpt, best_of=best_of):
+    settings = {"checkpoint": checkpoint, "prompt": prompt, "mask_char": mask_char, "length": length, "steps": steps,
+                "temperature": temperature, "top_k": top_k, "order": order, "seed": seed, "judge": judge_ckpt,
+                "best_of": best_of}
+    samples = generate_texts(checkpoint, num=num, length=length, prompt=prompt, mask_char=mask_char, steps=steps,
+                             temperature=temperature, top_k=top_k, order=order, seed=seed,
+                             judge_checkpoint=judge_ckpt, best_of=best_of)
+    for text, reward in samples:
         head = f"--- reward {reward:.4f}" if reward is not None else "---"
         click.echo(f"{head}\n{text}")
+    if out_file:
+        with open(out_file, "w") as fh:
+            for i, (text, reward) in enumerate(samples):
+                row = {"index": i, "text": text, **({"reward": reward} if reward is not None else {}),
+                       "settings": settings}
+                fh.write(json.dumps(row) + "\n")
+        click.echo(f"wrote {len(samples)} samples to {out_file}")
 
 
 @main.group()
@@ -148,7 +161,7 @@ def judge():
 @friendly
 def judge_train(config_file, overrides, generator, corpus_path, preset, max_iters, max_minutes, out, resume, threads):
     """Train the judge on real windows partly re-filled by the generator."""
-    from ..models.judge_training import train_judge
+    from ..training.judge import train_judge
     cfg = load_config(JudgeTrainConfig, config_file, flag_overrides(
         generator=generator, preset=preset, max_iters=max_iters, max_minutes=max_minutes, out=out,
         **{"corpus.path": corpus_path}) + list(overrides))
@@ -166,7 +179,7 @@ def judge_train(config_file, overrides, generator, corpus_path, preset, max_iter
 @friendly
 def judge_eval(judge_ckpt, generator, corpus_path, windows, seed):
     """AUC, Spearman and mean scores on held-out windows; writes eval.json beside the judge."""
-    from ..models.judge_training import evaluate_judge_cli
+    from ..training.judge import evaluate_judge_cli
     figures = evaluate_judge_cli(judge_ckpt, generator, corpus_path, windows, seed)
     click.echo(json.dumps(figures, indent=2))
 
@@ -182,7 +195,7 @@ def lm():
 @friendly
 def lm_train(config_file, overrides, preset, corpus_path, max_iters, max_minutes, out, resume, threads):
     """Train a causal character LM by maximum likelihood on the train split; reports held-out bits per character."""
-    from ..models.char_lm import train_char_lm
+    from ..training.lm import train_char_lm
     cfg, corpus = trainer_setup(LMTrainConfig, config_file, overrides, corpus_path, threads, preset=preset,
                                 max_iters=max_iters, max_minutes=max_minutes, out=out)
     state = train_char_lm(cfg, corpus, to_dict(cfg), resume=resume)
@@ -233,7 +246,6 @@ def evaluate_cmd(policies, runs, generator, best_of, pool, judge_ckpt, gold, lm_
                  precision, chunk, threads, out):
     """Gold evaluation: proxy and gold reward, LM bits/char, diversity and KL per sequence, with s.e."""
     from ..evaluation import EvaluateOptions, evaluate, format_report
-    from .errors import RunError
     policies = list(policies)
     for run in runs:
         found = sorted((Path(run) / "checkpoints").glob("step_*"))  # as driver.find_checkpoints, without Ray
@@ -256,13 +268,14 @@ def evaluate_cmd(policies, runs, generator, best_of, pool, judge_ckpt, gold, lm_
 @main.command()
 @config_options
 @click.option("--resume", is_flag=True, help="continue from the last checkpoint in run.out_dir")
+@click.option("--quiet", "-q", is_flag=True, help="no progress line per step (the summary is still printed)")
 @friendly
-def train(config_file, overrides, resume):
+def train(config_file, overrides, resume, quiet):
     """GRPO fine-tuning on Ray (embedded local cluster unless RAY_ADDRESS / run.ray_address is set)."""
     from .driver import run_training
     cfg = load_config(TrainConfig, config_file, list(overrides))
     click.echo(to_yaml(cfg))
-    summary = run_training(cfg, resume=resume)
+    summary = run_training(cfg, resume=resume, quiet=quiet)
     click.echo(json.dumps(summary, indent=2))
 
 
@@ -289,15 +302,16 @@ def demo(out, corpus_path, minutes, threads):
 @click.option("--metric", default=None, help="overrides tune.metric (e.g. reward_mean, eval_reward_mean)")
 @click.option("--mode", type=click.Choice(["max", "min"]), default=None, help="overrides tune.mode")
 @click.option("--max-concurrent", type=int, default=None, help="overrides tune.max_concurrent_trials")
+@click.option("--quiet", "-q", is_flag=True, help="no line per trial result, no Tune status table")
 @friendly
-def tune_cmd(config_file, overrides, search_file, num_samples, scheduler, metric, mode, max_concurrent):
+def tune_cmd(config_file, overrides, search_file, num_samples, scheduler, metric, mode, max_concurrent, quiet):
     """Ray Tune over GRPO runs: one placement group per trial, ASHA early stopping, best config to run.out_dir."""
     from .tune import load_search, run_tune, settings_from_flags
     cfg = load_config(TrainConfig, config_file, list(overrides))
     search = load_search(search_file, settings_from_flags(
         num_samples=num_samples, scheduler=scheduler, metric=metric, mode=mode,
         max_concurrent_trials=max_concurrent), base=cfg)
-    result = run_tune(cfg, search)
+    result = run_tune(cfg, search, quiet=quiet)
     click.echo(result["table"])
     click.echo(f"\nbest ({search.settings.metric}, {search.settings.mode}, scope {search.settings.best_scope}): "
                f"{json.dumps(result['best']['best_params'])} -> {result['best']['best_value']}")
@@ -335,7 +349,6 @@ def report(paths, overoptimization, out):
                 click.echo(f"{curve['label']}, {reward}: {format_fit(curve['fits'][reward])}")
         click.echo(f"wrote {summary['plot']} and {Path(summary['plot']).with_suffix('.json')}")
         return
-    from .errors import RunError
     if len(paths) != 1:
         raise RunError("dgrpo report takes one run directory (or --overoptimization and evaluate JSONs)")
     from .report import make_report

@@ -9,7 +9,7 @@ import ray
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 
 def required_resources(cfg: TrainConfig) -> dict[str, float]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import JudgeTrainConfig, PretrainConfig, TrainConfig, to_dict
+from ..config import JudgeTrainConfig, PretrainConfig, TrainConfig, to_dict
 
 
 def demo_configs(out: Path, corpus: str | None, minutes: float, threads: int):
@@ -41,8 +41,8 @@ def run_demo(out: str, corpus: str | None, minutes: float = 14.0, threads: int =
     import torch
 
     from ..corpus import load_corpus
-    from ..models.judge_training import train_judge
-    from ..models.pretrain import pretrain
+    from ..training.judge import train_judge
+    from ..training.pretrain import pretrain
     from .driver import run_training
 
     out_dir = Path(out)

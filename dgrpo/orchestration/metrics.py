@@ -52,7 +52,7 @@ def truncate_jsonl(path: str | Path, max_step: int) -> int:
 
 
 def _missing(key: str, extra: str, error: ImportError):
-    from .errors import RunError
+    from ..errors import RunError
     return RunError(f"{key} is set but the optional package is missing ({error}); "
                     f"install it with: pip install 'diffusion-grpo[{extra}]'")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import RunError
+from ..errors import RunError
 from .metrics import read_jsonl
 
 PHASE_KEYS = [("time/generate_s", "generation (worker-s)"), ("time/score_s", "scoring"),

@@ -41,8 +41,8 @@ from typing import Literal, Optional
 
 from pydantic import Field, ValidationError
 
-from .config import (ConfigError, Section, TrainConfig, _format_errors, deep_merge, read_yaml_mapping, to_dict,
-                     to_yaml)
+from ..config import Section, TrainConfig, format_errors, deep_merge, read_yaml_mapping, to_dict, to_yaml
+from ..errors import ConfigError
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 # config keys holding file paths: made absolute, because Tune runs each trial in its own working directory
@@ -103,7 +103,7 @@ def apply_params(base: dict, params: dict) -> TrainConfig:
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"search space gives an invalid configuration {params}:\n{_format_errors(e)}") from None
+        raise ConfigError(f"search space gives an invalid configuration {params}:\n{format_errors(e)}") from None
 
 
 def load_search(path: str | Path, settings_overrides: dict | None = None, base: TrainConfig | None = None
@@ -118,7 +118,7 @@ def load_search(path: str | Path, settings_overrides: dict | None = None, base: 
     try:
         settings = TuneSettings.model_validate(deep_merge(settings_raw, settings_overrides or {}))
     except ValidationError as e:
-        raise ConfigError(f"invalid `tune:` settings in {p}:\n{_format_errors(e)}") from None
+        raise ConfigError(f"invalid `tune:` settings in {p}:\n{format_errors(e)}") from None
     reported = {k.replace("/", "_") for k in REPORT_KEYS} | {"eval_reward_before"}
     if settings.metric not in reported:
         raise ConfigError(f"search file {p}: tune.metric {settings.metric!r} is not reported; "
@@ -243,7 +243,7 @@ def _trial(params: dict, base: dict) -> None:
         metrics["step"] = int(record["step"])
         tune.report(metrics)
 
-    run_training(cfg, report=report)
+    run_training(cfg, report=report, quiet=True)  # the Tune driver prints a line per result
 
 
 def _format_table(rows: list[dict], columns: list[str]) -> str:
@@ -257,8 +257,44 @@ def _format_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(row) for row in cells])
 
 
-def run_tune(cfg: TrainConfig, search: SearchSpec, verbose: int = 1) -> dict:
-    """Run the search; write tune_results.json/.csv, best_config.yaml and best.json under run.out_dir."""
+def trial_progress(base: dict):
+    """A Tune callback that prints one line per trial result, as `dgrpo train` prints per step."""
+    from ray import tune
+
+    from .progress import step_line
+
+    class TrialProgress(tune.Callback):
+        def __init__(self):
+            self.limits: dict[str, tuple[int, float | None]] = {}
+
+        def _limits(self, trial) -> tuple[int, float | None]:
+            if trial.trial_id not in self.limits:
+                try:  # run.steps and run.max_minutes may be searched
+                    run = apply_params(base, {k: v for k, v in (trial.config or {}).items() if v is not None}).run
+                except ConfigError:
+                    run = TrainConfig.model_validate(base).run
+                self.limits[trial.trial_id] = (run.steps, run.max_minutes)
+            return self.limits[trial.trial_id]
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            steps, max_minutes = self._limits(trial)
+            print(step_line(result, steps, result.get("time_total_s", 0.0), max_minutes,
+                            prefix=f"trial {trial.trial_id}  "), flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            steps, done = self._limits(trial)[0], (trial.last_result or {}).get("step", 0)
+            how = "finished" if done >= steps else "stopped"  # by the scheduler (ASHA) or the time budget
+            print(f"trial {trial.trial_id}  {how} at step {done}/{steps}", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"trial {trial.trial_id}  failed (its error is in the trial's directory)", flush=True)
+
+    return TrialProgress()
+
+
+def run_tune(cfg: TrainConfig, search: SearchSpec, quiet: bool = False) -> dict:
+    """Run the search; write tune_results.json/.csv, best_config.yaml and best.json under run.out_dir.
+    Prints a line per trial result and Tune's status table unless quiet."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -296,7 +332,8 @@ def run_tune(cfg: TrainConfig, search: SearchSpec, verbose: int = 1) -> dict:
             trainable, param_space=to_param_space(space),
             tune_config=tune.TuneConfig(metric=settings.metric, mode=settings.mode, scheduler=scheduler,
                                         search_alg=search_alg, num_samples=settings.num_samples),
-            run_config=tune.RunConfig(name=settings.name, storage_path=str(out_dir), verbose=verbose))
+            run_config=tune.RunConfig(name=settings.name, storage_path=str(out_dir), verbose=0 if quiet else 1,
+                                      callbacks=[] if quiet else [trial_progress(base)]))
         grid = tuner.fit()
     finally:
         if started_local:

@@ -8,27 +8,26 @@ from pathlib import Path
 
 import torch
 
-from ..actors.telemetry import pick_device
+from ..config import GRPOConfig
+from ..learner.core import LearnerCore
 from ..models.checkpoint import load_checkpoint, save_checkpoint
 from ..models.diffusion import DiffusionLM
-from ..models.sampler import resolve_precision
 from ..models.transformer import ModelConfig
-from ..orchestration.config import GRPOConfig
+from ..precision import pick_device, resolve_precision
 from ..protocols import ScoredBatch, WeightSnapshot
-from .core import LearnerCore
 
 
 class LearnerActor:
-    def __init__(self, grpo_cfg: dict, model_config: dict, vocab: dict, init_weights: WeightSnapshot,
+    def __init__(self, grpo_cfg: GRPOConfig, model_config: ModelConfig, vocab: dict, init_weights: WeightSnapshot,
                  seed: int = 0, precision: str = "fp32", torch_threads: int = 1):
         torch.set_num_threads(torch_threads)
         torch.manual_seed(seed)
-        self.model_config = ModelConfig.from_dict(model_config)
+        self.model_config = model_config
         self.vocab = vocab
         device = pick_device()
         policy = DiffusionLM(self.model_config)
         init_weights.load_into(policy)
-        self.core = LearnerCore(policy, GRPOConfig(**grpo_cfg), seed=seed, device=str(device),
+        self.core = LearnerCore(policy, grpo_cfg, seed=seed, device=str(device),
                                 autocast_dtype=resolve_precision(precision, device))
 
     def train(self, *batches: ScoredBatch) -> dict:

@@ -14,9 +14,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    pass
+from .errors import ConfigError
 
 
 class Section(BaseModel):
@@ -68,8 +66,8 @@ class PretrainConfig(Section):
     stratified_t: bool = Field(True, description="spread each batch's t evenly over (0, 1) (lower-variance loss)")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = Field(True, description=(
-        "torch.compile the model for training: 1.02-1.20x (median 1.10x) tokens/s on the small preset (docs/RESULTS.md), "
-        "after compiling (counted against max_minutes); needs a C++ compiler"))
+        "torch.compile the model for training: more tokens/s once compiled (compiling counts against "
+        "max_minutes); needs a C++ compiler"))
     eval_every: int = Field(1000, ge=1)
     eval_windows: int = Field(1024, ge=1, description="held-out validation windows per evaluation")
     max_minutes: Optional[float] = Field(None, gt=0, description="stop (and checkpoint) after this wall time")
@@ -232,7 +230,6 @@ class RunConfig(Section):
     eval_seed: int = 1234
     checkpoint_every: int = Field(25, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
-    sample_dump_every: int = Field(10, ge=1)
     log_rollouts: bool = False
     actor_timeout_s: float = Field(300.0, gt=0)
     max_worker_failures: int = Field(10, ge=0, description="stop the run after this many actor deaths")
@@ -253,7 +250,7 @@ class TrainConfig(Section):
     resources: ResourcesConfig = ResourcesConfig()
 
 
-def _format_errors(e: ValidationError) -> str:
+def format_errors(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(root)"
@@ -307,7 +304,7 @@ def load_config(cls: type[Section], path: str | Path | None = None, overrides: l
         return cls.model_validate(data)
     except ValidationError as e:
         where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid configuration{where}:\n{_format_errors(e)}") from None
+        raise ConfigError(f"invalid configuration{where}:\n{format_errors(e)}") from None
 
 
 def deep_merge(a: dict, b: dict) -> dict:

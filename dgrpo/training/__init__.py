@@ -1,0 +1,1 @@
+"""Supervised training of the models GRPO starts from: the generator (pretrain) and the judge."""
