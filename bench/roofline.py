@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from dgrpo.precision import cpu_name
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "roofline.json"
@@ -71,16 +72,6 @@ def measure_matmul_gflops(dtype=torch.float32, n: int = 1024, threads: int | Non
                 break
     # the fastest matmul: on a shared machine the mean mostly measures the other jobs
     return 2.0 * n ** 3 / min(times) / 1e9
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info() -> dict:

@@ -324,3 +324,31 @@ def to_yaml(cfg: Section) -> str:
 
 def save_config(cfg: Section, path: str | Path) -> None:
     Path(path).write_text(json.dumps(to_dict(cfg), indent=2))
+
+
+class PipelineEvaluateConfig(Section):
+    prompts: int = Field(128, ge=2, description="held-out prompts (validation windows)")
+    samples_per_prompt: int = Field(4, ge=1, description="samples of the base generator and of the policy per prompt")
+    best_of: list[int] = Field([1, 2, 4, 8, 16, 32, 64], description="best-of-N curve from the base generator "
+                                                                       "(one pool of max(N) per prompt); [] = none")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=(
+        "sampling and scoring; the measured KL stays exact in either (policy and reference in one precision)"))
+    samples_shown: int = Field(5, ge=0, description="texts printed before and after")
+
+
+class PipelineConfig(Section):
+    """The whole chain of one experiment: generator, proxy judge(s), gold judge, evaluation LM, GRPO, and
+    the gold evaluation. Each stage section holds keys of that stage's own config (`dgrpo config pretrain`,
+    `judge`, `lm`, `train`); the pipeline sets their output directories, corpus and generator. A stage whose
+    directory holds a finished run of the same config is reused; an unfinished one is resumed."""
+    out: str = Field("runs/pipeline", description="every stage writes below this directory")
+    corpus: CorpusConfig = CorpusConfig()
+    threads: int = Field(2, ge=1, description="torch threads of the single-process stages")
+    generator: dict = Field(default_factory=dict, description="PretrainConfig keys")
+    proxy_judges: list[dict] = Field(default_factory=lambda: [{}], min_length=1, description=(
+        "JudgeTrainConfig keys, one mapping per proxy judge (the reward); several form an ensemble"))
+    gold_judge: Optional[dict] = Field(default_factory=dict, description=(
+        "JudgeTrainConfig keys of the gold judge (its own seed, never a reward); null: no gold evaluation"))
+    lm: Optional[dict] = Field(default_factory=dict, description="LMTrainConfig keys; null: no LM measure")
+    grpo: dict = Field(default_factory=dict, description="TrainConfig keys of the GRPO run")
+    evaluate: PipelineEvaluateConfig = PipelineEvaluateConfig()

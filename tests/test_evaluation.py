@@ -191,7 +191,7 @@ def test_evaluate_writes_every_measure_with_error_bars(tmp_path, checkpoints):
     assert report["sampler"] == SAMPLER and report["n_prompts"] == 6 and report["precision"] == "fp32"
     assert report["checkpoints"]["gold_judge"] == c["gold"] and report["checkpoints"]["proxy_judge"] == c["proxy"]
     assert report["prompts"]["seed"] == 1234 and report["prompts"]["split"] == "validation"
-    assert {"cpu", "avx2", "avx512_bf16", "amx"} <= set(report["machine"])
+    assert {"cpu", "avx2", "avx512_bf16", "amx_bf16"} <= set(report["machine"])
     assert report["timings"]["total_s"] > 0 and report["timings"]["sample_s"] > 0
     names = [r["name"] for r in report["rows"]]
     assert names == ["generator", "best-of-1", "best-of-2", "best-of-4", f"policy {c['same']}",

@@ -10,18 +10,23 @@ import torch
 from ..config import RewardConfig
 from ..corpus import CharTokenizer
 from ..models.rewards import build_reward, compute_rewards
-from ..precision import pick_device
+from ..precision import describe_precision, pick_device, resolve_precision
 from ..protocols import RolloutBatch, ScoredBatch
 from .telemetry import ActorTelemetry
 
 
 class JudgeWorker:
-    def __init__(self, judge_id: int, reward_cfg: RewardConfig, vocab: dict, torch_threads: int = 1, metrics: bool = False):
+    def __init__(self, judge_id: int, reward_cfg: RewardConfig, vocab: dict, torch_threads: int = 1, metrics: bool = False,
+                 precision: str = "fp32"):
         torch.set_num_threads(torch_threads)
         self.judge_id = judge_id
         self.device = pick_device()
         self.tokenizer = CharTokenizer.from_dict(vocab)
-        self.reward_fn = build_reward(reward_cfg, self.tokenizer, device=self.device)
+        self.reward_fn = build_reward(reward_cfg, self.tokenizer, device=self.device,
+                                      autocast_dtype=resolve_precision(precision, self.device))
+        self.precision = describe_precision(precision, self.device)
+        if reward_cfg.kind == "judge":
+            print(f"precision: judge {judge_id}: {self.precision}", flush=True)
         self.telemetry = ActorTelemetry("judge", str(judge_id), enabled=metrics)
 
     def score(self, batch: RolloutBatch) -> ScoredBatch:
@@ -33,5 +38,5 @@ class JudgeWorker:
                            timings={"score_s": score_s})
 
     def info(self) -> dict:
-        return {"judge_id": self.judge_id, "pid": os.getpid(), "device": str(self.device),
+        return {"judge_id": self.judge_id, "pid": os.getpid(), "device": str(self.device), "precision": self.precision,
                 "reward": self.reward_fn.name}

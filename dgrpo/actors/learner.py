@@ -13,7 +13,7 @@ from ..learner.core import LearnerCore
 from ..models.checkpoint import load_checkpoint, save_checkpoint
 from ..models.diffusion import DiffusionLM
 from ..models.transformer import ModelConfig
-from ..precision import pick_device, resolve_precision
+from ..precision import describe_precision, pick_device, resolve_precision
 from ..protocols import ScoredBatch, WeightSnapshot
 
 
@@ -29,6 +29,8 @@ class LearnerActor:
         init_weights.load_into(policy)
         self.core = LearnerCore(policy, grpo_cfg, seed=seed, device=str(device),
                                 autocast_dtype=resolve_precision(precision, device))
+        self.precision = describe_precision(precision, device)
+        print(f"precision: learner: {self.precision}", flush=True)
 
     def train(self, *batches: ScoredBatch) -> dict:
         return self.core.train(list(batches))
@@ -62,4 +64,4 @@ class LearnerActor:
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "version": self.core.version, "step": self.core.step,
-                "device": str(self.core.device), "path": str(Path.cwd())}
+                "device": str(self.core.device), "precision": self.precision, "path": str(Path.cwd())}

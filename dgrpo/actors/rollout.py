@@ -15,7 +15,7 @@ from ..config import SamplerConfig
 from ..models.diffusion import DiffusionLM
 from ..models.sampler import sample
 from ..models.transformer import ModelConfig
-from ..precision import pick_device, resolve_precision
+from ..precision import describe_precision, pick_device, resolve_precision
 from ..protocols import RolloutBatch, RolloutRequest, WeightSnapshot
 from .telemetry import ActorTelemetry
 
@@ -34,6 +34,8 @@ class RolloutWorker:
         self.model.requires_grad_(False)
         self.sampler = sampler
         self.autocast_dtype = resolve_precision(precision, self.device)
+        self.precision = describe_precision(precision, self.device)
+        print(f"precision: rollout worker {worker_id}: {self.precision}", flush=True)
         self.version = -1  # no weights yet
         self.telemetry = ActorTelemetry("rollout", str(worker_id), enabled=metrics)
 
@@ -68,4 +70,4 @@ class RolloutWorker:
 
     def info(self) -> dict:
         return {"worker_id": self.worker_id, "version": self.version, "pid": os.getpid(),
-                "device": str(self.device)}
+                "device": str(self.device), "precision": self.precision}

@@ -23,8 +23,6 @@ random numbers), the best-of-N pool from another.
 from __future__ import annotations
 
 import math
-import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +36,7 @@ from ..models.judge import load_judge
 from ..models.diffusion import load_generator
 from ..training.judge import judge_scores
 from ..models.sampler import sample, validate_sampling
-from ..precision import resolve_precision
+from ..precision import machine_summary, resolve_precision
 from ..models.trajectory import trajectory_logprobs
 from .best_of_n import best_of_n_expectation, bon_kl_bound
 from .overoptimization import report_series
@@ -83,6 +81,7 @@ class EvaluateOptions:
     sampler: dict = field(default_factory=dict)  # overrides of the run's sampler settings
     precision: str = "fp32"
     chunk: int = 256  # rows per sampler / judge / LM call
+    examples: int = N_EXAMPLES  # texts kept per row
 
 
 @dataclass
@@ -93,22 +92,6 @@ class Policy:
     tokenizer: CharTokenizer
     config: dict
     state: dict
-
-
-def cpu_summary() -> dict:
-    """CPU model and the features that decide bf16 speed (DESIGN: quote them with any figure)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"cpu": model, "logical_cpus": os.cpu_count(), "avx2": "avx2" in flags,
-            "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags,
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
 def _load_policy(path: str) -> Policy:
@@ -305,7 +288,7 @@ class Evaluator:
                     for n in DISTINCT_ORDERS}
         summaries = {k: None if v is None else mean_stderr(v) for k, v in per_prompt.items()}
         return {"name": name, "kind": kind, **info, **summaries, **distinct, "kl_per_sequence": kl,
-                "kl_kind": kl_kind, "sqrt_kl": math.sqrt(max(kl["mean"], 0.0)), "examples": examples[:N_EXAMPLES]}
+                "kl_kind": kl_kind, "sqrt_kl": math.sqrt(max(kl["mean"], 0.0)), "examples": examples[:self.opts.examples]}
 
     def sampled_row(self, name: str, kind: str, model: DiffusionLM, reference: DiffusionLM | None) -> tuple[dict, dict]:
         """(row, per-prompt values) of a model sampled `samples_per_prompt` times per prompt; with a reference,
@@ -380,7 +363,7 @@ class Evaluator:
             "checkpoints": {"generator": self.base_source, "proxy_judge": self.judge_path, "gold_judge": opts.gold,
                             "lm": opts.lm, "policies": list(opts.policies)},
             "precision": opts.precision, "autocast": str(self.autocast_dtype) if self.autocast_dtype else "fp32",
-            "machine": cpu_summary(), "warnings": self.warnings,
+            "machine": machine_summary(), "warnings": self.warnings,
             "rows": [row for row, _ in rows],
         }
         report["curves"] = report_series(report)

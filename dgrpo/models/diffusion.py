@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..corpus import CharTokenizer
+from ..precision import fp32_region
 from .checkpoint import CheckpointError, load_checkpoint
 from .transformer import ModelConfig, Trunk
 
@@ -33,8 +34,13 @@ class DiffusionLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) with [MASK] at unknown positions -> logits (B, T, n_chars); with rows (flat
-        indices of positions, see Trunk) only those positions' logits, (N, n_chars)."""
-        return self.lm_head(self.trunk(idx, rows))
+        indices of positions, see Trunk) only those positions' logits, (N, n_chars).
+
+        The head runs in fp32 even under bf16 autocast: rounding logits to bf16 would move
+        every log-probability the sampler records and the learner replays."""
+        h = self.trunk(idx, rows)
+        with fp32_region(h.device):
+            return F.linear(h.float(), self.lm_head.weight)
 
 
 def load_generator(path, device: torch.device | str = "cpu"):

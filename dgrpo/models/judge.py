@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..corpus import CharTokenizer, VocabularyError
-from ..precision import autocast_context
+from ..precision import autocast_context, fp32_region
 from .checkpoint import CheckpointError, load_checkpoint
 from .transformer import ModelConfig, Trunk, preset_config
 
@@ -89,8 +89,10 @@ class Judge(nn.Module):
         self._check(tokens)
         cls = torch.full((tokens.shape[0], 1), self.cls_id, dtype=tokens.dtype, device=tokens.device)
         h = self.trunk(torch.cat([cls, tokens], dim=1))
-        per_token = self.token_head(h[:, 1:]).squeeze(-1)
-        logits = self.head(h[:, 0]).squeeze(-1) + per_token.mean(dim=1)
+        with fp32_region(h.device):  # the heads in fp32 even under bf16 autocast (see DiffusionLM.forward)
+            h = h.float()
+            per_token = self.token_head(h[:, 1:]).squeeze(-1)
+            logits = self.head(h[:, 0]).squeeze(-1) + per_token.mean(dim=1)
         if token_logits:
             return logits, per_token
         return logits

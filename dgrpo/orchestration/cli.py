@@ -13,8 +13,10 @@ from pathlib import Path
 
 import click
 
-from ..config import JudgeTrainConfig, LMTrainConfig, PretrainConfig, TrainConfig, load_config, to_dict, to_yaml
+from ..config import (JudgeTrainConfig, LMTrainConfig, PipelineConfig, PretrainConfig, TrainConfig, load_config,
+                      to_dict, to_yaml)
 from ..errors import ConfigError, RunError
+from ..precision import forced_precision, precision_report
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, RunError)
 
@@ -63,6 +65,10 @@ def set_threads(n: int | None = None) -> None:
 @click.version_option(package_name="diffusion-grpo")
 def main():
     """diffusion-grpo: GRPO fine-tuning of masked-diffusion language models on Ray."""
+    try:
+        forced_precision()
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
 
 
 def trainer_options(fn):
@@ -82,12 +88,13 @@ def trainer_options(fn):
     return fn
 
 
-def trainer_setup(cls, config_file, overrides, corpus_path, threads, **flags):
-    """(validated config, its corpus) of a single-process trainer; prints the config."""
+def trainer_setup(cls, role, config_file, overrides, corpus_path, threads, **flags):
+    """(validated config, its corpus) of a single-process trainer; prints the config and its precision."""
     from ..corpus import load_corpus
     cfg = load_config(cls, config_file, flag_overrides(**flags, **{"corpus.path": corpus_path}) + list(overrides))
     set_threads(threads)
     click.echo(to_yaml(cfg))
+    click.echo(precision_report({role: cfg.precision}))
     return cfg, load_corpus(cfg.corpus.path, cfg.corpus.cache_dir, cfg.corpus.val_fraction)
 
 
@@ -98,8 +105,8 @@ def trainer_setup(cls, config_file, overrides, corpus_path, threads, **flags):
 def pretrain(config_file, overrides, preset, corpus_path, max_iters, max_minutes, out, resume, threads):
     """Supervised masked-diffusion pretraining of the generator."""
     from ..training.pretrain import pretrain as run_pretrain
-    cfg, corpus = trainer_setup(PretrainConfig, config_file, overrides, corpus_path, threads, preset=preset,
-                                max_iters=max_iters, max_minutes=max_minutes, out=out)
+    cfg, corpus = trainer_setup(PretrainConfig, "pretraining", config_file, overrides, corpus_path, threads,
+                                preset=preset, max_iters=max_iters, max_minutes=max_minutes, out=out)
     state = run_pretrain(cfg, corpus, to_dict(cfg), resume=resume)
     click.echo(f"done: iter {state.get('iter')}, val masked-token CE {state.get('val_loss'):.4f} nats, "
                f"{state.get('wall_time_s', 0):.0f} s, checkpoint {cfg.out}")
@@ -125,6 +132,7 @@ def sample(checkpoint, num, length, prompt, mask_char, steps, temperature, top_k
            out_file):
     """Print samples from a generator checkpoint (infill with --prompt; best-of-N with --judge)."""
     from ..models.generation import generate_texts
+    click.echo(precision_report({"sampling": "auto"}), err=True)
     settings = {"checkpoint": checkpoint, "prompt": prompt, "mask_char": mask_char, "length": length, "steps": steps,
                 "temperature": temperature, "top_k": top_k, "order": order, "seed": seed, "judge": judge_ckpt,
                 "best_of": best_of}
@@ -167,6 +175,7 @@ def judge_train(config_file, overrides, generator, corpus_path, preset, max_iter
         **{"corpus.path": corpus_path}) + list(overrides))
     set_threads(threads)
     click.echo(to_yaml(cfg))
+    click.echo(precision_report({"judge training": cfg.precision}))
     train_judge(cfg, to_dict(cfg), resume=resume)
 
 
@@ -196,7 +205,7 @@ def lm():
 def lm_train(config_file, overrides, preset, corpus_path, max_iters, max_minutes, out, resume, threads):
     """Train a causal character LM by maximum likelihood on the train split; reports held-out bits per character."""
     from ..training.lm import train_char_lm
-    cfg, corpus = trainer_setup(LMTrainConfig, config_file, overrides, corpus_path, threads, preset=preset,
+    cfg, corpus = trainer_setup(LMTrainConfig, "LM training", config_file, overrides, corpus_path, threads, preset=preset,
                                 max_iters=max_iters, max_minutes=max_minutes, out=out)
     state = train_char_lm(cfg, corpus, to_dict(cfg), resume=resume)
     click.echo(f"done: iter {state.get('iter')}, held-out {state.get('val_bits_per_char'):.4f} bits/char, "
@@ -258,6 +267,7 @@ def evaluate_cmd(policies, runs, generator, best_of, pool, judge_ckpt, gold, lm_
         gold=gold, lm=lm_ckpt, prompts=prompts, samples_per_prompt=samples_per_prompt, seed=seed, corpus=corpus_path,
         prompt_kind=prompt_kind, mask_fraction=mask_fraction, length=length, precision=precision, chunk=chunk,
         sampler={"steps": steps, "temperature": temperature, "top_k": top_k, "top_p": top_p, "order": order})
+    click.echo(precision_report({"evaluation": precision}))
     report = evaluate(opts, log=click.echo)
     click.echo(format_report(report))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -275,6 +285,9 @@ def train(config_file, overrides, resume, quiet):
     from .driver import run_training
     cfg = load_config(TrainConfig, config_file, list(overrides))
     click.echo(to_yaml(cfg))
+    res = cfg.resources
+    click.echo(precision_report({"rollout": res.rollout.precision, "judge": res.judge.precision,
+                                 "learner": res.learner.precision}))
     summary = run_training(cfg, resume=resume, quiet=quiet)
     click.echo(json.dumps(summary, indent=2))
 
@@ -283,13 +296,31 @@ def train(config_file, overrides, resume, quiet):
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path())
 @click.option("--corpus", "corpus_path", type=click.Path(), default=None,
               help="local copy of tiny Shakespeare (default: download it)")
-@click.option("--minutes", default=12.0, show_default=True, help="total wall-time budget of the three stages")
+@click.option("--minutes", default=12.0, show_default=True, help="wall-time budget of the training stages")
 @click.option("--threads", default=1, show_default=True, help="torch threads per Ray actor")
 @friendly
 def demo(out, corpus_path, minutes, threads):
-    """Pretrain -> judge -> GRPO at a small size on an embedded Ray cluster; reward before/after."""
+    """Pretrain -> proxy and gold judges -> GRPO on an embedded Ray cluster -> proxy and gold before/after."""
     from .demo import run_demo
+    if not minutes > 0:
+        raise click.BadParameter(f"must be > 0, got {minutes}", param_hint="--minutes")
     run_demo(out, corpus_path, minutes=minutes, threads=threads, echo=click.echo)
+
+
+@main.command()
+@config_options
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars or per-step lines")
+@friendly
+def pipeline(config_file, overrides, quiet):
+    """Generator -> proxy judge(s) -> gold judge -> evaluation LM -> GRPO -> gold evaluation, one command.
+
+    Finished stages under `out` are reused, unfinished ones resumed (configs/headline.yaml is the
+    project's headline experiment)."""
+    from .pipeline import run_pipeline, stage_configs
+    cfg = load_config(PipelineConfig, config_file, list(overrides))
+    stage_configs(cfg)  # every stage's config is valid before anything runs
+    click.echo(to_yaml(cfg))
+    run_pipeline(cfg, echo=click.echo, quiet=quiet)
 
 
 @main.command("tune")
@@ -320,10 +351,11 @@ def tune_cmd(config_file, overrides, search_file, num_samples, scheduler, metric
 
 
 @main.command()
-@click.argument("kind", type=click.Choice(["pretrain", "judge", "train", "lm"]), default="train")
+@click.argument("kind", type=click.Choice(["pretrain", "judge", "train", "lm", "pipeline"]), default="train")
 def config(kind):
     """Print the default config tree of a command as YAML."""
-    cls = {"pretrain": PretrainConfig, "judge": JudgeTrainConfig, "train": TrainConfig, "lm": LMTrainConfig}[kind]
+    cls = {"pretrain": PretrainConfig, "judge": JudgeTrainConfig, "train": TrainConfig, "lm": LMTrainConfig,
+           "pipeline": PipelineConfig}[kind]
     if cls is JudgeTrainConfig:
         click.echo(to_yaml(cls(generator="GENERATOR_CHECKPOINT")))
     else:

@@ -126,7 +126,8 @@ class Driver:
             on_lost={"generate": "requeue"}, restarted=(StaleWorkerError,))
         self.judges = self.actors.group(
             "judge", res.judge.num_workers,
-            lambda i: make_actor(self.judge_cls, res.judge, i, cfg.reward, vocab, res.torch_threads, metrics_on),
+            lambda i: make_actor(self.judge_cls, res.judge, i, cfg.reward, vocab, res.torch_threads, metrics_on,
+                                 precision=res.judge.precision),
             on_lost={"score": "resubmit"})
 
         self.step = 0

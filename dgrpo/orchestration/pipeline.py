@@ -1,0 +1,313 @@
+"""One experiment end to end: build what GRPO needs, run it, and judge it on measures it never saw.
+
+    generator (pretraining) -> proxy judge(s) -> gold judge -> evaluation LM -> GRPO on Ray
+        -> gold evaluation: the base generator, best-of-N from it, and the GRPO policy, on held-out prompts
+
+Each stage writes below `out/` and, when it has finished, a `stage.json` naming the fingerprint of
+its configuration. A stage whose directory holds a finished run of the same configuration is reused;
+an unfinished one is resumed; a finished one of another configuration is an error (nothing is
+overwritten). `dgrpo demo` and `dgrpo pipeline -c configs/headline.yaml` run this with different
+budgets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from ..config import (JudgeTrainConfig, LMTrainConfig, PipelineConfig, PretrainConfig, TrainConfig, deep_merge,
+                      format_errors, to_dict)
+from ..errors import ConfigError
+from ..precision import precision_report
+
+STAGE_FILE = "stage.json"
+GOLD_SEED = 1000  # the gold judge's default seed: far from the proxies' 0, 1, 2, ...
+
+
+@dataclass
+class Stages:
+    generator: PretrainConfig
+    proxy_judges: list[JudgeTrainConfig]
+    gold_judge: JudgeTrainConfig | None
+    lm: LMTrainConfig | None
+    grpo: TrainConfig
+
+
+def _build(cls, section: str, keys: dict, fixed: dict):
+    try:
+        return cls.model_validate(deep_merge(keys, fixed))
+    except ValidationError as e:
+        raise ConfigError(f"pipeline section `{section}`:\n{format_errors(e)}") from None
+
+
+def stage_configs(p: PipelineConfig) -> Stages:
+    """Every stage's validated config; the pipeline fixes output directories, corpus and generator."""
+    out, corpus = Path(p.out), p.corpus.model_dump()
+    unbounded = {"max_iters": 10_000_000}  # the time budget ends these stages
+    generator = _build(PretrainConfig, "generator", {**unbounded, **p.generator},
+                       {"out": str(out / "generator"), "corpus": corpus})
+    single = len(p.proxy_judges) == 1
+    proxies = [_build(JudgeTrainConfig, f"proxy_judges[{i}]", {**unbounded, "seed": i, **keys},
+                      {"generator": generator.out, "corpus": corpus,
+                       "out": str(out / ("proxy_judge" if single else f"proxy_judge_{i}"))})
+               for i, keys in enumerate(p.proxy_judges)]
+    gold = None
+    if p.gold_judge is not None:
+        gold = _build(JudgeTrainConfig, "gold_judge", {**unbounded, "seed": GOLD_SEED, **p.gold_judge},
+                      {"generator": generator.out, "corpus": corpus, "out": str(out / "gold_judge")})
+        clash = [j.out for j in proxies if j.seed == gold.seed]
+        if clash:
+            raise ConfigError(f"the gold judge's seed {gold.seed} is also the seed of proxy judge {clash[0]}: same "
+                              f"initial weights and refills, not independent; give gold_judge another seed")
+    lm = None if p.lm is None else _build(LMTrainConfig, "lm", {**unbounded, **p.lm},
+                                          {"out": str(out / "lm"), "corpus": corpus})
+    judges = [j.out for j in proxies]
+    reward = {"kind": "judge", "judge_checkpoint": judges[0]} if single else {"kind": "judge",
+                                                                                "judge_checkpoints": judges}
+    grpo = _build(TrainConfig, "grpo", p.grpo, {"run": {"out_dir": str(out / "grpo")}, "corpus": corpus,
+                                                 "generator": {"checkpoint": generator.out}, "reward": reward})
+    return Stages(generator, proxies, gold, lm, grpo)
+
+
+def fingerprint(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, echo=print, quiet: bool = False):
+        self.cfg, self.echo, self.quiet = cfg, echo, quiet
+        self.stages = stage_configs(cfg)
+        self.out = Path(cfg.out)
+        self.timings: dict[str, float] = {}
+        self.reused: list[str] = []
+
+    # -- stages -------------------------------------------------------------------------------------
+
+    def stage(self, name: str, directory: str, config, train) -> dict:
+        """Run `train(resume) -> figures` unless `directory` holds a finished run of `config`."""
+        marker = Path(directory) / STAGE_FILE
+        fp = fingerprint(to_dict(config))
+        if marker.is_file():
+            done = json.loads(marker.read_text())
+            if done.get("fingerprint") == fp:
+                self.echo(f"== {name}: reusing {directory} (finished, {done['wall_time_s'] / 60:.1f} min)")
+                self.reused.append(name)
+                self.timings[name] = 0.0
+                return done
+            raise ConfigError(f"{directory} holds a finished {name} of another configuration; move it away or "
+                              f"run the pipeline with the configuration that made it (or another `out`)")
+        resume = (Path(directory) / "config.json").is_file() or (Path(directory) / "checkpoints").is_dir()
+        budget = getattr(config, "max_minutes", None) or getattr(getattr(config, "run", None), "max_minutes", None)
+        self.echo(f"== {name}: {'resuming' if resume else 'training'} in {directory}"
+                  + (f" ({budget:.1f} min budget)" if budget else ""))
+        t0 = time.perf_counter()
+        figures = train(resume)
+        wall = time.perf_counter() - t0
+        self.timings[name] = wall
+        done = {"stage": name, "fingerprint": fp, "wall_time_s": wall, "figures": figures}
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        _write_json(marker, done)
+        return done
+
+    def build(self) -> None:
+        import torch
+
+        from ..corpus import load_corpus
+        from ..training.judge import train_judge
+        from ..training.lm import train_char_lm
+        from ..training.pretrain import pretrain
+
+        torch.set_num_threads(self.cfg.threads)
+        s, progress = self.stages, not self.quiet
+        corpus = load_corpus(self.cfg.corpus.path, self.cfg.corpus.cache_dir, self.cfg.corpus.val_fraction)
+        roles = {"pretraining": s.generator.precision, "judge training": s.proxy_judges[0].precision}
+        if s.lm is not None:
+            roles["LM training"] = s.lm.precision
+        self.echo(precision_report(roles))
+        self.stage("generator", s.generator.out, s.generator, lambda resume: _figures(
+            pretrain(s.generator, corpus, to_dict(s.generator), resume=resume, progress=progress, log=self.echo),
+            "iter", "val_loss", "wall_time_s"))
+        judges = [(f"proxy judge {i}" if len(s.proxy_judges) > 1 else "proxy judge", j)
+                  for i, j in enumerate(s.proxy_judges)]
+        if s.gold_judge is not None:
+            judges.append(("gold judge", s.gold_judge))
+        for name, j in judges:
+            self.stage(name, j.out, j, lambda resume, j=j: _figures(
+                train_judge(j, to_dict(j), resume=resume, progress=progress, log=self.echo),
+                "iter", "auc", "spearman", "wall_time_s"))
+        if s.lm is not None:
+            self.stage("evaluation LM", s.lm.out, s.lm, lambda resume: _figures(
+                train_char_lm(s.lm, corpus, to_dict(s.lm), resume=resume, progress=progress, log=self.echo),
+                "iter", "val_bits_per_char", "wall_time_s"))
+
+    def train(self) -> dict:
+        from .driver import run_training
+        g = self.stages.grpo
+        res = g.resources
+        self.echo(precision_report({"rollout": res.rollout.precision, "judge": res.judge.precision,
+                                    "learner": res.learner.precision}))
+        done = self.stage("GRPO", g.run.out_dir, g, lambda resume: run_training(g, resume=resume, quiet=self.quiet))
+        return done["figures"]
+
+    def policy_checkpoints(self) -> list[str]:
+        checkpoints = Path(self.stages.grpo.run.out_dir) / "checkpoints"
+        last = sorted(checkpoints.glob("step_*"))
+        if not last:
+            raise ConfigError(f"the GRPO run left no checkpoint under {checkpoints}")
+        chosen = [str(last[-1])]
+        best = checkpoints / "best"
+        if best.is_dir() and best.resolve() != last[-1].resolve():
+            chosen.insert(0, str(best))
+        return chosen
+
+    def evaluate(self) -> dict:
+        from ..evaluation import EvaluateOptions, evaluate, format_report
+        s, e = self.stages, self.cfg.evaluate
+        opts = EvaluateOptions(
+            policies=self.policy_checkpoints(), generator=s.generator.out, best_of=list(e.best_of),
+            judge=s.proxy_judges[0].out if len(s.proxy_judges) == 1 else None,
+            gold=s.gold_judge.out if s.gold_judge is not None else None, lm=s.lm.out if s.lm is not None else None,
+            prompts=e.prompts, samples_per_prompt=e.samples_per_prompt, precision=e.precision,
+            corpus=self.cfg.corpus.path, examples=e.samples_shown)
+        self.echo("== gold evaluation")
+        t0 = time.perf_counter()
+        report = evaluate(opts, log=self.echo)
+        self.timings["evaluation"] = time.perf_counter() - t0
+        _write_json(self.out / "evaluation.json", report)
+        self.echo(format_report(report))
+        return report
+
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.build()
+        build_s = time.perf_counter() - t0
+        summary = self.train()
+        report = self.evaluate()
+        result = headline(report, summary)
+        result.update({"build_minutes": build_s / 60, "stage_minutes": {k: v / 60 for k, v in self.timings.items()},
+                       "reused_stages": self.reused, "total_minutes": (time.perf_counter() - t0) / 60,
+                       "out": str(self.out)})
+        _write_json(self.out / "result.json", result)
+        for line in format_headline(result):
+            self.echo(line)
+        return result
+
+
+def _figures(state: dict, *keys: str) -> dict:
+    return {k: state.get(k) for k in keys}
+
+
+# --- the verdict -------------------------------------------------------------------------------------
+
+def _row(report: dict, kind: str, n: int | None = None) -> dict | None:
+    for r in report["rows"]:
+        if r["kind"] == kind and (n is None or r.get("n") == n):
+            return r
+    return None
+
+
+def matched_best_of_n(report: dict, kl: float) -> dict | None:
+    """The best-of-N row whose KL bound is nearest below the policy's KL, and the next one above (if measured):
+    the policy is compared with best-of-N at the same KL, interpolated linearly in sqrt(KL)."""
+    bon = sorted((r for r in report["rows"] if r["kind"] == "best_of_n"), key=lambda r: r["kl_per_sequence"]["mean"])
+    if not bon:
+        return None
+    below = [r for r in bon if r["kl_per_sequence"]["mean"] <= kl]
+    above = [r for r in bon if r["kl_per_sequence"]["mean"] > kl]
+    if not above:  # the policy spent more KL than the largest N measured: compare with that N
+        r = bon[-1]
+        return {"n": r["n"], "kl": r["kl_per_sequence"]["mean"], "gold": _mean(r, "gold_reward"),
+                "proxy": _mean(r, "proxy_reward"), "interpolated": False, "beyond_measured": True}
+    lo, hi = (below[-1] if below else bon[0]), above[0]
+    d_lo, d_hi, d = (math.sqrt(lo["kl_per_sequence"]["mean"]), math.sqrt(hi["kl_per_sequence"]["mean"]),
+                     math.sqrt(max(kl, 0.0)))
+    w = 0.0 if d_hi == d_lo else min(max((d - d_lo) / (d_hi - d_lo), 0.0), 1.0)
+    mix = lambda key: None if _mean(lo, key) is None else (1 - w) * _mean(lo, key) + w * _mean(hi, key)  # noqa: E731
+    return {"n": [lo["n"], hi["n"]], "kl": kl, "gold": mix("gold_reward"), "proxy": mix("proxy_reward"),
+            "interpolated": True, "beyond_measured": False}
+
+
+def _mean(row: dict, key: str) -> float | None:
+    v = row.get(key)
+    return None if v is None else v["mean"]
+
+
+def headline(report: dict, grpo_summary: dict | None = None) -> dict:
+    """Before (the base generator) and after (the last policy row) on every measure, the gold gain in standard
+    errors, distinct-4 relative to the base, and best-of-N at the policy's KL."""
+    base = _row(report, "base")
+    policies = [r for r in report["rows"] if r["kind"] == "policy"]
+    policy = policies[-1]
+    paired = policy.get("paired_vs_base", {})
+    gold = paired.get("gold_reward")
+    kl = policy["kl_per_sequence"]["mean"]
+    d4_base, d4_policy = _mean(base, "distinct_4"), _mean(policy, "distinct_4")
+    result = {
+        "policy_checkpoint": policy["checkpoint"], "sampler": report["sampler"],
+        "before": {k: base.get(k) for k in ("proxy_reward", "gold_reward", "lm_bits_per_char", "distinct_4")},
+        "after": {k: policy.get(k) for k in ("proxy_reward", "gold_reward", "lm_bits_per_char", "distinct_4")},
+        "paired_gain": paired, "kl_per_sequence": policy["kl_per_sequence"],
+        "gold_gain_in_stderr": (gold["mean"] / gold["stderr"]) if gold and gold["stderr"] > 0 else None,
+        "distinct_4_relative": (d4_policy / d4_base) if d4_base else None,
+        "best_of_n_at_policy_kl": matched_best_of_n(report, kl),
+        "examples_before": base.get("examples", []), "examples_after": policy.get("examples", []),
+        "grpo": {k: (grpo_summary or {}).get(k) for k in ("steps", "wall_time_s", "eval_reward_before",
+                                                          "eval_reward_after")},
+    }
+    proxy = paired.get("proxy_reward")
+    result["proxy_rose_gold_fell"] = bool(proxy and gold and proxy["mean"] > 0 and gold["mean"] < 0)
+    return result
+
+
+def _fmt(metric: dict | None) -> str:
+    return "-" if metric is None else f"{metric['mean']:.4f} ± {metric['stderr']:.4f}"
+
+
+def format_headline(r: dict) -> list[str]:
+    s = r["sampler"]
+    lines = ["== result",
+             f"policy: {r['policy_checkpoint']}",
+             f"sampled with: steps={s['steps']} temperature={s['temperature']} top_k={s['top_k']} "
+             f"top_p={s['top_p']} order={s['order']}",
+             f"{'':18}{'before (base)':>22}{'after (policy)':>22}{'paired gain':>22}"]
+    for key, title in [("proxy_reward", "proxy reward"), ("gold_reward", "gold reward"),
+                       ("lm_bits_per_char", "LM bits/char"), ("distinct_4", "distinct-4")]:
+        lines.append(f"{title:18}{_fmt(r['before'].get(key)):>22}{_fmt(r['after'].get(key)):>22}"
+                     f"{_fmt(r['paired_gain'].get(key)):>22}")
+    lines.append(f"KL(policy || reference): {_fmt(r['kl_per_sequence'])} nats per sequence")
+    if r["gold_gain_in_stderr"] is not None:
+        lines.append(f"gold gain: {r['gold_gain_in_stderr']:.1f} standard errors")
+    if r["distinct_4_relative"] is not None:
+        lines.append(f"distinct-4: {100 * r['distinct_4_relative']:.1f}% of the base generator's")
+    bon = r["best_of_n_at_policy_kl"]
+    if bon and bon.get("gold") is not None:
+        how = ("interpolated between N = {}".format(bon["n"]) if bon["interpolated"] else
+               f"N = {bon['n']}, the largest measured (its KL bound {bon['kl']:.2f} is below the policy's)")
+        lines.append(f"best-of-N at the policy's KL: gold {bon['gold']:.4f}, proxy {bon['proxy']:.4f} ({how})")
+    if r["proxy_rose_gold_fell"]:
+        lines.append("WARNING: the proxy reward rose while the gold reward fell: GRPO optimised the judge, "
+                     "not the text")
+    for title, texts in [("before", r["examples_before"]), ("after", r["examples_after"])]:
+        for i, text in enumerate(texts):
+            lines.append(f"--- {title} {i + 1}:\n{text}")
+    lines.append(f"build {r['build_minutes']:.1f} min (reused: {', '.join(r['reused_stages']) or 'none'}), "
+                 f"total {r['total_minutes']:.1f} min; everything under {r['out']}")
+    return lines
+
+
+def run_pipeline(cfg: PipelineConfig, echo=print, quiet: bool = False) -> dict:
+    return Pipeline(cfg, echo, quiet).run()

@@ -1,0 +1,100 @@
+"""The pipeline: every stage built, GRPO run, the gold evaluation and its verdict; finished stages reused."""
+
+import json
+import math
+
+import pytest
+
+from dgrpo.config import PipelineConfig
+from dgrpo.errors import ConfigError
+from dgrpo.orchestration.pipeline import format_headline, headline, matched_best_of_n, run_pipeline, stage_configs
+
+
+def tiny_pipeline(tmp_path, corpus, **over) -> PipelineConfig:
+    judge = {"preset": "tiny", "max_iters": 6, "batch_size": 8, "refill_pool": 16, "refill_every": 2,
+             "eval_every": 6, "eval_windows": 8, "sampler": {"steps": 4}, "precision": "fp32"}
+    base = {
+        "out": str(tmp_path / "exp"), "corpus": {"path": corpus}, "threads": 1,
+        "generator": {"preset": "tiny", "max_iters": 30, "eval_every": 30, "eval_windows": 16, "compile": False,
+                      "precision": "fp32"},
+        "proxy_judges": [judge], "gold_judge": judge,
+        "lm": {"preset": "tiny", "max_iters": 20, "eval_every": 20, "eval_windows": 16, "precision": "fp32"},
+        "grpo": {"run": {"steps": 3, "eval_every": 3, "eval_prompts": 8, "checkpoint_every": 3,
+                         "metrics_export": False},
+                 "sampler": {"steps": 4}, "grpo": {"group_size": 4, "prompts_per_step": 2},
+                 "resources": {"rollout": {"num_workers": 1}}},
+        "evaluate": {"prompts": 8, "samples_per_prompt": 2, "best_of": [1, 2, 4], "precision": "fp32",
+                     "samples_shown": 2},
+    }
+    base.update(over)
+    return PipelineConfig.model_validate(base)
+
+
+def test_stage_configs_fix_paths_and_keep_the_gold_judge_independent(tmp_path):
+    cfg = tiny_pipeline(tmp_path, "corpus.txt")
+    s = stage_configs(cfg)
+    assert s.generator.out == str(tmp_path / "exp" / "generator")
+    assert s.proxy_judges[0].generator == s.generator.out and s.proxy_judges[0].seed == 0
+    assert s.gold_judge.seed != s.proxy_judges[0].seed
+    assert s.grpo.reward.judge_checkpoint == s.proxy_judges[0].out
+    assert s.grpo.generator.checkpoint == s.generator.out
+    with pytest.raises(ConfigError, match="gold judge's seed 0"):
+        stage_configs(tiny_pipeline(tmp_path, "c.txt", gold_judge={"seed": 0}))
+    with pytest.raises(ConfigError, match="pipeline section `generator`"):
+        stage_configs(tiny_pipeline(tmp_path, "c.txt", generator={"lr": -1}))
+
+
+def test_pipeline_builds_trains_evaluates_then_reuses(ray_cluster, tmp_path, tiny_corpus_file):
+    lines = []
+    result = run_pipeline(tiny_pipeline(tmp_path, tiny_corpus_file), echo=lines.append, quiet=True)
+    out = tmp_path / "exp"
+    for stage in ("generator", "proxy_judge", "gold_judge", "lm", "grpo"):
+        assert json.loads((out / stage / "stage.json").read_text())["fingerprint"]
+    assert json.loads((out / "result.json").read_text())["policy_checkpoint"] == result["policy_checkpoint"]
+    assert result["policy_checkpoint"].endswith("step_000003")
+    for key in ("proxy_reward", "gold_reward", "lm_bits_per_char", "distinct_4"):
+        assert math.isfinite(result["before"][key]["mean"]) and math.isfinite(result["after"][key]["mean"])
+    assert result["kl_per_sequence"]["mean"] > 0
+    assert result["best_of_n_at_policy_kl"]["gold"] is not None
+    assert len(result["examples_before"]) == 2 and len(result["examples_after"]) == 2
+    text = "\n".join(lines)
+    assert "policy: " in text and "sampled with: steps=4" in text and "gold reward" in text
+    assert result["reused_stages"] == []
+
+    again = run_pipeline(tiny_pipeline(tmp_path, tiny_corpus_file), echo=lines.append, quiet=True)
+    assert again["reused_stages"] == ["generator", "proxy judge", "gold judge", "evaluation LM", "GRPO"]
+    with pytest.raises(ConfigError, match="finished generator of another configuration"):
+        changed = tiny_pipeline(tmp_path, tiny_corpus_file)
+        changed.generator = {**changed.generator, "lr": 1e-3}
+        run_pipeline(changed, echo=lines.append, quiet=True)
+
+
+def bon_row(n, kl, gold, proxy):
+    return {"kind": "best_of_n", "n": n, "kl_per_sequence": {"mean": kl, "stderr": 0.0},
+            "gold_reward": {"mean": gold, "stderr": 0.01}, "proxy_reward": {"mean": proxy, "stderr": 0.01}}
+
+
+def test_best_of_n_is_matched_at_the_policy_kl():
+    report = {"rows": [bon_row(1, 0.0, 0.5, 0.5), bon_row(4, 1.0, 0.6, 0.7), bon_row(16, 4.0, 0.7, 0.9)]}
+    mid = matched_best_of_n(report, 2.25)  # sqrt: 1.5, halfway between 1 and 2
+    assert mid["interpolated"] and mid["n"] == [4, 16]
+    assert mid["gold"] == pytest.approx(0.65) and mid["proxy"] == pytest.approx(0.8)
+    beyond = matched_best_of_n(report, 9.0)
+    assert beyond["beyond_measured"] and beyond["n"] == 16 and beyond["gold"] == 0.7
+
+
+def test_the_verdict_warns_when_proxy_rose_and_gold_fell():
+    def metric(m):
+        return {"mean": m, "stderr": 0.01}
+    base = {"kind": "base", "proxy_reward": metric(0.3), "gold_reward": metric(0.4), "distinct_4": metric(0.9),
+            "examples": ["a"], "kl_per_sequence": metric(0.0)}
+    policy = {"kind": "policy", "checkpoint": "run/step_3", "proxy_reward": metric(0.8), "gold_reward": metric(0.3),
+              "distinct_4": metric(0.45), "examples": ["b"], "kl_per_sequence": metric(20.0),
+              "paired_vs_base": {"proxy_reward": metric(0.5), "gold_reward": metric(-0.1)}}
+    report = {"rows": [base, bon_row(1, 0.0, 0.4, 0.3), policy],
+              "sampler": {"steps": 16, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "order": "random"}}
+    r = headline(report)
+    assert r["proxy_rose_gold_fell"] and r["gold_gain_in_stderr"] == pytest.approx(-10.0)
+    assert r["distinct_4_relative"] == pytest.approx(0.5)
+    r.update(build_minutes=1.0, reused_stages=[], total_minutes=2.0, out="x")
+    assert any(line.startswith("WARNING") for line in format_headline(r))
