@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -202,7 +203,8 @@ def train_config(tmp_path: Path, corpus: str, generator: str, judge: str, name: 
     })
 
 
-def run_driver(cfg: TrainConfig, cls: type[Driver] = Driver, on_step=None) -> tuple[dict, dict]:
+def run_driver(cfg: TrainConfig, cls: type[Driver] = Driver, on_step=None, trainer_info: bool = True
+               ) -> tuple[dict, dict]:
     """Run to the end; -> (summary, what the actors hold at the end)."""
     holder = {}
     driver = cls(cfg, report=(lambda record: on_step(holder["driver"], record)) if on_step else None, quiet=True)
@@ -210,7 +212,7 @@ def run_driver(cfg: TrainConfig, cls: type[Driver] = Driver, on_step=None) -> tu
     try:
         summary = driver.run()
         held = {"judges": ray.get([h.info.remote() for h in driver.judges.handles()], timeout=120),
-                "trainer": ray.get(driver.judge_trainer.handles()[0].info.remote(), timeout=120),
+                "trainer": ray.get(driver.judge_trainer.handles()[0].info.remote(), timeout=120) if trainer_info else {},
                 "trainer_replacements": driver.judge_trainer.slots[0].replacements,
                 "requests": driver.request_counter, "in_flight": sorted(driver.requests_in_flight())}
     finally:
@@ -278,13 +280,17 @@ def test_versions_reach_every_judge_and_are_recorded_in_batches(baseline, tiny_j
     assert not torch.allclose(judge.score(batches[0].rollout.tokens), original.score(batches[0].rollout.tokens))
 
 
-def test_final_checkpoint_holds_the_trainer_state(baseline):
+def test_checkpoints_hold_the_trainer_state(baseline):
+    """Each checkpoint holds the trainer's state at its newest version and the samples sent since."""
     cfg, _, _ = baseline
-    ckpt = load_checkpoint(checkpoint(cfg.run.out_dir, STEPS))
-    for name in STATE_SETS:
-        assert ckpt.has(f"judge_refresh_{name}")
-    saved = ckpt.state["driver"]["judge_refresh"]
-    assert saved["version"] == 2 and saved["samples_seen"] == STEPS * 16 and saved["iters"] == 6
+    for step, version, pending in ((3, 1, 16), (STEPS, 2, 0)):
+        ckpt = load_checkpoint(checkpoint(cfg.run.out_dir, step))
+        for name in (*STATE_SETS, "pending"):
+            assert ckpt.has(f"judge_refresh_{name}")
+        saved = ckpt.state["driver"]["judge_refresh"]
+        assert saved["version"] == version and saved["samples_seen"] == (step - pending // 16) * 16
+        assert saved["iters"] == 3 * version and saved["published_step"] == 2 * version
+        assert len(ckpt.load_tensors("judge_refresh_pending")["tokens"]) == pending
     assert int(ckpt.load_tensors("judge_refresh_buffer")["filled"][0]) == cfg.judge_refresh.policy_buffer
 
 
@@ -312,9 +318,9 @@ def same_tensors(a: dict, b: dict, tol: float = 1e-5) -> None:
 
 def test_killing_the_judge_trainer_loses_no_batch(baseline, tiny_corpus_file, tiny_generator, tiny_judge, tmp_path):
     """The trainer exits inside its refresh after step 2 (Ray restarts it: its last restart) and is
-    SIGKILLed after step 3 (a brand-new actor replaces it). Each time it goes on from the state of its
-    last version plus the samples sent since, so the run trains every batch once and ends with the judge
-    and the policy of the fault-free run."""
+    SIGKILLed after step 3 (a brand-new actor replaces it when the next call finds it dead). Each time it
+    goes on from the state of its last version plus the samples sent since, so the run trains every batch
+    once and ends with the judge and the policy of the fault-free run."""
     cfg = train_config(tmp_path, tiny_corpus_file, tiny_generator, tiny_judge, "run")
     cls = type("TrainerDyingDriver", (Driver,), {"judge_trainer_cls": dying_trainer(str(tmp_path / "died"))})
     killed = []
@@ -348,7 +354,7 @@ def test_resume_equals_the_uninterrupted_run(baseline, tiny_corpus_file, tiny_ge
     assert second["steps"] == STEPS and second["judge_version"] == 2
     out, base = str(tmp_path / "split"), baseline[0].run.out_dir
     for name in ("model", "reference", "learner_rng", "optimizer",
-                 *(f"judge_refresh_{s}" for s in STATE_SETS)):
+                 *(f"judge_refresh_{s}" for s in (*STATE_SETS, "pending"))):
         same_tensors(load_file(checkpoint(out, STEPS) / f"{name}.safetensors"),
                      load_file(checkpoint(base, STEPS) / f"{name}.safetensors"))
     rows, ref = step_rows(out), step_rows(base)
@@ -361,3 +367,26 @@ def test_resume_equals_the_uninterrupted_run(baseline, tiny_corpus_file, tiny_ge
     versions = [b.judge_version for b in sorted(read_rollout_log(Path(out) / "rollouts.msgpack"),
                                                 key=lambda b: b.rollout.request_id)]
     assert versions == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def hanging_trainer():
+    class HangingTrainer(JudgeTrainerActor):
+        def refresh(self):
+            time.sleep(3600)
+    return HangingTrainer
+
+
+def test_async_never_waits_for_a_slow_trainer(ray_cluster, tiny_corpus_file, tiny_generator, tiny_judge, tmp_path):
+    """Async mode, a new version due every step, and a trainer whose refresh never returns: GRPO goes on
+    with judge version 0; the versions due meanwhile are skipped and, with one step of samples waiting
+    on the trainer, later steps' samples are dropped rather than queued (both counted)."""
+    cfg = train_config(tmp_path, tiny_corpus_file, tiny_generator, tiny_judge, "async",
+                       mode="async", actor_timeout_s=600, checkpoint_every=100)
+    cfg.judge_refresh.publish_every, cfg.judge_refresh.max_pending_batches = 1, 1
+    cls = type("SlowTrainerDriver", (Driver,), {"judge_trainer_cls": hanging_trainer()})
+    summary, held = run_driver(cfg, cls, trainer_info=False)
+    assert summary["steps"] == STEPS and summary["judge_version"] == 0
+    assert summary["judge_refreshes_skipped"] == STEPS - 1  # the first one never came back
+    assert summary["judge_samples_dropped"] >= (STEPS - 2) * 16  # steps 3 and 4 at least
+    assert [j["judge_version"] for j in held["judges"]] == [0, 0]
+    assert {b.judge_version for b in read_rollout_log(Path(cfg.run.out_dir) / "rollouts.msgpack")} == {0}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import torch
 
@@ -36,7 +37,9 @@ class JudgeTrainerActor:
                                                    resolve_precision(precision, device), device)
         self.iters = refresh_cfg.iters_per_publish
         # Ray restarted this actor: it holds the initial judge until the driver sends its last state
-        self.waiting_for_state = ray.get_runtime_context().was_current_actor_reconstructed
+        with warnings.catch_warnings():  # Ray's own property reads a deprecated one of its own
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.waiting_for_state = ray.get_runtime_context().was_current_actor_reconstructed
 
     def _check_state(self, what: str) -> None:
         if self.waiting_for_state:
@@ -63,12 +66,11 @@ class JudgeTrainerActor:
         return self.refresher.state()
 
     def load_state(self, restore: tuple) -> dict:
-        """restore = (state or None, policy samples sent after it): the state of the last version (None: the
-        judge checkpoint as loaded), then the samples it had not seen, in the order they were sent."""
+        """restore = (state, policy samples sent after it): the state of the last version, then the samples
+        it had not seen, in the order they were sent."""
         t0 = time.perf_counter()
         state, samples = restore
-        if state is not None:
-            self.refresher.load_state(*state)
+        self.refresher.load_state(*state)
         for tokens, generated in samples:
             self.refresher.add_policy_samples(tokens, generated)
         self.waiting_for_state = False

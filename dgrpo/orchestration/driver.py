@@ -165,11 +165,13 @@ class Driver:
                 call_names={"refresh": "a judge refresh"})
         self.judge_version = 0  # the newest judge version sent to the judge actors
         self.judge_published_step = 0
-        self.trainer_state = None  # the judge trainer's state at its newest version (None: as constructed)
+        self.trainer_state = None  # the judge trainer's (tensors, scalars) at its newest version
         self.samples_sent = 0  # policy samples sent to the judge trainer, in all
         self.unversioned_samples: list = []  # (samples_sent after it, tokens, generated) sent since trainer_state
         self.refresh_metrics: dict = {}  # of the last refresh, for the next step's record
-        self.remember_trainer_state()
+        if self.judge_trainer is not None:
+            self.trainer_state = self.ask_trainer("state")  # version 0: what a restarted trainer starts from
+            self.remember_trainer_state()
 
         self.step = 0
         self.version = 0
@@ -446,27 +448,38 @@ class Driver:
                 continue
         raise RunError(f"the judge trainer failed 3 times during {method}; see the actor logs")
 
+    def pending_samples(self) -> dict[str, torch.Tensor]:
+        """The samples sent since the newest version, as one tensor set (a checkpoint's judge_refresh_pending)."""
+        T = self.trainer_state[0]["buffer"]["tokens"].shape[1]
+        tokens = [t for _, t, _ in self.unversioned_samples] or [torch.zeros(0, T, dtype=torch.long)]
+        generated = [g for _, _, g in self.unversioned_samples] or [torch.zeros(0, T, dtype=torch.bool)]
+        return {"tokens": torch.cat(tokens), "generated": torch.cat(generated)}
+
     def saved_trainer_state(self, ckpt, driver_state: dict):
-        """The judge trainer's (tensors, scalars) in a run checkpoint, or None (refresh off, or a
-        checkpoint written without it); CheckpointError if its files are torn."""
+        """(the trainer's (tensors, scalars), the samples sent after it) in a run checkpoint, or None (refresh
+        off, or a checkpoint written without it); CheckpointError if its files are torn."""
         if self.judge_trainer is None or "judge_refresh" not in driver_state:
             return None
-        return {name: ckpt.load_tensors(f"judge_refresh_{name}") for name in STATE_SETS}, driver_state["judge_refresh"]
+        tensors = {name: ckpt.load_tensors(f"judge_refresh_{name}") for name in STATE_SETS}
+        return (tensors, driver_state["judge_refresh"]), ckpt.load_tensors("judge_refresh_pending")
 
-    def restore_judge_trainer(self, trainer_state, saved: dict) -> None:
+    def restore_judge_trainer(self, saved_state, saved: dict) -> None:
         """On resume: the trainer goes on from the checkpoint's state; the judges get its judge before scoring."""
         if self.judge_trainer is None:
             if saved:
                 print(f"note: the checkpoint holds judge version {saved['version']} of a judge refresh; with "
                       f"judge_refresh.enabled=false the judges score with reward.judge_checkpoint")
             return
-        if trainer_state is None:
+        if saved_state is None:
             print("note: the checkpoint holds no judge refresh state; the judge trainer starts from "
                   "reward.judge_checkpoint")
             return
-        self.ask_trainer("load_state", (trainer_state, ()))
-        self.trainer_state, self.samples_sent = trainer_state, saved["samples_seen"]
+        self.trainer_state, pending = saved_state
+        self.samples_sent = saved["samples_seen"] + len(pending["tokens"])
+        self.unversioned_samples = [(self.samples_sent, pending["tokens"], pending["generated"])] \
+            if len(pending["tokens"]) else []
         self.remember_trainer_state()
+        self.ask_trainer("load_state", self.judge_trainer.weights)
         if saved["version"] > 0:
             self.publish_judge(self.ask_trainer("publish"))
             self.wait_for_judge_loads()
@@ -506,10 +519,11 @@ class Driver:
                  "prompts": self.prompts.state_dict(), "counters": dict(self.counters),
                  "eval_history": self.eval_history}
         trainer_tensors = None
-        if self.judge_trainer is not None:  # its state now, after what is queued on it
-            tensors, meta = self.ask_trainer("state")
+        if self.judge_trainer is not None:  # its newest version's state and the samples sent since: no waiting
+            tensors, meta = self.trainer_state
             state["judge_refresh"] = {**meta, "published_step": self.judge_published_step}
             trainer_tensors = {f"judge_refresh_{name}": tensors[name] for name in STATE_SETS}
+            trainer_tensors["judge_refresh_pending"] = self.pending_samples()
         self.ask_learner("save", str(path), state, to_dict(self.cfg), trainer_tensors)
         keep_last_checkpoints(self.out, self.cfg.run.keep_checkpoints)
         return path

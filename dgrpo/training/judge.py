@@ -265,11 +265,13 @@ class RefillPool:
         return self.tokens.shape[0]
 
     def replace_oldest(self, tokens: torch.Tensor, x: torch.Tensor, changed: torch.Tensor) -> None:
-        tokens, x, changed = tokens[-len(self):], x[-len(self):], changed[-len(self):]  # more than fit: the newest
-        idx = (self.ptr + torch.arange(len(x))) % len(self)
-        self.tokens[idx], self.x[idx], self.changed[idx] = tokens, x, changed.to(torch.uint8)
-        self.ptr = (self.ptr + len(x)) % len(self)
-        self.filled = min(len(self), self.filled + len(x))
+        """Entries go round the ring in order; adding a batch at once or in parts leaves the same pool."""
+        n = len(x)
+        keep = min(n, len(self))  # more than fit: only the newest stay, where they would have landed
+        idx = (self.ptr + n - keep + torch.arange(keep)) % len(self)
+        self.tokens[idx], self.x[idx], self.changed[idx] = tokens[n - keep:], x[n - keep:], changed[n - keep:].to(torch.uint8)
+        self.ptr = (self.ptr + n) % len(self)
+        self.filled = min(len(self), self.filled + n)
 
     def newest(self, n: int) -> torch.Tensor:
         """The tokens of the n most recently added entries (n <= filled)."""
