@@ -212,8 +212,8 @@ def run_driver(cfg: TrainConfig, cls: type[Driver] = Driver, on_step=None, train
     try:
         summary = driver.run()
         held = {"judges": ray.get([h.info.remote() for h in driver.judges.handles()], timeout=120),
-                "trainer": ray.get(driver.judge_trainer.handles()[0].info.remote(), timeout=120) if trainer_info else {},
-                "trainer_replacements": driver.judge_trainer.slots[0].replacements,
+                "trainer": ray.get(driver.judge_refresh.group.handles()[0].info.remote(), timeout=120) if trainer_info else {},
+                "trainer_replacements": driver.judge_refresh.group.slots[0].replacements,
                 "requests": driver.request_counter, "in_flight": sorted(driver.requests_in_flight())}
     finally:
         driver.close()
@@ -327,7 +327,7 @@ def test_killing_the_judge_trainer_loses_no_batch(baseline, tiny_corpus_file, ti
 
     def on_step(driver, record):
         if record["step"] == 3:
-            pid = ray.get(driver.judge_trainer.handles()[0].info.remote(), timeout=120)["pid"]
+            pid = ray.get(driver.judge_refresh.group.handles()[0].info.remote(), timeout=120)["pid"]
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 

@@ -15,16 +15,8 @@ versions old is dropped (counted), younger ones are corrected by the recorded
 behaviour log-probs. Actor faults (deadlines, restarts, lost work) are handled
 in groups.py: the driver submits calls and reads results.
 
-With judge_refresh.enabled a judge trainer runs beside the learner:
-
-    driver  --policy samples-->  JudgeTrainerActor.add_samples   (each trained step's, fire-and-forget)
-    driver  --every n steps--->  JudgeTrainerActor.refresh       (the next judge version and the trainer's state)
-    driver  --ObjectRef------->  JudgeWorker.set_judge           (ray.put once; every judge loads it)
-
-Sync mode waits for a refresh before the next step's rollouts are scored, so runs
-are reproducible; async mode never waits for it. A restarted trainer gets the state
-of its last version plus the samples sent since (ActorGroup.keep_for_recovery), so it
-redoes the refresh it lost on the same data.
+With judge_refresh.enabled a judge trainer runs beside the learner and publishes judge
+versions to the judges (judge_refresh.py).
 """
 
 from __future__ import annotations
@@ -38,7 +30,7 @@ import ray
 import torch
 
 from ..actors.judge import JudgeWorker
-from ..actors.judge_trainer import JudgeTrainerActor, TrainerRestartedError
+from ..actors.judge_trainer import JudgeTrainerActor
 from ..actors.learner import LearnerActor
 from ..actors.rollout import RolloutWorker, StaleWorkerError
 from ..config import TrainConfig, to_dict, to_yaml
@@ -49,9 +41,9 @@ from ..models.diffusion import DiffusionLM, load_generator
 from ..models.transformer import preset_config
 from ..protocols import RolloutRequest, ScoredBatch, WeightSnapshot
 from ..protocols.rollout_log import RolloutLogWriter
-from ..training.judge_refresh import STATE_SETS, batch_split
 from .cluster import connect, make_actor
 from .groups import ActorLost, ActorManager
+from .judge_refresh import JudgeRefreshRole, check_judge_refresh
 from .metrics import MetricsLogger, truncate_jsonl
 from .progress import ProgressPrinter
 from .rundir import (checkpoint_path, find_checkpoints, keep_last_checkpoints, remove_partial_checkpoints,
@@ -77,16 +69,6 @@ def check_judge_vocabulary(cfg: TrainConfig, tokenizer: CharTokenizer, length: i
     if judge.model_config.block_size < length:
         raise RunError(f"the judge scores windows of at most {judge.model_config.block_size} characters but "
                        f"prompts are {length} long; set prompts.length <= {judge.model_config.block_size}")
-
-
-def check_judge_refresh(cfg: TrainConfig) -> None:
-    """The judge trainer's batches take refills from the judge checkpoint's pool: it must have one."""
-    refresh = cfg.judge_refresh
-    n_refill = batch_split(refresh)[2]
-    if refresh.enabled and n_refill and not load_checkpoint(cfg.reward.judge_checkpoint, expect_kind="judge").has("pool"):
-        raise RunError(f"judge_refresh takes {n_refill} of every {refresh.batch_size} windows from the refill pool "
-                       f"of {cfg.reward.judge_checkpoint}, which has none (trained with p_real=1?); set "
-                       f"judge_refresh.p_real + judge_refresh.p_policy = 1")
 
 
 class Driver:
@@ -153,25 +135,14 @@ class Driver:
             "judge", res.judge.num_workers,
             lambda i: make_actor(self.judge_cls, res.judge, i, cfg.reward, vocab, res.torch_threads, metrics_on),
             on_lost={"score": "resubmit"}, load_method="set_judge")
-        self.judge_trainer = None
+        self.judge_refresh = None
         if cfg.judge_refresh.enabled:
-            self.counters.update(judge_trainer_restarts=0, judge_samples_dropped=0, judge_refreshes_skipped=0)
-            self.judge_trainer = self.actors.group(
-                "judge_trainer", 1,
+            self.judge_refresh = JudgeRefreshRole(
+                cfg, self.actors, self.judges,
                 lambda _: make_actor(self.judge_trainer_cls, res.judge_trainer, cfg.judge_refresh,
                                      cfg.reward.judge_checkpoint, cfg.corpus, vocab, seed=run.seed,
                                      precision=res.judge_trainer.precision, torch_threads=res.torch_threads),
-                on_lost={"refresh": "resubmit"}, restarted=(TrainerRestartedError,), load_method="load_state",
-                call_names={"refresh": "a judge refresh"})
-        self.judge_version = 0  # the newest judge version sent to the judge actors
-        self.judge_published_step = 0
-        self.trainer_state = None  # the judge trainer's (tensors, scalars) at its newest version
-        self.samples_sent = 0  # policy samples sent to the judge trainer, in all
-        self.unversioned_samples: list = []  # (samples_sent after it, tokens, generated) sent since trainer_state
-        self.refresh_metrics: dict = {}  # of the last refresh, for the next step's record
-        if self.judge_trainer is not None:
-            self.trainer_state = self.ask_trainer("state")  # version 0: what a restarted trainer starts from
-            self.remember_trainer_state()
+                self.counters)
 
         self.step = 0
         self.version = 0
@@ -204,7 +175,7 @@ class Driver:
                 continue
             try:  # a checkpoint whose tensors are corrupt or truncated is skipped too
                 state = self.ask_learner("load", str(path), passthrough=(CheckpointError,))
-                trainer_state = self.saved_trainer_state(ckpt, state)
+                saved_refresh = JudgeRefreshRole.saved(ckpt, state) if self.judge_refresh is not None else None
             except CheckpointError as e:
                 print(f"skipping unusable checkpoint {path}: {getattr(e, 'cause', e)}")
                 continue
@@ -218,7 +189,11 @@ class Driver:
             truncate_jsonl(self.out / "samples.jsonl", self.step)
             truncate_rollout_log(self.out / "rollouts.msgpack", self.request_counter)
             print(f"resumed from {path}: step {self.step}, policy version {self.version}, {kept} metric rows kept")
-            self.restore_judge_trainer(trainer_state, state.get("judge_refresh", {}))
+            if self.judge_refresh is not None:
+                self.judge_refresh.restore(saved_refresh, self.step)
+            elif "judge_refresh" in state:
+                print(f"note: the checkpoint holds judge version {state['judge_refresh']['version']} of a judge "
+                      f"refresh; with judge_refresh.enabled=false the judges score with reward.judge_checkpoint")
             return
         raise RunError(f"--resume: no usable checkpoint under {self.out / 'checkpoints'}; start without --resume")
 
@@ -250,7 +225,7 @@ class Driver:
                 elif call.method == "train":  # a step: publish, broadcast, log, evaluate, checkpoint
                     self.after_train(result)
                 elif call.method == "refresh":  # a judge version: to every judge actor
-                    self.apply_judge_refresh(result)
+                    self.judge_refresh.apply(result, self.step)
                 # add_samples answers need nothing
         return self.summary()
 
@@ -320,7 +295,8 @@ class Driver:
         self.step_batches = take
         self.logger.phase("training")
         self.learner.submit(self.learner.slots[0], "train", *take)
-        self.forward_policy_samples(take)
+        if self.judge_refresh is not None:
+            self.judge_refresh.forward(take)
         self.issue_generation()  # async: the next step's rollouts start now, overlapping this update
 
     def after_train(self, metrics: dict) -> None:
@@ -349,8 +325,8 @@ class Driver:
         self.finished = self.step >= run.steps or out_of_time
         if self.step % run.eval_every == 0 or self.finished:
             record.update(self.evaluate())
-        if self.judge_trainer is not None:
-            record.update(self.refresh_judge(batches))
+        if self.judge_refresh is not None:
+            record.update(self.judge_refresh.after_step(self.step, batches))
         self.logger.log(record)
         self.progress.step(record, elapsed_s=now - self.t0, last=self.finished)
         if self.report is not None:
@@ -377,114 +353,6 @@ class Driver:
         return {"time/sync_s": time.perf_counter() - t0, "sync_load_s_mean": sum(loads) / max(len(loads), 1),
                 "weights_mb": info["nbytes"] / 2**20,
                 "time/publish_s": info["publish_s"]}
-
-    # -- judge refresh -----------------------------------------------------------
-    def forward_policy_samples(self, batches: list[ScoredBatch]) -> None:
-        """A trained step's samples go to the judge trainer, unless max_pending_batches steps of them
-        still wait there: then they are dropped (counted), so that a slow trainer never stalls GRPO."""
-        if self.judge_trainer is None:
-            return
-        tokens = torch.cat([b.rollout.tokens for b in batches])
-        generated = torch.cat([b.rollout.reveal_step >= 0 for b in batches])
-        if len(self.actors.calls("add_samples")) >= self.cfg.judge_refresh.max_pending_batches:
-            self.counters["judge_samples_dropped"] += len(tokens)
-            return
-        self.judge_trainer.submit(self.judge_trainer.slots[0], "add_samples", tokens, generated)
-        self.samples_sent += len(tokens)
-        self.unversioned_samples.append((self.samples_sent, tokens, generated))
-        self.remember_trainer_state()
-
-    def remember_trainer_state(self) -> None:
-        """A restarted judge trainer loads its newest version's state, then the samples sent since."""
-        if self.judge_trainer is not None:
-            samples = tuple((tokens, generated) for _, tokens, generated in self.unversioned_samples)
-            self.judge_trainer.keep_for_recovery((self.trainer_state, samples))
-
-    def refresh_judge(self, batches: list[ScoredBatch]) -> dict:
-        """Every publish_every steps the trainer makes the next judge version from the samples sent so far
-        (async: unless the last one is still training). Sync mode waits until the judges hold it.
-        Returns the step's judge figures."""
-        t0 = time.perf_counter()
-        if self.step % self.cfg.judge_refresh.publish_every == 0:
-            if self.actors.calls("refresh"):
-                self.counters["judge_refreshes_skipped"] += 1
-            else:
-                self.judge_trainer.submit(self.judge_trainer.slots[0], "refresh")
-        if self.cfg.run.mode == "sync":
-            while self.actors.calls("refresh"):
-                for _call, result in self.actors.results(methods=("refresh",)):
-                    self.apply_judge_refresh(result)
-            self.wait_for_judge_loads()
-        figures = {"judge_version": self.judge_version, "judge_age_steps": self.step - self.judge_published_step,
-                   "batch_judge_versions": sorted({b.judge_version for b in batches}),
-                   "time/judge_refresh_wait_s": time.perf_counter() - t0, **self.refresh_metrics}
-        self.refresh_metrics = {}
-        return figures
-
-    def apply_judge_refresh(self, result: dict) -> None:
-        """A refresh came back: its state becomes the trainer's restart point, its judge goes to every judge."""
-        self.trainer_state = result["state"]
-        seen = self.trainer_state[1]["samples_seen"]
-        self.unversioned_samples = [s for s in self.unversioned_samples if s[0] > seen]
-        self.remember_trainer_state()
-        self.refresh_metrics = {f"judge_refresh/{k}": v for k, v in result["metrics"].items()}
-        if result["version"] > self.judge_version:
-            self.publish_judge(result["snapshot"])
-
-    def publish_judge(self, snapshot: WeightSnapshot) -> None:
-        self.judges.publish(ray.put(snapshot))  # one object for every judge, and for restarted ones later
-        self.judge_version, self.judge_published_step = snapshot.version, self.step
-
-    def wait_for_judge_loads(self) -> None:
-        while self.judges.loading():
-            self.actors.results(methods=(self.judges.load_method,))
-
-    def ask_trainer(self, method: str, *args):
-        """A blocking call on the judge trainer; a restarted one gets its state back first (groups.py)."""
-        for _attempt in range(3):
-            try:
-                return self.judge_trainer.call(self.judge_trainer.slots[0], method, *args)
-            except ActorLost:
-                continue
-        raise RunError(f"the judge trainer failed 3 times during {method}; see the actor logs")
-
-    def pending_samples(self) -> dict[str, torch.Tensor]:
-        """The samples sent since the newest version, as one tensor set (a checkpoint's judge_refresh_pending)."""
-        T = self.trainer_state[0]["buffer"]["tokens"].shape[1]
-        tokens = [t for _, t, _ in self.unversioned_samples] or [torch.zeros(0, T, dtype=torch.long)]
-        generated = [g for _, _, g in self.unversioned_samples] or [torch.zeros(0, T, dtype=torch.bool)]
-        return {"tokens": torch.cat(tokens), "generated": torch.cat(generated)}
-
-    def saved_trainer_state(self, ckpt, driver_state: dict):
-        """(the trainer's (tensors, scalars), the samples sent after it) in a run checkpoint, or None (refresh
-        off, or a checkpoint written without it); CheckpointError if its files are torn."""
-        if self.judge_trainer is None or "judge_refresh" not in driver_state:
-            return None
-        tensors = {name: ckpt.load_tensors(f"judge_refresh_{name}") for name in STATE_SETS}
-        return (tensors, driver_state["judge_refresh"]), ckpt.load_tensors("judge_refresh_pending")
-
-    def restore_judge_trainer(self, saved_state, saved: dict) -> None:
-        """On resume: the trainer goes on from the checkpoint's state; the judges get its judge before scoring."""
-        if self.judge_trainer is None:
-            if saved:
-                print(f"note: the checkpoint holds judge version {saved['version']} of a judge refresh; with "
-                      f"judge_refresh.enabled=false the judges score with reward.judge_checkpoint")
-            return
-        if saved_state is None:
-            print("note: the checkpoint holds no judge refresh state; the judge trainer starts from "
-                  "reward.judge_checkpoint")
-            return
-        self.trainer_state, pending = saved_state
-        self.samples_sent = saved["samples_seen"] + len(pending["tokens"])
-        self.unversioned_samples = [(self.samples_sent, pending["tokens"], pending["generated"])] \
-            if len(pending["tokens"]) else []
-        self.remember_trainer_state()
-        self.ask_trainer("load_state", self.judge_trainer.weights)
-        if saved["version"] > 0:
-            self.publish_judge(self.ask_trainer("publish"))
-            self.wait_for_judge_loads()
-        self.judge_published_step = saved.get("published_step", self.step)
-        print(f"judge refresh resumed at judge version {self.judge_version}")
 
     # -- evaluation ------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -519,11 +387,8 @@ class Driver:
                  "prompts": self.prompts.state_dict(), "counters": dict(self.counters),
                  "eval_history": self.eval_history}
         trainer_tensors = None
-        if self.judge_trainer is not None:  # its newest version's state and the samples sent since: no waiting
-            tensors, meta = self.trainer_state
-            state["judge_refresh"] = {**meta, "published_step": self.judge_published_step}
-            trainer_tensors = {f"judge_refresh_{name}": tensors[name] for name in STATE_SETS}
-            trainer_tensors["judge_refresh_pending"] = self.pending_samples()
+        if self.judge_refresh is not None:
+            state["judge_refresh"], trainer_tensors = self.judge_refresh.checkpoint()
         self.ask_learner("save", str(path), state, to_dict(self.cfg), trainer_tensors)
         keep_last_checkpoints(self.out, self.cfg.run.keep_checkpoints)
         return path
@@ -531,7 +396,7 @@ class Driver:
     # -- the end ---------------------------------------------------------------
     def summary(self) -> dict:
         first, last = (self.eval_history[0], self.eval_history[-1]) if self.eval_history else ({}, {})
-        refresh = {"judge_version": self.judge_version} if self.judge_trainer is not None else {}
+        refresh = {"judge_version": self.judge_refresh.version} if self.judge_refresh is not None else {}
         return {"steps": self.step, "policy_version": self.version, "wall_time_s": time.perf_counter() - self.t0,
                 "eval_reward_before": first.get("eval_reward_mean"), "eval_reward_after": last.get("eval_reward_mean"),
                 "eval_reward_after_stderr": last.get("eval_reward_stderr"), "out_dir": str(self.out),
