@@ -6,9 +6,9 @@ The layers, bottom up; each imports only layers below it (tests/test_layering.py
     config              the validated config tree of every command
     corpus, protocols   text, tokenizer, prompts; typed messages and their wire format
     models              networks, sampler, trajectory replay, rewards, checkpoints, optimizers
-    training, learner   pretraining, judge and LM training; GRPO math and the learner core
+    training, learner   pretraining, judge and LM training, judge refresh; GRPO math and the learner core
     evaluation          the gold evaluation: proxy and gold judges, LM bits/char, diversity, KL, best-of-N
-    actors              thin Ray shells: rollout, judge and learner workers, telemetry
+    actors              thin Ray shells: rollout, judge and learner workers, judge trainer, telemetry
     orchestration       driver, actor groups, CLI, Tune, reports, demo, cluster
 
 Nothing below `actors` imports Ray.

@@ -211,10 +211,16 @@ class LearnerResources(RoleResources):
     max_restarts: int = Field(0, ge=0)
 
 
+class JudgeTrainerResources(RoleResources):
+    """The judge trainer of judge_refresh; a restarted one resumes from its last published state."""
+
+
 class ResourcesConfig(Section):
     rollout: RolloutResources = RolloutResources()
     judge: JudgeResources = JudgeResources()
     learner: LearnerResources = LearnerResources()
+    judge_trainer: JudgeTrainerResources = Field(JudgeTrainerResources(), description=(
+        "the judge trainer (only started with judge_refresh.enabled)"))
     torch_threads: int = Field(1, ge=1, description="torch threads per actor")
 
 
@@ -239,6 +245,38 @@ class RunConfig(Section):
     wandb_project: Optional[str] = None
 
 
+class JudgeRefreshConfig(Section):
+    """Keep training the judge against the current policy and publish new judge versions to the judge actors."""
+    enabled: bool = Field(False, description=(
+        "run a judge trainer beside the learner; needs reward.kind judge"))
+    publish_every: int = Field(5, ge=1, description="GRPO steps between judge versions")
+    iters_per_publish: int = Field(20, ge=1, description="optimizer steps of the judge per version")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the judge (constant)")
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    batch_size: int = Field(32, ge=2, description="windows per judge optimizer step")
+    p_real: float = Field(0.5, ge=0, le=1, description=(
+        "share of a judge batch that is real train windows (target x = 0), drawn fresh every step"))
+    p_policy: float = Field(0.25, gt=0, le=1, description=(
+        "share that is recent policy samples (target x = the share of positions the policy wrote); the rest "
+        "comes from the refill pool stored in the judge checkpoint, so the judge keeps the base generator's "
+        "mistakes in mind"))
+    policy_buffer: int = Field(1024, ge=1, description="the newest policy samples kept to train on")
+    max_pending_batches: int = Field(8, ge=1, description=(
+        "steps of policy samples sent to the judge trainer and not yet taken in; beyond this a step's "
+        "samples are dropped (counted in judge_samples_dropped) so that a slow trainer never stalls GRPO"))
+    eval_windows: int = Field(64, ge=1, description=(
+        "held-out validation windows (and at most as many of the newest policy samples) behind the "
+        "judge_refresh/auc_* figures"))
+
+    @model_validator(mode="after")
+    def _shares(self):
+        if self.p_real + self.p_policy > 1 + 1e-9:
+            raise ValueError(f"p_real ({self.p_real}) + p_policy ({self.p_policy}) must be at most 1 "
+                             f"(the rest of each batch comes from the judge's refill pool)")
+        return self
+
+
 class TrainConfig(Section):
     run: RunConfig = RunConfig()
     corpus: CorpusConfig = CorpusConfig()
@@ -247,7 +285,16 @@ class TrainConfig(Section):
     prompts: PromptConfig = PromptConfig()
     sampler: SamplerConfig = SamplerConfig()
     grpo: GRPOConfig = GRPOConfig()
+    judge_refresh: JudgeRefreshConfig = JudgeRefreshConfig()
     resources: ResourcesConfig = ResourcesConfig()
+
+    @model_validator(mode="after")
+    def _refresh_needs_a_judge(self):
+        if self.judge_refresh.enabled and self.reward.kind != "judge":
+            raise ValueError(f"judge_refresh.enabled trains a learned judge, but reward.kind is "
+                             f"{self.reward.kind!r}; set reward.kind=judge with reward.judge_checkpoint, "
+                             f"or judge_refresh.enabled=false")
+        return self
 
 
 def format_errors(e: ValidationError) -> str:

@@ -1,4 +1,8 @@
-"""JudgeWorker: scores rollout batches with the learned judge or a programmatic reward."""
+"""JudgeWorker: scores rollout batches with the learned judge or a programmatic reward.
+
+With judge refresh the driver sends new judge weights (`set_judge`); every scored
+batch records the judge version that scored it (0: reward.judge_checkpoint as loaded).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,9 @@ import torch
 
 from ..config import RewardConfig
 from ..corpus import CharTokenizer
-from ..models.rewards import build_reward, compute_rewards
+from ..models.rewards import JudgeReward, build_reward, compute_rewards
 from ..precision import describe_precision, pick_device, resolve_precision
-from ..protocols import RolloutBatch, ScoredBatch
+from ..protocols import RolloutBatch, ScoredBatch, WeightSnapshot
 from .telemetry import ActorTelemetry
 
 
@@ -28,6 +32,17 @@ class JudgeWorker:
         if reward_cfg.kind == "judge":
             print(f"precision: judge {judge_id}: {self.precision}", flush=True)
         self.telemetry = ActorTelemetry("judge", str(judge_id), enabled=metrics)
+        self.judge_version = 0
+
+    def set_judge(self, snapshot: WeightSnapshot) -> dict:
+        """Load a judge version published by the judge trainer (the same object for every judge actor)."""
+        if not isinstance(self.reward_fn, JudgeReward):
+            raise ValueError(f"set_judge needs the learned judge reward, this actor scores with "
+                             f"{self.reward_fn.name!r}")
+        t0 = time.perf_counter()
+        snapshot.load_into(self.reward_fn.judge)
+        self.judge_version = snapshot.version
+        return {"judge_id": self.judge_id, "version": self.judge_version, "load_s": time.perf_counter() - t0}
 
     def score(self, batch: RolloutBatch) -> ScoredBatch:
         t0 = time.perf_counter()
@@ -35,8 +50,8 @@ class JudgeWorker:
         score_s = time.perf_counter() - t0
         self.telemetry.observe_judge(samples=batch.num_samples, seconds=score_s)
         return ScoredBatch(rollout=batch, rewards=rewards.float(), judge_id=self.judge_id,
-                           timings={"score_s": score_s})
+                           timings={"score_s": score_s}, judge_version=self.judge_version)
 
     def info(self) -> dict:
         return {"judge_id": self.judge_id, "pid": os.getpid(), "device": str(self.device), "precision": self.precision,
-                "reward": self.reward_fn.name}
+                "reward": self.reward_fn.name, "judge_version": self.judge_version}

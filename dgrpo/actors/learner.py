@@ -46,12 +46,13 @@ class LearnerActor:
     def version(self) -> int:
         return self.core.version
 
-    def save(self, path: str, driver_state: dict, config: dict) -> str:
+    def save(self, path: str, driver_state: dict, config: dict, extra_tensors: dict | None = None) -> str:
+        """extra_tensors: further tensor sets of the run saved in the same atomic checkpoint (judge refresh)."""
         core = self.core
         state = {"step": core.step, "version": core.version, "driver": driver_state}
         save_checkpoint(path, kind="generator", model_config=self.model_config, vocab=self.vocab,
                         weights=core.policy, state=state, config=config, optimizer=core.optimizer,
-                        extra_tensors=core.state_tensors())
+                        extra_tensors={**core.state_tensors(), **(extra_tensors or {})})
         return path
 
     def load(self, path: str) -> dict:

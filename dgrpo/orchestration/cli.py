@@ -88,6 +88,14 @@ def trainer_options(fn):
     return fn
 
 
+def role_precisions(cfg: TrainConfig) -> dict[str, str]:
+    res = cfg.resources
+    roles = {"rollout": res.rollout.precision, "judge": res.judge.precision, "learner": res.learner.precision}
+    if cfg.judge_refresh.enabled:
+        roles["judge trainer"] = res.judge_trainer.precision
+    return roles
+
+
 def trainer_setup(cls, role, config_file, overrides, corpus_path, threads, **flags):
     """(validated config, its corpus) of a single-process trainer; prints the config and its precision."""
     from ..corpus import load_corpus
@@ -285,9 +293,7 @@ def train(config_file, overrides, resume, quiet):
     from .driver import run_training
     cfg = load_config(TrainConfig, config_file, list(overrides))
     click.echo(to_yaml(cfg))
-    res = cfg.resources
-    click.echo(precision_report({"rollout": res.rollout.precision, "judge": res.judge.precision,
-                                 "learner": res.learner.precision}))
+    click.echo(precision_report(role_precisions(cfg)))
     summary = run_training(cfg, resume=resume, quiet=quiet)
     click.echo(json.dumps(summary, indent=2))
 

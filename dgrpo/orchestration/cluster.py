@@ -14,9 +14,12 @@ from ..config import TrainConfig
 
 def required_resources(cfg: TrainConfig) -> dict[str, float]:
     r = cfg.resources
+    trainers = 1 if cfg.judge_refresh.enabled else 0
     return {
-        "CPU": r.rollout.num_workers * r.rollout.num_cpus + r.judge.num_workers * r.judge.num_cpus + r.learner.num_cpus,
-        "GPU": r.rollout.num_workers * r.rollout.num_gpus + r.judge.num_workers * r.judge.num_gpus + r.learner.num_gpus,
+        "CPU": r.rollout.num_workers * r.rollout.num_cpus + r.judge.num_workers * r.judge.num_cpus + r.learner.num_cpus
+        + trainers * r.judge_trainer.num_cpus,
+        "GPU": r.rollout.num_workers * r.rollout.num_gpus + r.judge.num_workers * r.judge.num_gpus + r.learner.num_gpus
+        + trainers * r.judge_trainer.num_gpus,
     }
 
 

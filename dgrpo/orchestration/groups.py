@@ -256,6 +256,11 @@ class ActorGroup:
         for slot in self.slots:
             self.submit(slot, self.load_method, weights)
 
+    def keep_for_recovery(self, weights) -> None:
+        """What a recovered slot loads before its next call, not sent to the live slots (a trainer's
+        own state, which it holds already)."""
+        self.weights = weights
+
     def loading(self) -> bool:
         return any(c.group is self and c.method == self.load_method for c in self.manager.in_flight.values())
 

@@ -155,10 +155,9 @@ class Pipeline:
 
     def train(self) -> dict:
         from .driver import run_training
+        from .cli import role_precisions
         g = self.stages.grpo
-        res = g.resources
-        self.echo(precision_report({"rollout": res.rollout.precision, "judge": res.judge.precision,
-                                    "learner": res.learner.precision}))
+        self.echo(precision_report(role_precisions(g)))
         done = self.stage("GRPO", g.run.out_dir, g, lambda resume: run_training(g, resume=resume, quiet=self.quiet))
         return done["figures"]
 

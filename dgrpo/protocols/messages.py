@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: ScoredBatch.judge_version
 
 
 def _fmt_rows(rows: torch.Tensor, limit: int = 8) -> str:
@@ -113,11 +113,14 @@ class ScoredBatch:
     """Judge -> learner: a rollout batch with one scalar reward per sample."""
 
     SCHEMA = "scored_batch"
+    # fields added after schema version 1 -> the version that added them; older messages read their default
+    ADDED_FIELDS = {"judge_version": 2}
 
     rollout: RolloutBatch
     rewards: torch.Tensor  # (G*k,) float32
     judge_id: int
     timings: dict[str, float] = field(default_factory=dict)
+    judge_version: int = 0  # the judge weights that scored it: 0 = reward.judge_checkpoint, n = n-th refresh
 
     @property
     def num_samples(self) -> int:

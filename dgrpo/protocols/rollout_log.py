@@ -137,6 +137,7 @@ def summarize_rollout_log(path: str | os.PathLike) -> dict:
     versions: set[int] = set()
     workers: set[int] = set()
     judges: set[int] = set()
+    judge_versions: set[int] = set()
     num_samples = duplicates = tokens = nonfinite_logprobs = 0
     logprob_sum = 0.0
     rewards_n = nonfinite_rewards = 0
@@ -166,6 +167,7 @@ def summarize_rollout_log(path: str | os.PathLike) -> dict:
         if isinstance(msg, ScoredBatch) and rid not in scored_ids:
             scored_ids.add(rid)
             judges.add(msg.judge_id)
+            judge_versions.add(msg.judge_version)
             r = msg.rewards.double()
             finite = torch.isfinite(r)
             rewards_n += int(finite.sum())
@@ -184,6 +186,7 @@ def summarize_rollout_log(path: str | os.PathLike) -> dict:
         "policy_version_max": max(versions) if versions else None,
         "workers": sorted(workers),
         "judges": sorted(judges),
+        "judge_versions": sorted(judge_versions),
         "generated_tokens": tokens,
         "mean_logprob_per_token": logprob_sum / tokens if tokens else None,
         "nonfinite_logprobs": nonfinite_logprobs,
@@ -223,6 +226,7 @@ def format_summary(summary: dict) -> str:
         f"policy versions  {versions}",
         f"workers          {', '.join(map(str, s['workers'])) or 'none'}",
         f"judges           {', '.join(map(str, s['judges'])) or 'none'}",
+        f"judge versions   {', '.join(map(str, s['judge_versions'])) or 'none'}",
         f"generated tokens {s['generated_tokens']} (mean behaviour log-prob/token "
         f"{_num(s['mean_logprob_per_token'])})",
         f"mean reward      {_num(s['mean_reward'])} over {s['scored_samples']} scored samples",

@@ -250,35 +250,61 @@ def copy_generator_trunk(judge: Judge, generator: DiffusionLM) -> bool:
 
 class RefillPool:
     """The x > 0 windows of judge training: generator refills of train windows, reused a few
-    times each because generating them is the expensive part; refresh the oldest quarter at a time."""
+    times each because generating them is the expensive part; refresh the oldest quarter at a time.
+    A ring: draws come from the entries filled so far (judge refresh fills its buffer of policy
+    samples gradually)."""
 
     def __init__(self, size: int, T: int):
         self.tokens = torch.zeros(size, T, dtype=torch.long)
         self.x = torch.zeros(size)
         self.changed = torch.zeros(size, T, dtype=torch.uint8)  # 1 where the refill differs from the real text
         self.ptr = 0
+        self.filled = 0
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
     def replace_oldest(self, tokens: torch.Tensor, x: torch.Tensor, changed: torch.Tensor) -> None:
-        idx = (self.ptr + torch.arange(len(x))) % len(self)
-        self.tokens[idx], self.x[idx], self.changed[idx] = tokens, x, changed
-        self.ptr = (self.ptr + len(x)) % len(self)
+        """Entries go round the ring in order; adding a batch at once or in parts leaves the same pool."""
+        n = len(x)
+        keep = min(n, len(self))  # more than fit: only the newest stay, where they would have landed
+        idx = (self.ptr + n - keep + torch.arange(keep)) % len(self)
+        self.tokens[idx], self.x[idx], self.changed[idx] = tokens[n - keep:], x[n - keep:], changed[n - keep:].to(torch.uint8)
+        self.ptr = (self.ptr + n) % len(self)
+        self.filled = min(len(self), self.filled + n)
+
+    def newest(self, n: int) -> torch.Tensor:
+        """The tokens of the n most recently added entries (n <= filled)."""
+        return self.tokens[(self.ptr - 1 - torch.arange(n)) % len(self)]
 
     def draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pick = torch.randint(0, len(self), (n,), generator=generator)
+        pick = torch.randint(0, self.filled, (n,), generator=generator)
         return self.tokens[pick], self.x[pick], self.changed[pick].float()
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"tokens": self.tokens, "x": self.x, "changed": self.changed, "ptr": torch.tensor([self.ptr])}
+        return {"tokens": self.tokens, "x": self.x, "changed": self.changed, "ptr": torch.tensor([self.ptr]),
+                "filled": torch.tensor([self.filled])}
 
     def load(self, saved: dict[str, torch.Tensor]) -> bool:
         """Take a saved pool; False (and nothing changed) when it does not have this pool's shape."""
         if saved.get("tokens") is None or saved["tokens"].shape != self.tokens.shape or "changed" not in saved:
             return False
         self.tokens, self.x, self.changed, self.ptr = saved["tokens"], saved["x"], saved["changed"], int(saved["ptr"][0])
+        self.filled = int(saved["filled"][0]) if "filled" in saved else len(self)  # older pools were always full
         return True
+
+
+def judge_loss(judge: Judge, tokens: torch.Tensor, x: torch.Tensor, changed: torch.Tensor, token_loss_weight: float,
+               autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, window BCE, per-character BCE) of windows whose fraction x the generator wrote, `changed`
+    (B, T) marking the characters it replaced: BCE of the window logit against g(x), plus
+    token_loss_weight times the replaced-token BCE (see the module doc)."""
+    with autocast_context(tokens.device, autocast_dtype):
+        logits, tok_logits = judge(tokens, token_logits=True)
+    seq_loss = F.binary_cross_entropy_with_logits(logits.float(), judge_targets(x))
+    tok_loss = F.binary_cross_entropy_with_logits(tok_logits.float(), changed)
+    loss = seq_loss + token_loss_weight * tok_loss if token_loss_weight else seq_loss
+    return loss, seq_loss, tok_loss
 
 
 class JudgeTrainer:
@@ -385,13 +411,8 @@ class JudgeTrainer:
             parts.append(tokens)
             targets.append(x)
             changed.append(ch)
-        x = torch.cat(parts)
-        y = judge_targets(torch.cat(targets))
-        with autocast_context("cpu", self.autocast_dtype):
-            logits, tok_logits = self.judge(x, token_logits=True)
-        seq_loss = F.binary_cross_entropy_with_logits(logits.float(), y)
-        tok_loss = F.binary_cross_entropy_with_logits(tok_logits.float(), torch.cat(changed))
-        loss = seq_loss + cfg.token_loss_weight * tok_loss if cfg.token_loss_weight else seq_loss
+        loss, seq_loss, tok_loss = judge_loss(self.judge, torch.cat(parts), torch.cat(targets), torch.cat(changed),
+                                              cfg.token_loss_weight, self.autocast_dtype)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.judge.parameters(), cfg.grad_clip)

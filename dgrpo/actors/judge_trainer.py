@@ -1,0 +1,83 @@
+"""JudgeTrainerActor: a thin Ray shell over JudgeRefresher (judge refresh, training/judge_refresh.py).
+
+The driver forwards the policy samples of every trained step (`add_samples`) and asks
+for a new judge version every judge_refresh.publish_every steps (`refresh`); the answer
+carries the new judge's weights (which the driver broadcasts to the judge actors) and the
+trainer's whole state, from which a restarted trainer goes on (`load_state`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+
+import torch
+
+from ..config import CorpusConfig, JudgeRefreshConfig
+from ..corpus import CharTokenizer, load_corpus
+from ..precision import describe_precision, pick_device, resolve_precision
+from ..protocols import WeightSnapshot
+from ..training.judge_refresh import refresher_from_checkpoint
+
+
+class TrainerRestartedError(RuntimeError):
+    """A call reached a restarted trainer before it got its state back (load_state)."""
+
+
+class JudgeTrainerActor:
+    def __init__(self, refresh_cfg: JudgeRefreshConfig, judge_checkpoint: str, corpus_cfg: CorpusConfig, vocab: dict,
+                 seed: int = 0, precision: str = "auto", torch_threads: int = 1):
+        import ray
+        torch.set_num_threads(torch_threads)
+        device = pick_device()
+        c = corpus_cfg
+        corpus = load_corpus(c.path, c.cache_dir, c.val_fraction, tokenizer=CharTokenizer.from_dict(vocab))
+        self.refresher = refresher_from_checkpoint(judge_checkpoint, refresh_cfg, corpus, seed,
+                                                   resolve_precision(precision, device), device)
+        self.iters = refresh_cfg.iters_per_publish
+        print(f"precision: judge trainer: {describe_precision(precision, device)}", flush=True)
+        # Ray restarted this actor: it holds the initial judge until the driver sends its last state
+        with warnings.catch_warnings():  # Ray's own property reads a deprecated one of its own
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.waiting_for_state = ray.get_runtime_context().was_current_actor_reconstructed
+
+    def _check_state(self, what: str) -> None:
+        if self.waiting_for_state:
+            raise TrainerRestartedError(f"judge trainer restarted; {what} waits for load_state")
+
+    def add_samples(self, tokens: torch.Tensor, generated: torch.Tensor) -> int:
+        self._check_state("add_samples")
+        return self.refresher.add_policy_samples(tokens, generated)
+
+    def refresh(self) -> dict:
+        """Train iters_per_publish steps into the next judge version -> its weights, metrics and the full state.
+        With no policy samples yet (all dropped, or lost with a restart) it trains nothing and says so."""
+        self._check_state("refresh")
+        r = self.refresher
+        metrics = r.train(self.iters) if r.buffer.filled else {"skipped": 1.0}
+        return {"snapshot": r.snapshot(), "state": r.state(), "metrics": metrics, "version": r.version}
+
+    def publish(self) -> WeightSnapshot:
+        self._check_state("publish")
+        return self.refresher.snapshot()
+
+    def state(self) -> tuple[dict, dict]:
+        self._check_state("state")
+        return self.refresher.state()
+
+    def load_state(self, restore: tuple) -> dict:
+        """restore = (state, policy samples sent after it): the state of the last version, then the samples
+        it had not seen, in the order they were sent."""
+        t0 = time.perf_counter()
+        state, samples = restore
+        self.refresher.load_state(*state)
+        for tokens, generated in samples:
+            self.refresher.add_policy_samples(tokens, generated)
+        self.waiting_for_state = False
+        return {"version": self.refresher.version, "load_s": time.perf_counter() - t0}
+
+    def info(self) -> dict:
+        r = self.refresher
+        return {"pid": os.getpid(), "version": r.version, "buffer": r.buffer.filled, "samples_seen": r.samples_seen,
+                "iters": r.iters, "device": str(r.device)}
