@@ -198,7 +198,8 @@ def train_config(tmp_path: Path, corpus: str, generator: str, judge: str, name: 
         "sampler": {"steps": 4},
         "grpo": {"group_size": 4, "prompts_per_step": 4, "minibatch_size": 8, "lr": 3e-3},
         "judge_refresh": refresh_cfg().model_dump(),
-        "resources": {"rollout": {"num_workers": 2}, "judge": {"num_workers": 2},
+        # one precision for the judges and the rewards this test recomputes from each version's weights
+        "resources": {"rollout": {"num_workers": 2}, "judge": {"num_workers": 2, "precision": "fp32"},
                       "judge_trainer": {"max_restarts": 1}},
     })
 
