@@ -10,8 +10,12 @@ message (ScoredBatch.rollout) is its bare field map. Encoding and decoding
 follow the dataclass type hints, so the wire layout is exactly the fields of
 messages.py, and decoding restores the same dtypes and bit patterns.
 
+Messages of an older schema version decode too: the fields a later version
+added (their `since` metadata, messages.py) are absent on the wire and take
+their defaults.
+
 `decode` treats its input as untrusted: anything malformed - truncated or
-random bytes, another schema version, unknown or unexpected schemas,
+random bytes, a schema version newer than this build's, unknown or unexpected schemas,
 missing/extra fields, wrong types, arrays whose byte length disagrees with
 dtype x shape, disallowed dtypes, oversized or deeply nested data - raises
 CodecError with a message that says what is wrong.
@@ -64,9 +68,10 @@ def _kind(x: object) -> str:
 
 
 @functools.cache
-def _field_hints(cls: type) -> dict[str, object]:
+def _field_hints(cls: type, version: int = SCHEMA_VERSION) -> dict[str, object]:
+    """The fields of `cls` on the wire of schema `version`, with their type hints."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.metadata.get("since", 1) <= version}
 
 
 class _Budget:
@@ -202,7 +207,7 @@ def _decode_array(wire: object, where: str, budget: _Budget) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype).reshape(shape).copy()  # copy: writable, owns its memory
 
 
-def _decode_value(hint: object, wire: object, where: str, budget: _Budget) -> object:
+def _decode_value(hint: object, wire: object, where: str, budget: _Budget, version: int) -> object:
     if hint is int:
         if isinstance(wire, bool) or not isinstance(wire, int):
             raise CodecError(f"{where} must be an int, got {_kind(wire)}")
@@ -214,7 +219,7 @@ def _decode_value(hint: object, wire: object, where: str, budget: _Budget) -> ob
     if hint is torch.Tensor:
         return torch.from_numpy(_decode_array(wire, where, budget))
     if hint in _REGISTRY.values():
-        return _decode_fields(hint, wire, where, budget)
+        return _decode_fields(hint, wire, where, budget, version)
     if typing.get_origin(hint) is dict:
         _, value_hint = typing.get_args(hint)
         if not isinstance(wire, dict):
@@ -226,21 +231,21 @@ def _decode_value(hint: object, wire: object, where: str, budget: _Budget) -> ob
             if value_hint is np.ndarray:
                 out[k] = _decode_array(v, f"{where}[{k!r}]", budget)
             else:
-                out[k] = _decode_value(value_hint, v, f"{where}[{k!r}]", budget)
+                out[k] = _decode_value(value_hint, v, f"{where}[{k!r}]", budget, version)
         return out
     raise TypeError(f"codec has no wire format for type hint {hint!r} at {where}")  # a bug in messages.py
 
 
-def _decode_fields(cls: type, wire: object, where: str, budget: _Budget) -> object:
+def _decode_fields(cls: type, wire: object, where: str, budget: _Budget, version: int) -> object:
     if not isinstance(wire, dict):
         raise CodecError(f"{where}: expected a map of fields, got {_kind(wire)}")
-    hints = _field_hints(cls)
+    hints = _field_hints(cls, version)
     missing = [name for name in hints if name not in wire]
     extra = [str(k) for k in wire if k not in hints]
     if missing or extra:
         raise CodecError(f"{where}: missing fields {missing}, unexpected fields {extra}; "
                          "sender and receiver run different dgrpo builds, or the data is corrupt")
-    return cls(**{name: _decode_value(hint, wire[name], f"{where}.{name}", budget)
+    return cls(**{name: _decode_value(hint, wire[name], f"{where}.{name}", budget, version)
                   for name, hint in hints.items()})
 
 
@@ -269,13 +274,13 @@ def decode(data: bytes, expected: type | None = None) -> object:
         raise CodecError(f"not a dgrpo message: top-level keys are {sorted(map(str, obj))}, "
                          f"expected {sorted(_ENVELOPE_KEYS)}")
     schema, version = obj["schema"], obj["version"]
-    if not isinstance(version, int) or isinstance(version, bool) or version != SCHEMA_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= SCHEMA_VERSION:
         raise CodecError(f"{schema!r:.60} message written by schema version {version!r:.20}, this build reads "
-                         f"version {SCHEMA_VERSION}; upgrade/downgrade dgrpo or re-generate the file")
+                         f"versions 1 to {SCHEMA_VERSION}; upgrade dgrpo or re-generate the file")
     cls = _REGISTRY.get(schema) if isinstance(schema, str) else None
     if cls is None:
         raise CodecError(f"unknown message schema {schema!r:.60}; this build knows {sorted(_REGISTRY)}")
     if expected is not None and cls is not expected:
         raise CodecError(f"expected a {expected.__name__} ({expected.SCHEMA!r}) message, "
                          f"got a {cls.__name__} ({cls.SCHEMA!r})")
-    return _decode_fields(cls, obj["data"], cls.__name__, _Budget())
+    return _decode_fields(cls, obj["data"], cls.__name__, _Budget(), version)

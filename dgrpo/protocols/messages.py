@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""The wire version this build writes. It reads every version from 1 up: a field added by a later
+version carries `metadata={"since": version}` and takes its default in messages of older versions.
+
+    2: ScoredBatch.member_rewards (the rewards of each judge of an ensemble)
+"""
 
 
 def _fmt_rows(rows: torch.Tensor, limit: int = 8) -> str:
@@ -118,6 +123,9 @@ class ScoredBatch:
     rewards: torch.Tensor  # (G*k,) float32
     judge_id: int
     timings: dict[str, float] = field(default_factory=dict)
+    # (M, G*k) float32: the reward of each of the M members the reward combines (one row unless an
+    # ensemble); empty in batches of schema version 1, which did not record it
+    member_rewards: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0), metadata={"since": 2})
 
     @property
     def num_samples(self) -> int:
@@ -126,6 +134,12 @@ class ScoredBatch:
     def validate(self) -> None:
         self.rollout.validate()
         _check_tensor("ScoredBatch.rewards", self.rewards, torch.float32, (self.num_samples,))
+        if self.member_rewards.numel():
+            _check_tensor("ScoredBatch.member_rewards", self.member_rewards, torch.float32,
+                          (self.member_rewards.shape[0], self.num_samples))
+            if not bool(torch.isfinite(self.member_rewards).all()):
+                raise ValueError(f"ScoredBatch.member_rewards has NaN/inf (judge {self.judge_id}, request "
+                                 f"{self.rollout.request_id})")
         bad = ~torch.isfinite(self.rewards)
         if bool(bad.any()):
             raise ValueError(f"reward returned NaN/inf at rows {_fmt_rows(bad.nonzero())} "
