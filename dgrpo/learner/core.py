@@ -9,11 +9,15 @@ One `train(batches)` call is one GRPO step:
 3. Without gradients: the reference policy's log-probs on those tokens, and, if
    `old_logprob = "recompute"`, the current policy's (then the rollout's
    behaviour log-probs only enter through a truncated importance weight).
-4. For `epochs` passes over shuffled minibatches of samples: replay the rows
-   with gradients, per-token ratio exp(logp - logp_old), PPO-clip surrogate,
-   KL(policy || reference) on the same tokens, weights fixed by the loss
-   aggregation, backward chunk by chunk, clip the gradient norm, AdamW step.
-5. The weights are now version v + 1.
+   From them the KL per sequence of the step's samples (`kl_seq`, all groups),
+   which the KL budget (`kl_target`, kl_control.py) steers kl_coef by.
+4. For `epochs` passes over shuffled minibatches of the samples of groups with
+   signal: replay the rows with gradients, per-token ratio exp(logp - logp_old),
+   PPO-clip surrogate, KL(policy || reference) on the same tokens, weights fixed
+   by the loss aggregation, backward chunk by chunk, clip the gradient norm,
+   AdamW step.
+5. The weights are now version v + 1; every `reference_reset_every` steps the
+   reference becomes a copy of them.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from ..models.trajectory import ReplayRows, replay_rows, row_logprobs, trajectory_logprobs
 from ..protocols import ScoredBatch, WeightSnapshot
 from . import grpo
+from .kl_control import AdaptiveKLController
 
 
 @dataclass
@@ -89,6 +94,13 @@ class LearnerCore:
         self.generator = torch.Generator().manual_seed(seed)
         self.version = 0
         self.step = 0
+        self.kl_controller = (AdaptiveKLController(grpo_cfg.kl_coef, grpo_cfg.kl_target, grpo_cfg.kl_horizon)
+                              if grpo_cfg.kl_target is not None else None)
+        self.reference_resets = 0
+
+    @property
+    def kl_coef(self) -> float:
+        return self.kl_controller.coef if self.kl_controller is not None else self.cfg.kl_coef
 
     # -- weights ---------------------------------------------------------
     def snapshot(self) -> WeightSnapshot:
@@ -112,17 +124,8 @@ class LearnerCore:
             "num_groups": float(len(zero_std)), "group_size": float(k),
             "staleness_mean": float(data.staleness.float().mean()), "staleness_max": float(data.staleness.max()),
         }
-        if not bool(keep.any()):
-            metrics.update(skipped_update=1.0, learn_s=time.perf_counter() - t0)
-            self.step += 1
-            return metrics
         dev = self.device
-        tokens, reveal = data.tokens[keep].to(dev), data.reveal_step[keep].to(dev)
-        behaviour, adv = data.behaviour[keep].to(dev), advantages[keep].to(dev)
-        n = tokens.shape[0]
-        metrics.update({f"adv_{k_}": v for k_, v in
-                        grpo.masked_moments(adv, torch.ones_like(adv, dtype=torch.bool)).items()})
-
+        tokens, reveal, behaviour = data.tokens.to(dev), data.reveal_step.to(dev), data.behaviour.to(dev)
         rows = replay_rows(reveal, data.steps, cfg.replay_steps, self.generator)
         mask = revealed_mask(reveal, rows, data.steps)
         sampling = dict(temperature=data.temperature, top_k=data.top_k, top_p=data.top_p)
@@ -142,7 +145,31 @@ class LearnerCore:
                 metrics["tis_mean"] = float(grpo.masked_mean(tis, mask))
             else:
                 old_lp, tis = behaviour, torch.ones_like(behaviour)
+            # pi_old's KL to the reference on every sample of the step, before the update
+            kl_seq = grpo.sequence_kl_k1(old_lp, ref_lp, mask, (reveal >= 0).sum(dim=1))
         metrics["ref_replay_s"] = time.perf_counter() - t_ref
+        kl_coef = self.kl_coef
+        metrics.update(kl_seq=float(kl_seq.mean()), kl_coef=kl_coef)
+        if self.kl_controller is not None:
+            self.kl_controller.update(metrics["kl_seq"], self.step)
+        if not bool(keep.any()):
+            metrics.update(skipped_update=1.0)
+            self.end_step(metrics)
+            metrics["learn_s"] = time.perf_counter() - t0
+            return metrics
+
+        # the update sees only the groups with signal
+        kept = keep.nonzero().flatten().to(dev)
+        position = torch.full((len(keep),), -1, dtype=torch.long, device=dev)
+        position[kept] = torch.arange(len(kept), device=dev)
+        rows_kept = keep.to(dev)[rows.sample_idx]
+        rows = ReplayRows(position[rows.sample_idx[rows_kept]], rows.step_idx[rows_kept])
+        tokens, reveal, behaviour, mask = tokens[kept], reveal[kept], behaviour[kept], mask[kept]
+        ref_lp, old_lp, tis = ref_lp[kept], old_lp[kept], tis[kept]
+        adv = advantages.to(dev)[kept]
+        n = tokens.shape[0]
+        metrics.update({f"adv_{k_}": v for k_, v in
+                        grpo.masked_moments(adv, torch.ones_like(adv, dtype=torch.bool)).items()})
 
         sums = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "ratio": 0.0, "clipped": 0.0, "tokens": 0.0}
         ratio_max, grad_norms, first_ratio_dev = 0.0, [], 0.0
@@ -166,7 +193,7 @@ class LearnerCore:
                     ratio = grpo.token_ratio(new_lp, old_lp[sel])
                     pg, clipped = grpo.clipped_surrogate(ratio, adv[sel][:, None], cfg.clip_eps, cfg.clip_eps_high)
                     kl = grpo.kl_penalty(new_lp, ref_lp[sel], cfg.kl_estimator)
-                    per_token = tis[sel] * pg + cfg.kl_coef * kl
+                    per_token = tis[sel] * pg + kl_coef * kl
                     w = weights[sel] * targets
                     loss = torch.where(targets, w * per_token, torch.zeros_like(per_token)).sum()
                     loss.backward()
@@ -201,18 +228,37 @@ class LearnerCore:
             "skipped_update": 0.0,
         })
         self.version += 1
-        self.step += 1
+        self.end_step(metrics)
         metrics["learn_s"] = time.perf_counter() - t0
         return metrics
+
+    def end_step(self, metrics: dict) -> None:
+        """Count the step; reset the reference when due."""
+        self.step += 1
+        every = self.cfg.reference_reset_every
+        if every is not None and self.step % every == 0:
+            self.reference.load_state_dict(self.policy.state_dict())
+            self.reference_resets += 1
+        metrics["reference_resets"] = float(self.reference_resets)
 
     # -- state for checkpoints -------------------------------------------
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return {"reference": {k: v.detach().cpu() for k, v in self.reference.state_dict().items()},
                 "learner_rng": {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}}
 
+    def state_scalars(self) -> dict:
+        """What a checkpoint's manifest holds of the learner besides its tensors."""
+        return {"reference_resets": self.reference_resets,
+                "kl_controller": self.kl_controller.state_dict() if self.kl_controller is not None else None}
+
     def load_state(self, reference: dict[str, torch.Tensor], rng: dict[str, torch.Tensor],
-                   version: int, step: int) -> None:
+                   version: int, step: int, scalars: dict | None = None) -> None:
         self.reference.load_state_dict(reference)
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
         self.version, self.step = version, step
+        scalars = scalars or {}
+        self.reference_resets = int(scalars.get("reference_resets", 0))
+        saved = scalars.get("kl_controller")
+        if self.kl_controller is not None and saved is not None:
+            self.kl_controller.load_state_dict(saved)
