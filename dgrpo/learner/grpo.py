@@ -203,8 +203,8 @@ def sequence_kl_k1(logp: Tensor, ref_logp: Tensor, mask: Tensor, revealed: Tenso
 
     ``mask`` (B, T) marks the tokens whose log-probs were computed and ``revealed`` (B,) counts each
     sample's revealed tokens; when the mask covers only some of them (a subsample of the steps was
-    replayed), the sum is scaled by revealed / masked tokens, an estimate of the full sum. A sample
-    without masked tokens counts 0.
+    replayed), the sum is scaled by revealed / masked tokens: a ratio estimate of the full sum, not the
+    sum itself. A sample without masked tokens counts 0.
     """
     m = mask != 0
     per_sample = torch.where(m, logp - ref_logp, torch.zeros((), dtype=logp.dtype, device=logp.device)).sum(dim=1)
