@@ -167,7 +167,7 @@ class RewardConfig(Section):
             if len(set(self.judge_checkpoints)) != len(self.judge_checkpoints):
                 raise ValueError("reward.judge_checkpoints names a judge twice; an ensemble needs distinct judges "
                                  "(trained with different seeds)")
-        elif {"ensemble", "ensemble_std_coef"} & self.model_fields_set:
+        elif self.ensemble != "mean" or self.ensemble_std_coef != 1.0:
             raise ValueError("reward.ensemble and reward.ensemble_std_coef combine the judges of "
                              "reward.judge_checkpoints; set that list (two or more judges) or drop them")
         if self.kind == "char_frequency" and not self.chars:

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dgrpo.config import RewardConfig, TrainConfig, load_config
+from dgrpo.config import RewardConfig, TrainConfig, load_config, to_dict
 from dgrpo.corpus import CharTokenizer, VocabularyError
 from dgrpo.errors import ConfigError
 from dgrpo.models.checkpoint import save_checkpoint
@@ -248,12 +248,20 @@ def test_ensemble_members_must_agree(tmp_path):
     ({"judge_checkpoints": ["b", "b"]}, "names a judge twice"),
     ({"judge_checkpoint": "a", "ensemble": "min"}, "combine the judges of reward.judge_checkpoints"),
     ({"judge_checkpoint": "a", "ensemble_std_coef": 2.0}, "combine the judges of reward.judge_checkpoints"),
+    ({"kind": "char_frequency", "ensemble": "min"}, "combine the judges of reward.judge_checkpoints"),
     ({}, "needs reward.judge_checkpoint"),
 ])
 def test_ensemble_config_errors(fields, message):
     overrides = [f"reward.{k}={v}" for k, v in fields.items()]
     with pytest.raises(ConfigError, match=message):
         load_config(TrainConfig, overrides=["reward.kind=judge", *overrides])
+
+
+def test_configs_round_trip_through_their_dicts():
+    """Checkpoints and Tune trials store a config as its full dict and validate it again."""
+    for cfg in (TrainConfig(), load_config(TrainConfig, overrides=[
+            "reward.kind=judge", "reward.judge_checkpoints=[a,b]", "reward.ensemble=min"])):
+        assert TrainConfig.model_validate(to_dict(cfg)) == cfg
 
 
 def test_ensemble_config_paths():

@@ -35,7 +35,8 @@ from ..actors.judge import JudgeWorker
 from ..actors.learner import LearnerActor
 from ..actors.rollout import RolloutWorker, StaleWorkerError
 from ..config import TrainConfig, to_dict, to_yaml
-from ..corpus import CharTokenizer, PromptStream, check_length, fixed_windows, load_corpus, make_prompts
+from ..corpus import (CharTokenizer, PromptStream, VocabularyError, check_length, fixed_windows, load_corpus,
+                      make_prompts)
 from ..errors import RunError
 from ..evaluation.evaluate import sequence_kl
 from ..models.checkpoint import CheckpointError, load_checkpoint
@@ -70,7 +71,10 @@ def initial_policy(cfg: TrainConfig):
 def check_judge_vocabulary(cfg: TrainConfig, tokenizer: CharTokenizer, length: int) -> None:
     for path in cfg.reward.judge_paths:
         judge = load_checkpoint(path, expect_kind="judge")
-        CharTokenizer.from_dict(judge.vocab).check_same(tokenizer, f"judge {path} vs generator")
+        try:
+            CharTokenizer.from_dict(judge.vocab).check_same(tokenizer, "judge vs generator")
+        except VocabularyError as e:
+            raise VocabularyError(f"{path}: {e}") from None
         if judge.model_config.block_size < length:
             raise RunError(f"the judge {path} scores windows of at most {judge.model_config.block_size} characters "
                            f"but prompts are {length} long; set prompts.length <= {judge.model_config.block_size}")
