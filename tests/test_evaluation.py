@@ -321,7 +321,8 @@ def test_evaluate_scores_the_proxy_with_an_ensemble(tmp_path, checkpoints):
     assert mean["checkpoints"]["proxy_judge"] == [c["member_a"], c["member_b"]]
     assert mean["proxy_ensemble"] == {"members": 2, "mode": "mean", "std_coef": 1.0, "std": "sample (divisor M - 1)"}
     mean_row = mean["rows"][0]
-    assert mean_row["proxy_reward"]["mean"] == pytest.approx((a["proxy_reward"]["mean"] + b["proxy_reward"]["mean"]) / 2)
+    members_mean = (a["proxy_reward"]["mean"] + b["proxy_reward"]["mean"]) / 2
+    assert mean_row["proxy_reward"]["mean"] == pytest.approx(members_mean)
     assert mean_row["proxy_disagreement"]["mean"] > 0
     assert mms["proxy_reward"]["mean"] == pytest.approx(mean_row["proxy_reward"]["mean"]
                                                        - 2 * mms["proxy_disagreement"]["mean"])

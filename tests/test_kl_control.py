@@ -19,14 +19,14 @@ import torch
 from dgrpo.actors.judge import JudgeWorker
 from dgrpo.actors.learner import LearnerActor
 from dgrpo.actors.rollout import RolloutWorker
-from dgrpo.config import GRPOConfig, RewardConfig, SamplerConfig, TrainConfig
+from dgrpo.config import GRPOConfig, RewardConfig, SamplerConfig, TrainConfig, load_config
 from dgrpo.corpus import CharTokenizer
 from dgrpo.errors import ConfigError
-from dgrpo.config import load_config
-from dgrpo.learner.core import LearnerCore
+from dgrpo.learner.core import LearnerCore, revealed_mask, stack_batches
 from dgrpo.learner.grpo import sequence_kl_k1
 from dgrpo.learner.kl_control import AdaptiveKLController
 from dgrpo.models.diffusion import DiffusionLM
+from dgrpo.models.trajectory import replay_rows, trajectory_logprobs
 from dgrpo.models.transformer import preset_config
 from dgrpo.protocols import RolloutRequest, WeightSnapshot
 
@@ -131,8 +131,6 @@ def test_replay_subsample_gives_an_estimate_of_the_kl():
     judge = JudgeWorker(0, RewardConfig(kind="char_frequency", chars="e"), TOK.to_dict())
     batch = judge.score(worker.generate(RolloutRequest(request_id=99, prompts=torch.full((4, LENGTH), TOK.mask_id),
                                                        group_size=8, seed=5)))
-    from dgrpo.learner.core import revealed_mask, stack_batches
-    from dgrpo.models.trajectory import replay_rows, trajectory_logprobs
     data = stack_batches([batch], 0)
     revealed = (data.reveal_step >= 0).sum(1)
     sampling = dict(temperature=data.temperature, top_k=data.top_k, top_p=data.top_p)

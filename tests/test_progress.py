@@ -24,7 +24,8 @@ def test_the_line_holds_step_reward_kl_pace_staleness_and_eta():
 def test_the_line_shows_the_kl_budget_and_the_best_checkpoint():
     record = {**RECORD, "kl_seq": 3.2149, "kl_coef": 0.0412}
     assert "  kl 0.0213 (3.21/seq, coef 0.0412)  5.70 steps/min" in step_line(record, 50, 130.0)
-    evaluated = {**record, "eval_reward_mean": 0.5311, "eval_reward_stderr": 0.0184, "eval_kl_seq": 2.904, "best_step": 10}
+    evaluated = {**record, "eval_reward_mean": 0.5311, "eval_reward_stderr": 0.0184, "eval_kl_seq": 2.904,
+                 "best_step": 10}
     assert "  eval 0.531 ± 0.018 (KL 2.90/seq, best step 10)  ETA" in step_line(evaluated, 50, 130.0)
     out = io.StringIO()
     ProgressPrinter(50, out=out).best({"checkpoint": "runs/x/checkpoints/step_000010", "step": 10,

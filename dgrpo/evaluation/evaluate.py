@@ -284,8 +284,8 @@ class Evaluator:
                        f"the gold judge {opts.gold} is the selection judge of {p.path}'s run, so it chose which "
                        f"checkpoints were kept; use a judge that neither training nor selection saw")
             _check(gold not in {Path(r).resolve() for r in rewards if r},
-                   f"the gold judge {opts.gold} is the proxy judge (or a member of the proxy ensemble, or a reward judge "
-                   f"of an evaluated run); "
+                   f"the gold judge {opts.gold} is the proxy judge (or a member of the proxy ensemble, or a reward "
+                   f"judge of an evaluated run); "
                    f"train one independently (dgrpo judge train --set seed=... --out ...)")
             self.gold, gold_ckpt = _judge(opts.gold, "gold", self.tokenizer, self.length)
             gold_seed = (gold_ckpt.config or {}).get("seed")

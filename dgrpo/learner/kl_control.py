@@ -8,8 +8,9 @@ measurement of the KL,
 
 with n the steps since the previous update (at most `horizon`, so a long gap cannot take the factor to 0 or
 below). The coefficient grows while the KL is above the target and shrinks while it is below; the clip
-bounds each move to a factor 1 +- 0.2 n / horizon, so one noisy measurement cannot swing it. Pure Python: the learner feeds it the KL it measures each step and saves
-its state with its checkpoint.
+bounds each move to a factor 1 +- 0.2 n / horizon, so one noisy measurement cannot swing it.
+Pure Python: the learner feeds it the KL it measures each step and saves its state with its
+checkpoint.
 """
 
 from __future__ import annotations

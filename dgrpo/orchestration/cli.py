@@ -216,7 +216,8 @@ def _int_list(text: str | None, flag: str) -> list[int]:
 @click.option("--run", "runs", multiple=True, type=click.Path(),
               help="a GRPO run directory: every checkpoint under RUN/checkpoints; repeatable")
 @click.option("--best", "best_only", is_flag=True,
-              help="with --run: only each run's best checkpoint on its held-out selection measure (checkpoints/best.json)")
+              help="with --run: only each run's best checkpoint on its held-out selection measure "
+                   "(checkpoints/best.json)")
 @click.option("--generator", type=click.Path(), default=None,
               help="base generator (default: the first policy's stored reference)")
 @click.option("--best-of", default=None, help="best-of-N from the base generator, e.g. 1,2,4,8,16,32,64")
@@ -225,7 +226,8 @@ def _int_list(text: str | None, flag: str) -> list[int]:
               help="proxy judge; repeat it for an ensemble (default: the run's reward judge or judges)")
 @click.option("--ensemble", type=click.Choice(["mean", "mean_minus_std", "min"]), default=None,
               help="how an ensemble of --judge combines (default: the run's reward.ensemble, else mean)")
-@click.option("--ensemble-std-coef", type=float, default=None, help="lambda of mean_minus_std (default: the run's, else 1)")
+@click.option("--ensemble-std-coef", type=float, default=None,
+              help="lambda of mean_minus_std (default: the run's, else 1)")
 @click.option("--gold", type=click.Path(), default=None, help="gold judge, trained independently of the proxy")
 @click.option("--lm", "lm_ckpt", type=click.Path(), default=None, help="`dgrpo lm train` checkpoint")
 @click.option("--prompts", default=64, show_default=True, help="held-out prompts (validation windows)")

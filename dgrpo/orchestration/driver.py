@@ -50,8 +50,8 @@ from .cluster import connect, make_actor
 from .groups import ActorLost, ActorManager
 from .metrics import MetricsLogger, truncate_jsonl
 from .progress import ProgressPrinter
-from .rundir import (BEST_POINTER, checkpoint_path, find_checkpoints, keep_last_checkpoints, remove_partial_checkpoints,
-                     truncate_rollout_log, write_best)
+from .rundir import (BEST_POINTER, checkpoint_path, find_checkpoints, keep_last_checkpoints,
+                     remove_partial_checkpoints, truncate_rollout_log, write_best)
 
 # the held-out value each run.selection ranks evaluations by
 SELECTION_KEYS = {"eval_reward": "eval_reward_mean", "selection_judge": "eval_selection_reward_mean"}

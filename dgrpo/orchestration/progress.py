@@ -6,7 +6,9 @@ step reads the same in a terminal and in a log. When steps come faster than one 
 `interval_s`, only a line every `interval_s` is printed (evaluations and the last step
 always are), so fast runs do not flood the log.
 
-    step 12/50  reward 0.412  kl 0.0213 (3.21/seq, coef 0.04)  5.70 steps/min  staleness 0.00  eval 0.531 ± 0.018 (KL 2.90/seq, best step 10)  ETA 6m40s
+    step 12/50  reward 0.412  kl 0.0213 (3.21/seq, coef 0.04)  5.70 steps/min  staleness 0.00  ETA 6m40s
+    step 20/50  reward 0.455  kl 0.0251 (3.84/seq, coef 0.041)  5.70 steps/min  staleness 0.00  \
+        eval 0.531 ± 0.018 (KL 2.90/seq, best step 10)  ETA 5m16s
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def step_line(record: dict, total_steps: int, elapsed_s: float, max_minutes: flo
     if "kl_seq" in record:
         kl += f" ({record['kl_seq']:.2f}/seq, coef {_number(record, 'kl_coef', '.3g')})"
     parts = [f"{prefix}step {step}/{total_steps}", f"reward {_number(record, 'reward_mean', '.3f')}", kl,
-             f"{_number(record, 'steps_per_min', '.2f')} steps/min", f"staleness {_number(record, 'staleness_mean', '.2f')}"]
+             f"{_number(record, 'steps_per_min', '.2f')} steps/min",
+             f"staleness {_number(record, 'staleness_mean', '.2f')}"]
     if "eval_reward_mean" in record:
         stderr = record.get("eval_reward_stderr")
         text = f"eval {record['eval_reward_mean']:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "")
