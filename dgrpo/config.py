@@ -140,18 +140,46 @@ class GeneratorConfig(Section):
 
 class RewardConfig(Section):
     kind: Literal["judge", "char_frequency", "regex"] = "judge"
-    judge_checkpoint: Optional[str] = None
+    judge_checkpoint: Optional[str] = Field(None, description="the judge (a `dgrpo judge train --out` directory)")
+    judge_checkpoints: Optional[list[str]] = Field(None, description=(
+        "an ensemble instead of judge_checkpoint: two or more judges (trained with different seeds), "
+        "combined by reward.ensemble"))
+    ensemble: Literal["mean", "mean_minus_std", "min"] = Field("mean", description=(
+        "how the members' rewards combine: their mean, mean - ensemble_std_coef * std (sample std over "
+        "members), or the minimum (worst case)"))
+    ensemble_std_coef: float = Field(1.0, ge=0, description="lambda of mean_minus_std")
     chars: str = Field("e", description="char_frequency: characters whose frequency is the reward")
     pattern: str = Field(r"\b(the|and|to|of)\b", description="regex: pattern whose match count is rewarded")
     normalize: bool = Field(True, description="regex: divide match count by text length")
 
     @model_validator(mode="after")
     def _judge_needs_checkpoint(self):
-        if self.kind == "judge" and not self.judge_checkpoint:
-            raise ValueError("reward.kind 'judge' needs reward.judge_checkpoint (a `dgrpo judge train --out` directory)")
+        if self.kind == "judge" and not self.judge_checkpoint and not self.judge_checkpoints:
+            raise ValueError("reward.kind 'judge' needs reward.judge_checkpoint (a `dgrpo judge train --out` directory)"
+                             " or reward.judge_checkpoints (an ensemble)")
+        if self.judge_checkpoint and self.judge_checkpoints:
+            raise ValueError("set reward.judge_checkpoint (one judge) or reward.judge_checkpoints (an ensemble), "
+                             "not both")
+        if self.judge_checkpoints is not None:
+            if len(self.judge_checkpoints) < 2:
+                raise ValueError("reward.judge_checkpoints is an ensemble of at least two judges; for one judge "
+                                 "set reward.judge_checkpoint")
+            if len(set(self.judge_checkpoints)) != len(self.judge_checkpoints):
+                raise ValueError("reward.judge_checkpoints names a judge twice; an ensemble needs distinct judges "
+                                 "(trained with different seeds)")
+        elif self.ensemble != "mean" or self.ensemble_std_coef != 1.0:
+            raise ValueError("reward.ensemble and reward.ensemble_std_coef combine the judges of "
+                             "reward.judge_checkpoints; set that list (two or more judges) or drop them")
         if self.kind == "char_frequency" and not self.chars:
             raise ValueError("reward.chars must name at least one character")
         return self
+
+    @property
+    def judge_paths(self) -> list[str]:
+        """The judge checkpoints of a judge reward: one, or the ensemble's members ([] for other kinds)."""
+        if self.kind != "judge":
+            return []
+        return list(self.judge_checkpoints) if self.judge_checkpoints else [self.judge_checkpoint]
 
 
 class PromptConfig(Section):
@@ -168,7 +196,7 @@ class GRPOConfig(Section):
     skip_zero_std_groups: bool = True
     clip_eps: float = Field(0.2, gt=0)
     clip_eps_high: Optional[float] = Field(None, gt=0, description="asymmetric upper clip; None = clip_eps")
-    kl_coef: float = Field(0.04, ge=0)
+    kl_coef: float = Field(0.04, ge=0, description="beta of the KL penalty (the start value when kl_target is set)")
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     epochs: int = Field(1, ge=1, description="inner epochs (mu) over each batch")
@@ -184,6 +212,21 @@ class GRPOConfig(Section):
     replay_steps: Optional[int] = Field(None, ge=1, description="replay this many random steps per sample "
                                                                 "(None = all: exact)")
     replay_rows_per_chunk: int = Field(256, ge=1)
+    kl_target: Optional[float] = Field(None, gt=0, description=(
+        "KL budget: nats per sequence (the unit of `dgrpo evaluate`) that an adaptive kl_coef holds the policy "
+        "near, measured each step on the step's samples; None = kl_coef stays fixed"))
+    kl_horizon: float = Field(10.0, ge=1, description=(
+        "steps of the adaptive kl_coef: each step it moves by a factor 1 + e / kl_horizon, "
+        "e = clip(kl / kl_target - 1, -0.2, 0.2)"))
+    reference_reset_every: Optional[int] = Field(None, ge=1, description=(
+        "every this many steps the frozen reference becomes a copy of the current policy; None = never"))
+
+    @model_validator(mode="after")
+    def _kl_target_needs_a_coefficient(self):
+        if self.kl_target is not None and self.kl_coef == 0:
+            raise ValueError("grpo.kl_target adapts kl_coef by factors, which cannot move it away from 0; "
+                             "set grpo.kl_coef > 0 as its start value")
+        return self
 
 
 class RoleResources(Section):
@@ -235,7 +278,16 @@ class RunConfig(Section):
     eval_prompts: int = Field(32, ge=1)
     eval_seed: int = 1234
     checkpoint_every: int = Field(25, ge=1)
-    keep_checkpoints: int = Field(3, ge=1)
+    keep_checkpoints: int = Field(3, ge=1, description="the newest checkpoints kept, besides the best one")
+    selection: Literal["eval_reward", "selection_judge", "none"] = Field("eval_reward", description=(
+        "the held-out measure that picks checkpoints/best at each evaluation: the proxy reward of the "
+        "held-out samples, or run.selection_judge's reward of them; never the final report's gold judge"))
+    selection_judge: Optional[str] = Field(None, description=(
+        "judge checkpoint of selection=selection_judge: trained with a seed of its own, neither a reward judge "
+        "nor the gold judge of `dgrpo evaluate`"))
+    selection_kl_max: Optional[float] = Field(None, gt=0, description=(
+        "evaluations whose held-out samples' KL to the starting generator exceeds this (nats per sequence) "
+        "cannot become the best checkpoint"))
     log_rollouts: bool = False
     actor_timeout_s: float = Field(300.0, gt=0)
     max_worker_failures: int = Field(10, ge=0, description="stop the run after this many actor deaths")
@@ -289,11 +341,25 @@ class TrainConfig(Section):
     resources: ResourcesConfig = ResourcesConfig()
 
     @model_validator(mode="after")
-    def _refresh_needs_a_judge(self):
+    def _checks(self):
+        run = self.run
+        if run.selection == "selection_judge" and not run.selection_judge:
+            raise ValueError("run.selection 'selection_judge' needs run.selection_judge (a judge checkpoint trained "
+                             "with its own seed)")
+        if run.selection_judge and run.selection != "selection_judge":
+            raise ValueError("run.selection_judge is only used with run.selection=selection_judge; set that too "
+                             "or drop run.selection_judge")
+        if run.selection_judge and Path(run.selection_judge).resolve() in {
+                Path(p).resolve() for p in self.reward.judge_paths}:
+            raise ValueError(f"run.selection_judge {run.selection_judge} is a reward judge; selection needs a judge "
+                             "the policy is not trained against (train one with another seed)")
         if self.judge_refresh.enabled and self.reward.kind != "judge":
             raise ValueError(f"judge_refresh.enabled trains a learned judge, but reward.kind is "
                              f"{self.reward.kind!r}; set reward.kind=judge with reward.judge_checkpoint, "
                              f"or judge_refresh.enabled=false")
+        if self.judge_refresh.enabled and self.reward.judge_checkpoints:
+            raise ValueError("judge_refresh trains one judge, but reward.judge_checkpoints is an ensemble; use "
+                             "reward.judge_checkpoint, or judge_refresh.enabled=false")
         return self
 
 

@@ -232,12 +232,19 @@ def _int_list(text: str | None, flag: str) -> list[int]:
               help="GRPO checkpoint (weights + its stored reference); repeatable")
 @click.option("--run", "runs", multiple=True, type=click.Path(),
               help="a GRPO run directory: every checkpoint under RUN/checkpoints; repeatable")
+@click.option("--best", "best_only", is_flag=True,
+              help="with --run: only each run's best checkpoint on its held-out selection measure "
+                   "(checkpoints/best.json)")
 @click.option("--generator", type=click.Path(), default=None,
               help="base generator (default: the first policy's stored reference)")
 @click.option("--best-of", default=None, help="best-of-N from the base generator, e.g. 1,2,4,8,16,32,64")
 @click.option("--pool", type=int, default=None, help="best-of-N pool per prompt (default: the largest N)")
-@click.option("--judge", "judge_ckpt", type=click.Path(), default=None,
-              help="proxy judge (default: the run's reward.judge_checkpoint)")
+@click.option("--judge", "judge_ckpts", multiple=True, type=click.Path(),
+              help="proxy judge; repeat it for an ensemble (default: the run's reward judge or judges)")
+@click.option("--ensemble", type=click.Choice(["mean", "mean_minus_std", "min"]), default=None,
+              help="how an ensemble of --judge combines (default: the run's reward.ensemble, else mean)")
+@click.option("--ensemble-std-coef", type=float, default=None,
+              help="lambda of mean_minus_std (default: the run's, else 1)")
 @click.option("--gold", type=click.Path(), default=None, help="gold judge, trained independently of the proxy")
 @click.option("--lm", "lm_ckpt", type=click.Path(), default=None, help="`dgrpo lm train` checkpoint")
 @click.option("--prompts", default=64, show_default=True, help="held-out prompts (validation windows)")
@@ -258,20 +265,30 @@ def _int_list(text: str | None, flag: str) -> list[int]:
 @click.option("--threads", type=int, default=None)
 @click.option("--out", required=True, type=click.Path(), help="JSON file")
 @friendly
-def evaluate_cmd(policies, runs, generator, best_of, pool, judge_ckpt, gold, lm_ckpt, prompts, samples_per_prompt,
-                 seed, corpus_path, prompt_kind, mask_fraction, length, steps, temperature, top_k, top_p, order,
-                 precision, chunk, threads, out):
+def evaluate_cmd(policies, runs, best_only, generator, best_of, pool, judge_ckpts, ensemble, ensemble_std_coef, gold,
+                 lm_ckpt, prompts, samples_per_prompt, seed, corpus_path, prompt_kind, mask_fraction, length, steps,
+                 temperature, top_k, top_p, order, precision, chunk, threads, out):
     """Gold evaluation: proxy and gold reward, LM bits/char, diversity and KL per sequence, with s.e."""
     from ..evaluation import EvaluateOptions, evaluate, format_report
+    from .rundir import find_checkpoints, read_best
+    if best_only and not runs:
+        raise ConfigError("--best picks the best checkpoint of each --run directory; pass --run DIR")
     policies = list(policies)
     for run in runs:
-        found = sorted((Path(run) / "checkpoints").glob("step_*"))  # as driver.find_checkpoints, without Ray
+        found = find_checkpoints(Path(run))
         if not found:
             raise RunError(f"--run {run}: no checkpoints under {Path(run) / 'checkpoints'}")
+        if best_only:
+            best = read_best(Path(run))
+            if best is None:
+                raise RunError(f"--best: {run} names no best checkpoint (checkpoints/best.json); it ran with "
+                               f"run.selection=none or before best checkpoints existed: evaluate --run without --best")
+            found = [Path(run) / "checkpoints" / best["checkpoint"]]
         policies += [str(p) for p in found]
     set_threads(threads)
     opts = EvaluateOptions(
-        policies=policies, generator=generator, best_of=_int_list(best_of, "--best-of"), pool=pool, judge=judge_ckpt,
+        policies=policies, generator=generator, best_of=_int_list(best_of, "--best-of"), pool=pool,
+        judges=list(judge_ckpts), ensemble=ensemble, ensemble_std_coef=ensemble_std_coef,
         gold=gold, lm=lm_ckpt, prompts=prompts, samples_per_prompt=samples_per_prompt, seed=seed, corpus=corpus_path,
         prompt_kind=prompt_kind, mask_fraction=mask_fraction, length=length, precision=precision, chunk=chunk,
         sampler={"steps": steps, "temperature": temperature, "top_k": top_k, "top_p": top_p, "order": order})

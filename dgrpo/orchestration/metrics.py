@@ -22,6 +22,9 @@ DRIVER_GAUGES = {
     "dgrpo_judge_restarts": "judge_restarts",
     "dgrpo_eval_reward_mean": "eval_reward_mean",
     "dgrpo_steps_per_min": "steps_per_min",
+    "dgrpo_kl_seq": "kl_seq",
+    "dgrpo_eval_kl_seq": "eval_kl_seq",
+    "dgrpo_kl_coef": "kl_coef",
 }
 PHASES = ("starting", "generating", "training", "syncing", "evaluating", "checkpointing", "done")
 

@@ -162,14 +162,17 @@ class Pipeline:
         return done["figures"]
 
     def policy_checkpoints(self) -> list[str]:
-        checkpoints = Path(self.stages.grpo.run.out_dir) / "checkpoints"
-        last = sorted(checkpoints.glob("step_*"))
+        """The run's best checkpoint on its held-out selection measure (when it kept one and it is not the
+        last), then its last one: the verdict is about the last row."""
+        from .rundir import read_best
+        run_dir = Path(self.stages.grpo.run.out_dir)
+        last = sorted((run_dir / "checkpoints").glob("step_*"))
         if not last:
-            raise ConfigError(f"the GRPO run left no checkpoint under {checkpoints}")
+            raise ConfigError(f"the GRPO run left no checkpoint under {run_dir / 'checkpoints'}")
+        best = read_best(run_dir)
         chosen = [str(last[-1])]
-        best = checkpoints / "best"
-        if best.is_dir() and best.resolve() != last[-1].resolve():
-            chosen.insert(0, str(best))
+        if best is not None and best["checkpoint"] != last[-1].name:
+            chosen.insert(0, str(run_dir / "checkpoints" / best["checkpoint"]))
         return chosen
 
     def evaluate(self) -> dict:
@@ -177,7 +180,7 @@ class Pipeline:
         s, e = self.stages, self.cfg.evaluate
         opts = EvaluateOptions(
             policies=self.policy_checkpoints(), generator=s.generator.out, best_of=list(e.best_of),
-            judge=s.proxy_judges[0].out if len(s.proxy_judges) == 1 else None,
+            judges=[j.out for j in s.proxy_judges],
             gold=s.gold_judge.out if s.gold_judge is not None else None, lm=s.lm.out if s.lm is not None else None,
             prompts=e.prompts, samples_per_prompt=e.samples_per_prompt, precision=e.precision,
             corpus=self.cfg.corpus.path, examples=e.samples_shown)

@@ -5,11 +5,14 @@
     RUN/samples.jsonl        held-out samples of each evaluation
     RUN/rollouts.msgpack     every consumed scored batch (run.log_rollouts)
     RUN/checkpoints/step_N/  the last run.keep_checkpoints checkpoints, written atomically
+    RUN/checkpoints/best.json names the best checkpoint on the held-out selection measure (never pruned)
     RUN/summary.json         the summary of the finished run
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -31,9 +34,27 @@ def remove_partial_checkpoints(out_dir: Path) -> None:
         shutil.rmtree(junk, ignore_errors=True)
 
 
-def keep_last_checkpoints(out_dir: Path, keep: int) -> None:
-    for old in find_checkpoints(out_dir)[:-keep]:
+def keep_last_checkpoints(out_dir: Path, keep: int, protect: Path | None = None) -> None:
+    """Remove all but the newest `keep` checkpoints; `protect` (the best one) is kept besides them."""
+    for old in [p for p in find_checkpoints(out_dir) if p != protect][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+BEST_POINTER = "best.json"
+
+
+def write_best(out_dir: Path, best: dict) -> None:
+    """checkpoints/best.json, atomically: the best checkpoint's directory name, step, measure and value."""
+    path = Path(out_dir) / "checkpoints" / BEST_POINTER
+    tmp = path.with_name(f".{BEST_POINTER}.tmp")
+    tmp.write_text(json.dumps(best, indent=2))
+    os.replace(tmp, path)
+
+
+def read_best(out_dir: Path) -> dict | None:
+    """The best pointer of a run directory (None when the run kept none)."""
+    path = Path(out_dir) / "checkpoints" / BEST_POINTER
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def truncate_rollout_log(path: Path, request_counter: int) -> int:

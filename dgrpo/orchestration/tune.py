@@ -47,11 +47,13 @@ from ..errors import ConfigError
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 # config keys holding file paths: made absolute, because Tune runs each trial in its own working directory
-PATH_KEYS = ("corpus.path", "corpus.cache_dir", "generator.checkpoint", "reward.judge_checkpoint", "run.out_dir")
+PATH_KEYS = ("corpus.path", "corpus.cache_dir", "generator.checkpoint", "reward.judge_checkpoint",
+             "reward.judge_checkpoints", "run.selection_judge", "run.out_dir")
 # per-step values reported to Tune (when present in the step's record)
 REPORT_KEYS = ("step", "policy_version", "reward_mean", "reward_std", "kl", "loss", "pg_loss", "clip_frac",
                "entropy", "grad_norm", "zero_std_ratio", "staleness_mean", "eval_reward_mean",
-               "eval_reward_stderr", "steps_per_min", "time/step_s", "time/sync_s")
+               "eval_reward_stderr", "steps_per_min", "time/step_s", "time/sync_s", "kl_seq", "kl_coef",
+               "eval_kl_seq", "judge_disagreement", "eval_selection_reward_mean")
 
 
 class TuneSettings(Section):
@@ -206,7 +208,9 @@ def absolute_paths(cfg: TrainConfig) -> dict:
     for key in PATH_KEYS:
         section, leaf = key.split(".")
         value = data[section].get(leaf)
-        if value:
+        if isinstance(value, list):
+            data[section][leaf] = [str(Path(v).expanduser().resolve()) for v in value]
+        elif value:
             data[section][leaf] = str(Path(value).expanduser().resolve())
     return data
 
