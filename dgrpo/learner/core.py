@@ -12,13 +12,15 @@ One `train(batches)` call is one GRPO step:
 4. For `epochs` passes over shuffled minibatches of samples: replay the rows
    with gradients, per-token ratio exp(logp - logp_old), PPO-clip surrogate,
    KL(policy || reference) on the same tokens, weights fixed by the loss
-   aggregation, backward chunk by chunk, clip the gradient norm, AdamW step.
-5. The weights are now version v + 1.
+   aggregation, backward chunk by chunk, clip the gradient norm, AdamW step
+   (skipped, and counted in `nonfinite_updates`, when the loss or gradient is not finite).
+5. The weights are now version v + 1 (unless no update was applied).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 
@@ -145,7 +147,7 @@ class LearnerCore:
         metrics["ref_replay_s"] = time.perf_counter() - t_ref
 
         sums = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "ratio": 0.0, "clipped": 0.0, "tokens": 0.0}
-        ratio_max, grad_norms, first_ratio_dev = 0.0, [], 0.0
+        ratio_max, grad_norms, first_ratio_dev, nonfinite = 0.0, [], 0.0, 0
         first_abs_diff, first_tokens = 0.0, 0.0
         for epoch in range(cfg.epochs):
             perm = torch.randperm(n, generator=self.generator)
@@ -157,6 +159,7 @@ class LearnerCore:
                 weights = torch.zeros_like(behaviour)
                 weights[mb] = grpo.aggregation_weights(mask[mb], cfg.loss_agg)
                 self.optimizer.zero_grad(set_to_none=True)
+                mb_loss = 0.0
                 for chunk in mb_rows.chunks(cfg.replay_rows_per_chunk):
                     out = row_logprobs(self.policy, tokens, reveal, chunk, autocast_dtype=self.autocast_dtype,
                                        with_entropy=True, **sampling)
@@ -172,6 +175,7 @@ class LearnerCore:
                     loss.backward()
                     with torch.no_grad():
                         t = targets.float()
+                        mb_loss += float(loss)
                         sums["loss"] += float(loss)
                         sums["pg_loss"] += float((w * pg * tis[sel]).sum())
                         sums["kl"] += float((kl * t).sum())
@@ -184,7 +188,11 @@ class LearnerCore:
                             first_ratio_dev = max(first_ratio_dev, float(((ratio - 1).abs() * t).max()))
                             first_abs_diff += float(((new_lp - behaviour[sel]).abs() * t).sum())
                             first_tokens += float(t.sum())
-                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)))
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip))
+                if not (math.isfinite(grad_norm) and math.isfinite(mb_loss)):
+                    nonfinite += 1  # an update of NaN/inf would ruin the weights: skip it, the driver stops the run
+                    continue
+                grad_norms.append(grad_norm)
                 self.optimizer.step()
         n_tok = max(sums["tokens"], 1.0)
         n_updates = max(len(grad_norms), 1)
@@ -197,10 +205,12 @@ class LearnerCore:
             # the precision/implementation mismatch on fresh batches, plus the policy lag on stale ones
             "logp_mismatch": metrics.get("logp_mismatch", first_abs_diff / max(first_tokens, 1.0)),
             "grad_norm": sum(grad_norms) / n_updates, "optimizer_steps": float(len(grad_norms)),
+            "nonfinite_updates": float(nonfinite),
             "replay_rows": float(len(rows)), "tokens_trained": float(mask.sum()),
-            "skipped_update": 0.0,
+            "skipped_update": 0.0 if grad_norms else 1.0,
         })
-        self.version += 1
+        if grad_norms:
+            self.version += 1
         self.step += 1
         metrics["learn_s"] = time.perf_counter() - t0
         return metrics
