@@ -37,17 +37,20 @@ def demo_configs(out: Path, corpus: str | None, minutes: float, threads: int):
     return pretrain, judge, grpo
 
 
-def run_demo(out: str, corpus: str | None, minutes: float = 14.0, threads: int = 1, echo=print) -> dict:
+def run_demo(out: str, corpus: str | None, minutes: float = 14.0, threads: int = 1, echo=print,
+             overwrite: bool = False) -> dict:
     import torch
 
     from ..corpus import load_corpus
     from ..training.judge import train_judge
     from ..training.pretrain import pretrain
     from .driver import run_training
+    from .rundir import check_directory
 
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     pre_cfg, judge_cfg, grpo_cfg = demo_configs(out_dir, corpus, minutes, threads)
+    check_directory(Path(grpo_cfg.run.out_dir), overwrite=overwrite)  # before the stages it would come after
+    out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
     echo(f"== 1/3 pretraining the generator ({pre_cfg.max_minutes:.1f} min budget)")
     corpus_data = load_corpus(corpus, val_fraction=pre_cfg.corpus.val_fraction)
@@ -55,7 +58,7 @@ def run_demo(out: str, corpus: str | None, minutes: float = 14.0, threads: int =
     echo(f"== 2/3 training the judge ({judge_cfg.max_minutes:.1f} min budget)")
     judge_state = train_judge(judge_cfg, to_dict(judge_cfg), progress=False, log=echo)
     echo(f"== 3/3 GRPO against the judge on Ray ({grpo_cfg.run.max_minutes:.1f} min budget)")
-    summary = run_training(grpo_cfg)
+    summary = run_training(grpo_cfg, overwrite=overwrite)
     samples = [json.loads(line) for line in (out_dir / "grpo" / "samples.jsonl").read_text().splitlines()]
     result = {
         "generator_val_ce": pre_state.get("val_loss"),
