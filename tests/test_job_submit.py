@@ -93,7 +93,8 @@ def head_node():
         out, _ = proc.communicate(timeout=120)
         if proc.returncode != 0:
             pytest.fail(f"ray start --head failed ({proc.returncode}):\n{out[-3000:]}")
-        yield {"address": f"http://127.0.0.1:{dash}", "temp_dir": temp_dir, "start_output": out}
+        yield {"address": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}", "temp_dir": temp_dir,
+               "start_output": out}
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -119,6 +120,13 @@ def test_ray_job_submit_runs_tiny_grpo(head_node, tiny_corpus_file, tmp_path):
     out_dir = tmp_path / "job_run"
     job_id = f"dgrpo-test-{os.getpid()}-{int(time.time())}"
     env = dict(ray_env(), RAY_ADDRESS=head_node["address"], SUBMISSION_ID=job_id)
+    # issue 18: joining the cluster without its token fails at once, saying so
+    tokenless = subprocess.run([str(BIN / "dgrpo"), "train", "--config", "deploy/configs/tiny.yaml",
+                                "--set", f"corpus.path={tiny_corpus_file}", "--set", f"run.out_dir={tmp_path / 'x'}"],
+                               env=dict(ray_env(), RAY_ADDRESS=head_node["gcs"], RAY_AUTH_MODE="disabled"), cwd=REPO,
+                               capture_output=True, text=True, timeout=120)
+    assert tokenless.returncode == 2 and f"error: cannot join the Ray cluster at {head_node['gcs']} ($RAY_ADDRESS" \
+        in tokenless.stderr and "the cluster refused this client's token" in tokenless.stderr, tokenless.stderr[-2000:]
     # issue 18: a relative run.out_dir used to "succeed" inside Ray's temporary copy of the working directory
     relative = subprocess.run([str(REPO / "deploy" / "submit.sh"), "deploy/configs/tiny.yaml",
                                "--set", f"corpus.path={tiny_corpus_file}", "--set", "run.out_dir=runs/job_run"],

@@ -291,10 +291,10 @@ def test_an_unreachable_cluster_fails_fast_naming_the_address(tiny_corpus_file, 
     t0 = time.monotonic()
     proc = dgrpo(*train_args(tmp_path / "run", tiny_corpus_file, **{"run.ray_address": "127.0.0.1:1"}), timeout=120)
     assert proc.returncode == 2 and time.monotonic() - t0 < 60, proc.stderr[-3000:]
-    assert re.search(r"^error: cannot reach the Ray cluster at 127\.0\.0\.1:1 \(run\.ray_address(, dialed as "
+    assert re.search(r"^error: cannot join the Ray cluster at 127\.0\.0\.1:1 \(run\.ray_address(, dialed as "
                      r"[\d.]+:1)?\): Connection refused; start it", proc.stderr, re.M), proc.stderr[-3000:]
     proc = dgrpo(*train_args(tmp_path / "run2", tiny_corpus_file), env={"RAY_ADDRESS": "127.0.0.1:1"}, timeout=120)
-    assert proc.returncode == 2 and "cannot reach the Ray cluster at 127.0.0.1:1 ($RAY_ADDRESS" in proc.stderr
+    assert proc.returncode == 2 and "cannot join the Ray cluster at 127.0.0.1:1 ($RAY_ADDRESS" in proc.stderr
     proc = dgrpo(*train_args(tmp_path / "run3", tiny_corpus_file, **{"run.ray_address": "http://127.0.0.1:8265"}))
     assert proc.returncode == 2 and "is a dashboard URL (for `ray job submit`)" in proc.stderr, proc.stderr[-2000:]
 
@@ -315,7 +315,7 @@ def test_an_open_port_without_a_cluster_fails_within_the_timeout(tiny_corpus_fil
     finally:
         server.close()
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert re.search(rf"^error: cannot reach the Ray cluster at 127\.0\.0\.1:{port} .*the port is open but no Ray "
+    assert re.search(rf"^error: cannot join the Ray cluster at 127\.0\.0\.1:{port} .*the port is open but no Ray "
                      r"GCS answers", proc.stderr, re.M), proc.stderr[-3000:]
     assert took < 90, took
 

@@ -52,8 +52,12 @@ def unreachable(address: str, timeout_s: float) -> str | None:
         return e.strerror or str(e)
     if gcs:  # an open port that is no Ray GCS would keep ray.init retrying for many minutes
         from ray._raylet import InnerGcsClient
+        from ray.exceptions import AuthenticationError
         try:
             InnerGcsClient.standalone(address, None, int(timeout_s * 1000))
+        except AuthenticationError:
+            return ("the cluster refused this client's token; join with RAY_AUTH_MODE=token and the cluster's token "
+                    "(~/.ray/auth_token, $RAY_AUTH_TOKEN_PATH or $RAY_AUTH_TOKEN)")
         except Exception as e:  # noqa: BLE001 - Ray's RpcError and its kin
             return f"the port is open but no Ray GCS answers ({e})"
     return None
@@ -78,7 +82,7 @@ def connect(cfg: TrainConfig, extra_cpus: float = 0.0) -> bool:
         problem = unreachable(target, cfg.run.connect_timeout_s)
         if problem:
             dialed = "" if target == address else f", dialed as {target}"
-            raise RunError(f"cannot reach the Ray cluster at {address} ({source}{dialed}): {problem}; start it "
+            raise RunError(f"cannot join the Ray cluster at {address} ({source}{dialed}): {problem}; start it "
                            f"(`ray start --head`), fix {source}, or unset it for an embedded local cluster")
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return False
