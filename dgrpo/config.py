@@ -291,7 +291,17 @@ class RunConfig(Section):
     log_rollouts: bool = False
     actor_timeout_s: float = Field(300.0, gt=0)
     max_worker_failures: int = Field(10, ge=0, description="stop the run after this many actor deaths")
-    ray_address: Optional[str] = Field(None, description="None: $RAY_ADDRESS or an embedded local cluster")
+    ray_address: Optional[str] = Field(None, description=(
+        "the cluster to join: host:port of its GCS, ray://host:port, or auto (the cluster `ray start` recorded on "
+        "this machine); None: $RAY_ADDRESS, else an embedded local cluster (which never joins a recorded one)"))
+    connect_timeout_s: float = Field(30.0, gt=0, description=(
+        "seconds to reach the cluster at run.ray_address / $RAY_ADDRESS before giving up with an error"))
+    storage_path: Optional[str] = Field(None, description=(
+        "directory a relative run.out_dir is resolved against (default $DGRPO_STORAGE); inside a Ray job a relative "
+        "out_dir needs it, the job's working directory being a temporary copy"))
+    max_zero_signal_steps: int = Field(5, ge=0, description=(
+        "stop the run after this many consecutive steps in which every group's rewards were equal (a collapsed "
+        "policy or a saturated reward: nothing left to learn); 0: never"))
     metrics_export: bool = True
     tensorboard: bool = False
     wandb_project: Optional[str] = None
@@ -363,14 +373,35 @@ class TrainConfig(Section):
         return self
 
 
-def format_errors(e: ValidationError) -> str:
+# Keys a resumed run may change (`dgrpo train --resume`): when and how long it runs, what it logs, where its
+# actors go. Every other key (the optimisation, the model, the sampler, the reward, the data, the seed)
+# must equal the run's; a new key is refused on resume unless it is listed here.
+RESUMABLE_KEYS = (
+    "run.out_dir", "run.storage_path", "run.steps", "run.max_minutes", "run.eval_every", "run.checkpoint_every",
+    "run.keep_checkpoints", "run.log_rollouts", "run.actor_timeout_s", "run.max_worker_failures",
+    "run.max_zero_signal_steps", "run.ray_address", "run.connect_timeout_s", "run.metrics_export",
+    "run.tensorboard", "run.wandb_project",
+    "resources.*.num_workers", "resources.*.min_workers", "resources.*.max_workers", "resources.*.num_cpus",
+    "resources.*.num_gpus", "resources.*.max_restarts", "resources.*.custom_resources*", "resources.torch_threads",
+)
+
+
+def _origin(key: str, origins: dict[str, str] | None) -> str | None:
+    return next((o for k, o in (origins or {}).items() if key == k or key.startswith(k + ".")), None)
+
+
+def format_errors(e: ValidationError, origins: dict[str, str] | None = None) -> str:
+    """One line per error; `origins` maps a dotted key to the flag that set it (else it came from the file)."""
     lines = []
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        origin = _origin(key, origins)
+        where = f" [from {origin}]" if origin else ""
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check spelling; `dgrpo config train|pretrain|judge` prints every key)")
+            lines.append(f"  {key}: unknown key (check spelling; `dgrpo config train|pretrain|judge` prints every key)"
+                         f"{where}")
         else:
-            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r}){where}")
     return "\n".join(lines)
 
 
@@ -399,25 +430,32 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict:
     return loaded
 
 
-def load_config(cls: type[Section], path: str | Path | None = None, overrides: list[str] | tuple = (),
+def load_config(cls: type[Section], path: str | Path | None = None, overrides: list | tuple = (),
                 base: dict | None = None) -> Section:
-    """Load `cls` from a YAML/JSON file (optional), apply `a.b=value` overrides, validate."""
+    """Load `cls` from a YAML/JSON file (optional), apply `a.b=value` overrides, validate.
+
+    An override is `a.b=value` (from --set) or a pair (`a.b=value`, the flag that gave it, e.g. "--max-iters 0");
+    errors name where a bad value came from."""
     data: dict = dict(base or {})
     if path is not None:
         data = deep_merge(data, read_yaml_mapping(path, "config file"))
-    for text in overrides:
+    origins: dict[str, str] = {}
+    for item in overrides:
+        text, origin = item if isinstance(item, tuple) else (item, f"--set {item}")
         keys, value = parse_override(text)
         node = data
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {k} is not a section")
+                raise ConfigError(f"{origin}: {k} is not a section")
         node[keys[-1]] = value
+        origins[".".join(keys)] = origin
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid configuration{where}:\n{format_errors(e)}") from None
+        from_flags = all(_origin(".".join(map(str, err["loc"])), origins) for err in e.errors())
+        where = f" in {path}" if path and not from_flags else ""
+        raise ConfigError(f"invalid configuration{where}:\n{format_errors(e, origins)}") from None
 
 
 def deep_merge(a: dict, b: dict) -> dict:

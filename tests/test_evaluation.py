@@ -278,7 +278,7 @@ def test_report_draws_the_overoptimization_plot(tmp_path, checkpoints):
     (["--judge", "{nowhere}"], "does not exist"),
     (["--prompts", "1"], "--prompts must be >= 2"),
     (["--lm", "{generator}"], "expected a lm checkpoint"),
-    (["--steps", "0"], "steps must be >= 1"),
+    (["--steps", "0"], "Invalid value for '--steps': 0 is not in the range x>=1"),
 ])
 def test_evaluate_bad_input_is_one_line_user_error(tmp_path, checkpoints, args, message):
     paths = {**checkpoints, "nowhere": str(tmp_path / "nowhere")}

@@ -15,14 +15,16 @@ One `train(batches)` call is one GRPO step:
    signal: replay the rows with gradients, per-token ratio exp(logp - logp_old),
    PPO-clip surrogate, KL(policy || reference) on the same tokens, weights fixed
    by the loss aggregation, backward chunk by chunk, clip the gradient norm,
-   AdamW step.
-5. The weights are now version v + 1; every `reference_reset_every` steps the
-   reference becomes a copy of them.
+   AdamW step (skipped, and counted in `nonfinite_updates`, when the loss or
+   gradient is not finite).
+5. The weights are now version v + 1 (unless no update was applied); every
+   `reference_reset_every` steps the reference becomes a copy of them.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 
@@ -176,7 +178,7 @@ class LearnerCore:
                         grpo.masked_moments(adv, torch.ones_like(adv, dtype=torch.bool)).items()})
 
         sums = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "ratio": 0.0, "clipped": 0.0, "tokens": 0.0}
-        ratio_max, grad_norms, first_ratio_dev = 0.0, [], 0.0
+        ratio_max, grad_norms, first_ratio_dev, nonfinite = 0.0, [], 0.0, 0
         first_gap = {"fresh": 0.0, "fresh_tokens": 0.0, "all": 0.0, "all_tokens": 0.0}
         for epoch in range(cfg.epochs):
             perm = torch.randperm(n, generator=self.generator)
@@ -188,6 +190,7 @@ class LearnerCore:
                 weights = torch.zeros_like(behaviour)
                 weights[mb] = grpo.aggregation_weights(mask[mb], cfg.loss_agg)
                 self.optimizer.zero_grad(set_to_none=True)
+                mb_loss = 0.0
                 for chunk in mb_rows.chunks(cfg.replay_rows_per_chunk):
                     out = row_logprobs(self.policy, tokens, reveal, chunk, autocast_dtype=self.autocast_dtype,
                                        with_entropy=True, **sampling)
@@ -203,6 +206,7 @@ class LearnerCore:
                     loss.backward()
                     with torch.no_grad():
                         t = targets.float()
+                        mb_loss += float(loss)
                         sums["loss"] += float(loss)
                         sums["pg_loss"] += float((w * pg * tis[sel]).sum())
                         sums["kl"] += float((kl * t).sum())
@@ -219,7 +223,11 @@ class LearnerCore:
                             first_gap["fresh_tokens"] += float(t_fresh.sum())
                             first_gap["all"] += float((gap * t).sum())
                             first_gap["all_tokens"] += float(t.sum())
-                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)))
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip))
+                if not (math.isfinite(grad_norm) and math.isfinite(mb_loss)):
+                    nonfinite += 1  # an update of NaN/inf would ruin the weights: skip it, the driver stops the run
+                    continue
+                grad_norms.append(grad_norm)
                 self.optimizer.step()
         if cfg.old_logprob == "behaviour":
             metrics["logp_lag"] = first_gap["all"] / max(first_gap["all_tokens"], 1.0)
@@ -236,10 +244,12 @@ class LearnerCore:
             # logp_mismatch), on all samples with the policy lag of stale ones (logp_lag)
             "first_step_ratio_dev": first_ratio_dev,
             "grad_norm": sum(grad_norms) / n_updates, "optimizer_steps": float(len(grad_norms)),
+            "nonfinite_updates": float(nonfinite),
             "replay_rows": float(len(rows)), "tokens_trained": float(mask.sum()),
-            "skipped_update": 0.0,
+            "skipped_update": 0.0 if grad_norms else 1.0,
         })
-        self.version += 1
+        if grad_norms:
+            self.version += 1
         self.end_step(metrics)
         metrics["learn_s"] = time.perf_counter() - t0
         return metrics

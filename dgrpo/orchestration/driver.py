@@ -38,10 +38,10 @@ from ..actors.judge import JudgeWorker
 from ..actors.judge_trainer import JudgeTrainerActor
 from ..actors.learner import LearnerActor
 from ..actors.rollout import RolloutWorker, StaleWorkerError
-from ..config import TrainConfig, to_dict, to_yaml
+from ..config import TrainConfig, to_dict
 from ..corpus import (CharTokenizer, PromptStream, VocabularyError, check_length, fixed_windows, load_corpus,
                       make_prompts)
-from ..errors import RunError
+from ..errors import RunError, TrainingHalted
 from ..evaluation.evaluate import sequence_kl
 from ..models.checkpoint import CheckpointError, load_checkpoint
 from ..models.diffusion import DiffusionLM, load_generator
@@ -55,7 +55,7 @@ from .groups import ActorLost, ActorManager
 from .judge_refresh import JudgeRefreshRole, check_judge_refresh
 from .metrics import MetricsLogger, truncate_jsonl
 from .progress import ProgressPrinter
-from .rundir import (BEST_POINTER, checkpoint_path, find_checkpoints, keep_last_checkpoints,
+from .rundir import (BEST_POINTER, checkpoint_path, find_checkpoints, keep_last_checkpoints, open_run_dir,
                      remove_partial_checkpoints, truncate_rollout_log, write_best)
 
 # the held-out value each run.selection ranks evaluations by
@@ -136,11 +136,7 @@ class Driver:
         eval_windows = fixed_windows(corpus.val, run.eval_prompts, self.length, seed=run.eval_seed)
         self.eval_prompts = make_prompts(eval_windows, tokenizer.mask_id, cfg.prompts.kind, cfg.prompts.mask_fraction,
                                          generator=torch.Generator().manual_seed(run.eval_seed))
-        (self.out / "config.yaml").write_text(to_yaml(cfg))
         self.progress = ProgressPrinter(run.steps, run.max_minutes, enabled=not quiet)
-
-        if resume and not find_checkpoints(self.out):
-            raise RunError(f"--resume: no checkpoint under {self.out / 'checkpoints'}; start without --resume")
         self.actors = None
         try:
             self._start(cfg, model, tokenizer, resume)
@@ -186,10 +182,9 @@ class Driver:
         self.request_counter = 0
         self.eval_history: list[dict] = []
         self.best: dict | None = None  # the evaluation checkpoints/best.json names
+        self.zero_signal_steps = 0  # consecutive steps in which every group's rewards were equal
         if resume:
             self._resume()
-        elif (self.out / "metrics.jsonl").exists():
-            (self.out / "metrics.jsonl").unlink()
         self.logger = MetricsLogger(self.out, ray_metrics=metrics_on, tensorboard=run.tensorboard,
                                     wandb_project=run.wandb_project, config=to_dict(cfg))
         self.rollout_log = RolloutLogWriter(self.out / "rollouts.msgpack", repair_tail=True) if run.log_rollouts else None
@@ -378,9 +373,28 @@ class Driver:
         self.progress.step(record, elapsed_s=now - self.t0, last=self.finished)
         if self.report is not None:
             self.report(record)
+        self.check_learning(metrics)
         if self.step % run.checkpoint_every == 0 or self.finished or improved:
             self.save_checkpoint()
         self.logger.phase("generating")
+
+    def check_learning(self, metrics: dict) -> None:
+        """Stop (TrainingHalted, no checkpoint) on a non-finite update, or when no group has carried a signal
+        for run.max_zero_signal_steps steps in a row."""
+        if metrics.get("nonfinite_updates"):
+            raise TrainingHalted(
+                f"step {self.step}: the loss or gradient was not finite in {metrics['nonfinite_updates']:.0f} of "
+                f"{metrics['nonfinite_updates'] + metrics['optimizer_steps']:.0f} updates (skipped, the weights are "
+                f"those before them): the policy diverged; lower grpo.lr (now {self.cfg.grpo.lr:g}) or raise "
+                f"grpo.kl_coef, then resume from the last checkpoint (--resume) or start afresh")
+        self.zero_signal_steps = self.zero_signal_steps + 1 if metrics["zero_std_ratio"] >= 1.0 else 0
+        limit = self.cfg.run.max_zero_signal_steps
+        if limit and self.zero_signal_steps >= limit:
+            raise TrainingHalted(
+                f"steps {self.step - limit + 1}-{self.step}: every group's rewards were equal (mean reward "
+                f"{metrics['reward_mean']:.4g}) in {limit} steps in a row (run.max_zero_signal_steps), so nothing is "
+                f"left to learn: the policy collapsed (it samples the same text; lower grpo.lr, now "
+                f"{self.cfg.grpo.lr:g}, or raise grpo.kl_coef) or the reward saturated")
 
     # -- weights ---------------------------------------------------------
     def broadcast(self) -> dict:
@@ -515,16 +529,22 @@ def judge_disagreement(batches: list[ScoredBatch]) -> dict:
     return {"judge_disagreement": float(torch.cat([member_std(m) for m in members]).mean())} if members else {}
 
 
-def run_training(cfg: TrainConfig, resume: bool = False, report=None, quiet: bool = False) -> dict:
-    started_local = connect(cfg)
-    driver = None
-    try:
-        driver = Driver(cfg, resume=resume, report=report, quiet=quiet)
-        summary = driver.run()
-    finally:
-        if driver is not None:
-            driver.close()
-        if started_local:
-            ray.shutdown()
-    (Path(cfg.run.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+def run_training(cfg: TrainConfig, resume: bool = False, report=None, quiet: bool = False, overwrite: bool = False,
+                 run_info: dict | None = None) -> dict:
+    """A whole run: check and lock its directory (rundir.open_run_dir), connect, drive, write the summary.
+    A run stopped by TrainingHalted writes a summary saying why (and no checkpoint), then re-raises."""
+    with open_run_dir(cfg, resume=resume, overwrite=overwrite, info=run_info) as run_dir:
+        started_local = connect(run_dir.cfg)
+        driver = None
+        try:
+            driver = Driver(run_dir.cfg, resume=resume, report=report, quiet=quiet)
+            summary = driver.run()
+        except TrainingHalted as e:
+            run_dir.write_summary(driver.summary(), stopped=str(e))
+            raise
+        finally:
+            if driver is not None:
+                driver.close()
+            if started_local:
+                ray.shutdown()
+        return run_dir.write_summary(summary)

@@ -227,12 +227,10 @@ def _trial(params: dict, base: dict) -> None:
     cfg = apply_params(base, params)
     out = Path(base["run"]["out_dir"]) / "trials" / ctx.get_trial_id()
     cfg.run.out_dir = str(out)
-    out.mkdir(parents=True, exist_ok=True)
     pg = get_current_placement_group()
-    (out / "placement.json").write_text(json.dumps({
-        "trial_id": ctx.get_trial_id(), "trial_name": ctx.get_trial_name(), "params": params,
-        "placement_group_id": pg.id.hex() if pg is not None else None,
-        "bundles": pg.bundle_specs if pg is not None else None}, indent=2))
+    trial = {"trial_id": ctx.get_trial_id(), "trial_name": ctx.get_trial_name(), "params": params,
+             "placement_group_id": pg.id.hex() if pg is not None else None,
+             "bundles": pg.bundle_specs if pg is not None else None}
     last_eval: dict = {}
 
     def report(record: dict) -> None:
@@ -250,7 +248,7 @@ def _trial(params: dict, base: dict) -> None:
         metrics["step"] = int(record["step"])
         tune.report(metrics)
 
-    run_training(cfg, report=report, quiet=True)  # the Tune driver prints a line per result
+    run_training(cfg, report=report, quiet=True, run_info={"tune": trial})  # the Tune driver prints a line per result
 
 
 def _format_table(rows: list[dict], columns: list[str]) -> str:
