@@ -64,11 +64,11 @@ def make_scored(seed: int = 0, members: int = 3, **kw) -> ScoredBatch:
 
 
 def as_schema_1(msg) -> bytes:
-    """`msg` as a build of schema version 1 wrote it: no ScoredBatch.member_rewards."""
+    """`msg` as a build of schema version 1 wrote it: no ScoredBatch.member_rewards or judge_version."""
     wire = msgpack.unpackb(encode(msg))
     wire["version"] = 1
     if wire["schema"] == "scored_batch":
-        del wire["data"]["member_rewards"]
+        del wire["data"]["member_rewards"], wire["data"]["judge_version"]
     return msgpack.packb(wire, use_bin_type=True)
 
 
@@ -148,7 +148,7 @@ def test_schema_1_messages_still_decode():
         assert_same(decode(as_schema_1(msg)), msg)
     wire = msgpack.unpackb(encode(scored))
     wire["version"] = 1
-    with pytest.raises(CodecError, match=r"unexpected fields \['member_rewards'\]"):
+    with pytest.raises(CodecError, match=r"unexpected fields \['judge_version', 'member_rewards'\]"):
         decode(msgpack.packb(wire, use_bin_type=True))
     del wire["data"]["member_rewards"]
     wire["version"] = SCHEMA_VERSION
@@ -386,13 +386,14 @@ def test_scored_batch_judge_version_and_version_1_logs():
     assert_same(decode(encode(scored)), scored)
     wire = msgpack.unpackb(encode(scored))
     assert wire["version"] == SCHEMA_VERSION == 2 and wire["data"]["judge_version"] == 7
-    old = dict(wire, version=1, data={k: v for k, v in wire["data"].items() if k != "judge_version"})
+    old = dict(wire, version=1, data={k: v for k, v in wire["data"].items()
+                                      if k not in ("judge_version", "member_rewards")})
     back = decode(msgpack.packb(old, use_bin_type=True), expected=ScoredBatch)
     assert back.judge_version == 0
     assert_same(back.rollout, scored.rollout) and same_bits(back.rewards, scored.rewards)
-    with pytest.raises(CodecError, match=r"ScoredBatch: missing fields \[\], unexpected fields \['judge_version'\]"):
+    with pytest.raises(CodecError, match=r"ScoredBatch: missing fields \[\], unexpected fields \['judge_version', "):
         decode(msgpack.packb(dict(wire, version=1), use_bin_type=True))
-    with pytest.raises(CodecError, match=r"ScoredBatch: missing fields \['judge_version'\]"):
+    with pytest.raises(CodecError, match=r"ScoredBatch: missing fields \['judge_version', "):
         decode(msgpack.packb(dict(old, version=2), use_bin_type=True))  # version 2 must carry it
 
 
