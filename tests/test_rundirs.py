@@ -54,7 +54,7 @@ TINY = {"run.steps": 4, "run.eval_every": 4, "run.eval_prompts": 4, "run.checkpo
         "run.metrics_export": False, "run.actor_timeout_s": 120, "generator.preset": "tiny",
         "reward.kind": "char_frequency", "reward.chars": "e", "prompts.length": 16, "sampler.steps": 4,
         "grpo.group_size": 4, "grpo.prompts_per_step": 2, "grpo.minibatch_size": 8, "grpo.lr": 3e-3,
-        "resources.rollout.num_workers": 1}
+        "resources.rollout.num_workers": 1, "run.selection": "none"}
 
 
 def train_args(out: Path, corpus: str, *sets: str, **over) -> list[str]:
