@@ -20,7 +20,7 @@ def tiny_pipeline(tmp_path, corpus, **over) -> PipelineConfig:
         "proxy_judges": [judge], "gold_judge": judge,
         "lm": {"preset": "tiny", "max_iters": 20, "eval_every": 20, "eval_windows": 16, "precision": "fp32"},
         "grpo": {"run": {"steps": 3, "eval_every": 3, "eval_prompts": 8, "checkpoint_every": 3,
-                         "metrics_export": False},
+                         "metrics_export": False, "selection": "none"},  # the verdict is then about the last
                  "sampler": {"steps": 4}, "grpo": {"group_size": 4, "prompts_per_step": 2},
                  "resources": {"rollout": {"num_workers": 1}}},
         "evaluate": {"prompts": 8, "samples_per_prompt": 2, "best_of": [1, 2, 4], "precision": "fp32",
@@ -98,3 +98,21 @@ def test_the_verdict_warns_when_proxy_rose_and_gold_fell():
     assert r["distinct_4_relative"] == pytest.approx(0.5)
     r.update(build_minutes=1.0, reused_stages=[], total_minutes=2.0, out="x")
     assert any(line.startswith("WARNING") for line in format_headline(r))
+
+
+def test_the_verdict_is_about_the_selected_checkpoint():
+    def metric(m):
+        return {"mean": m, "stderr": 0.01}
+    base = {"kind": "base", "proxy_reward": metric(0.3), "gold_reward": metric(0.4), "distinct_4": metric(0.9),
+            "examples": ["a"], "kl_per_sequence": metric(0.0)}
+
+    def policy(step, gold):
+        return {"kind": "policy", "checkpoint": f"run/checkpoints/step_{step}", "proxy_reward": metric(0.8),
+                "gold_reward": metric(gold), "distinct_4": metric(0.9), "examples": ["b"],
+                "kl_per_sequence": metric(3.0), "paired_vs_base": {"gold_reward": metric(gold - 0.4)}}
+    report = {"rows": [base, policy(20, 0.6), policy(40, 0.5)],
+              "sampler": {"steps": 16, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "order": "random"}}
+    assert headline(report)["policy_checkpoint"] == "run/checkpoints/step_40"  # no selection: the last
+    selected = headline(report, None, "run/checkpoints/step_20")
+    assert selected["policy_checkpoint"] == "run/checkpoints/step_20"
+    assert selected["after"]["gold_reward"]["mean"] == 0.6

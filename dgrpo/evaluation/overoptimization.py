@@ -17,6 +17,7 @@ one run (grouped by run directory and kl_coef) together with that evaluation's b
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -93,7 +94,10 @@ def report_series(report: dict, source: str = "") -> list[dict]:
             groups.setdefault((r.get("run"), r.get("kl_coef")), []).append(r)
     for (run, kl_coef), members in groups.items():
         members = sorted(members, key=lambda r: (r.get("step") or 0, r["sqrt_kl"]))
-        label = f"GRPO kl_coef={kl_coef} ({run})" if kl_coef is not None else f"GRPO ({run})"
+        kl_target = members[0].get("kl_target")
+        setting = (f" kl_target={kl_target:g}" if kl_target is not None else
+                   f" kl_coef={kl_coef:g}" if kl_coef is not None else "")
+        label = f"GRPO{setting} ({Path(run).name if run else '?'})"
         curve = ([base] if base is not None else []) + members
         out.append(_series(label, "rl", curve, base if base is not None else members[0], source=source,
                            run=run, kl_coef=kl_coef))

@@ -165,9 +165,10 @@ class Pipeline:
         done = self.stage("GRPO", g.run.out_dir, g, lambda resume: run_training(g, resume=resume, quiet=self.quiet))
         return done["figures"]
 
-    def policy_checkpoints(self) -> list[str]:
-        """The run's best checkpoint on its held-out selection measure (when it kept one and it is not the
-        last), then its last one: the verdict is about the last row."""
+    def policy_checkpoints(self) -> tuple[list[str], str]:
+        """The checkpoints to evaluate (the run's last one, and before it the best one on its held-out
+        selection measure when it kept one) and the one the verdict is about: the selected checkpoint, chosen
+        without the gold judge, or the last one when the run selects none."""
         from .rundir import read_best
         run_dir = Path(self.stages.grpo.run.out_dir)
         last = sorted((run_dir / "checkpoints").glob("step_*"))
@@ -177,13 +178,14 @@ class Pipeline:
         chosen = [str(last[-1])]
         if best is not None and best["checkpoint"] != last[-1].name:
             chosen.insert(0, str(run_dir / "checkpoints" / best["checkpoint"]))
-        return chosen
+        return chosen, chosen[0]
 
     def evaluate(self) -> dict:
         from ..evaluation import EvaluateOptions, evaluate, format_report
         s, e = self.stages, self.cfg.evaluate
+        policies, self.verdict_checkpoint = self.policy_checkpoints()
         opts = EvaluateOptions(
-            policies=self.policy_checkpoints(), generator=s.generator.out, best_of=list(e.best_of),
+            policies=policies, generator=s.generator.out, best_of=list(e.best_of),
             judges=[j.out for j in s.proxy_judges],
             gold=s.gold_judge.out if s.gold_judge is not None else None, lm=s.lm.out if s.lm is not None else None,
             prompts=e.prompts, samples_per_prompt=e.samples_per_prompt, precision=e.precision,
@@ -203,7 +205,7 @@ class Pipeline:
         build_s = time.perf_counter() - t0
         summary = self.train()
         report = self.evaluate()
-        result = headline(report, summary)
+        result = headline(report, summary, self.verdict_checkpoint)
         result.update({"build_minutes": build_s / 60, "stage_minutes": {k: v / 60 for k, v in self.timings.items()},
                        "reused_stages": self.reused, "total_minutes": (time.perf_counter() - t0) / 60,
                        "out": str(self.out)})
@@ -252,12 +254,15 @@ def _mean(row: dict, key: str) -> float | None:
     return None if v is None else v["mean"]
 
 
-def headline(report: dict, grpo_summary: dict | None = None) -> dict:
-    """Before (the base generator) and after (the last policy row) on every measure, the gold gain in standard
-    errors, distinct-4 relative to the base, and best-of-N at the policy's KL."""
+def headline(report: dict, grpo_summary: dict | None = None, checkpoint: str | None = None) -> dict:
+    """Before (the base generator) and after (the policy row of `checkpoint`, by default the last policy row)
+    on every measure, the gold gain in standard errors, distinct-4 relative to the base, and best-of-N at the
+    policy's KL."""
     base = _row(report, "base")
     policies = [r for r in report["rows"] if r["kind"] == "policy"]
-    policy = policies[-1]
+    matching = [r for r in policies
+                if checkpoint is not None and Path(r["checkpoint"]).resolve() == Path(checkpoint).resolve()]
+    policy = matching[0] if matching else policies[-1]
     paired = policy.get("paired_vs_base", {})
     gold = paired.get("gold_reward")
     kl = policy["kl_per_sequence"]["mean"]

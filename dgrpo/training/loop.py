@@ -76,8 +76,11 @@ class TrainingLoop:
         cfg = self.cfg
         if self._started is None:  # the clock starts now unless the trainer started it earlier
             self._started = time.perf_counter() - self.elapsed
-        bar = tqdm(range(self.start_iter, cfg.max_iters), initial=self.start_iter, total=cfg.max_iters,
-                   disable=not progress, desc=self.desc, dynamic_ncols=True, mininterval=5.0)
+        # a time budget ends the run long before max_iters: the bar then counts iterations and minutes only
+        total = None if cfg.max_minutes else cfg.max_iters
+        desc = f"{self.desc} ({cfg.max_minutes:g} min budget)" if cfg.max_minutes else self.desc
+        bar = tqdm(range(self.start_iter, cfg.max_iters), initial=self.start_iter, total=total,
+                   disable=not progress, desc=desc, dynamic_ncols=True, mininterval=5.0)
         for it in bar:
             time_fraction = self.elapsed / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
             lr = scheduled_lr(it, cfg.max_iters, cfg.lr, cfg.min_lr, cfg.warmup_iters, time_fraction,
@@ -86,7 +89,7 @@ class TrainingLoop:
                 group["lr"] = lr
             figures = step(it)
             self.tick()
-            bar.set_postfix(figures)
+            bar.set_postfix(figures, refresh=False)
             last = it + 1 == cfg.max_iters
             out_of_time = cfg.max_minutes is not None and self.elapsed > 60 * cfg.max_minutes
             if (it + 1) % cfg.eval_every == 0 or last or out_of_time:
