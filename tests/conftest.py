@@ -67,3 +67,20 @@ def ray_cluster():
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def metrics_run_config(tmp_path, tiny_corpus_file):
+    """A short tiny-preset GRPO run that exports metrics: steps -> its validated TrainConfig."""
+    from dgrpo.config import TrainConfig
+
+    def make(steps: int) -> TrainConfig:
+        return TrainConfig.model_validate({
+            "run": {"out_dir": str(tmp_path / "run"), "steps": steps, "eval_every": steps, "eval_prompts": 8,
+                    "checkpoint_every": 100, "metrics_export": True, "actor_timeout_s": 120},
+            "corpus": {"path": tiny_corpus_file}, "generator": {"preset": "tiny"},
+            "reward": {"kind": "char_frequency", "chars": "e"}, "sampler": {"steps": 4},
+            "grpo": {"group_size": 4, "prompts_per_step": 2, "minibatch_size": 8},
+            "resources": {"rollout": {"num_workers": 2, "num_cpus": 0.5}, "judge": {"num_cpus": 0.25},
+                          "learner": {"num_cpus": 0.5}}})
+    return make

@@ -64,7 +64,7 @@ def scrape(port: int) -> dict[str, list]:
     return out
 
 
-def test_prometheus_endpoint_exports_driver_and_actor_metrics(ray_cluster, tiny_corpus_file, tmp_path):
+def test_prometheus_endpoint_exports_driver_and_actor_metrics(ray_cluster, metrics_run_config):
     import ray
     from dgrpo.orchestration.driver import run_training
 
@@ -95,18 +95,11 @@ def test_prometheus_endpoint_exports_driver_and_actor_metrics(ray_cluster, tiny_
             time.sleep(1.0)
         waited["s"] = time.time() - t0
 
-    cfg = TrainConfig.model_validate({
-        "run": {"out_dir": str(tmp_path / "run"), "steps": 3, "eval_every": 3, "eval_prompts": 8,
-                "checkpoint_every": 100, "metrics_export": True, "actor_timeout_s": 120},
-        "corpus": {"path": tiny_corpus_file}, "generator": {"preset": "tiny"},
-        "reward": {"kind": "char_frequency", "chars": "e"}, "sampler": {"steps": 4},
-        "grpo": {"group_size": 4, "prompts_per_step": 2, "minibatch_size": 8},
-        "resources": {"rollout": {"num_workers": 2, "num_cpus": 0.5}, "judge": {"num_cpus": 0.25},
-                      "learner": {"num_cpus": 0.5}}})
+    cfg = metrics_run_config(3)
     summary = run_training(cfg, report=report)
     assert summary["steps"] == 3
     # two workers share each step; the step itself (prompts x group size) is what the config says
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (Path(cfg.run.out_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [(r["num_groups"], r["num_samples"]) for r in rows if "num_samples" in r] == [(2, 8)] * 3
     print(f"\nscraped during step 2 after {waited.get('s', 0):.1f} s: {len(seen)} dgrpo metric names")
     for n in sorted(seen):

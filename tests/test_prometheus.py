@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dgrpo.config import TrainConfig
 from dgrpo.orchestration.metrics import DRIVER_GAUGES, PHASES, MetricsLogger
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,7 +169,7 @@ def session_name() -> str:
 @pytest.mark.slow
 @needs_prometheus
 def test_every_dashboard_panel_query_returns_data_from_a_real_prometheus(
-        prometheus, ray_cluster, tiny_corpus_file, tmp_path, monkeypatch):
+        prometheus, ray_cluster, metrics_run_config, monkeypatch):
     from dgrpo.orchestration.driver import run_training
 
     session = session_name()
@@ -233,14 +232,7 @@ def test_every_dashboard_panel_query_returns_data_from_a_real_prometheus(
             seen["recorded"] = wait_for(recorded, f"every recording rule, dgrpo:policy_version:max at {STEPS}")
             seen["rules"] = prometheus.get("/api/v1/rules")["groups"]
 
-    cfg = TrainConfig.model_validate({
-        "run": {"out_dir": str(tmp_path / "run"), "steps": STEPS, "eval_every": STEPS, "eval_prompts": 8,
-                "checkpoint_every": 100, "metrics_export": True, "actor_timeout_s": 120},
-        "corpus": {"path": tiny_corpus_file}, "generator": {"preset": "tiny"},
-        "reward": {"kind": "char_frequency", "chars": "e"}, "sampler": {"steps": 4},
-        "grpo": {"group_size": 4, "prompts_per_step": 2, "minibatch_size": 8},
-        "resources": {"rollout": {"num_workers": 2, "num_cpus": 0.5}, "judge": {"num_cpus": 0.25},
-                      "learner": {"num_cpus": 0.5}}})
+    cfg = metrics_run_config(STEPS)
     summary = run_training(cfg, report=report)
     assert summary["steps"] == STEPS
     done = wait_for(lambda: prometheus.query(f'ray_dgrpo_phase{{{on}, phase="done"}} == 1'), "phase done")

@@ -79,7 +79,8 @@ class TrainingLoop:
         # a time budget ends the run long before max_iters: the bar then counts iterations and minutes only
         total = None if cfg.max_minutes else cfg.max_iters
         desc = f"{self.desc} ({cfg.max_minutes:g} min budget)" if cfg.max_minutes else self.desc
-        bar = tqdm(range(self.start_iter, cfg.max_iters), initial=self.start_iter, total=total,
+        iters = range(self.start_iter, cfg.max_iters)
+        bar = tqdm(iter(iters) if total is None else iters, initial=self.start_iter, total=total,
                    disable=not progress, desc=desc, dynamic_ncols=True, mininterval=5.0)
         for it in bar:
             time_fraction = self.elapsed / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
