@@ -38,6 +38,7 @@ from dgrpo.orchestration.cli import main
 from dgrpo.orchestration.driver import Driver
 from dgrpo.protocols import RolloutBatch, ScoredBatch, encode
 from dgrpo.protocols.rollout_log import RolloutLogWriter
+from raynodes import free_ports
 
 ray.cloudpickle.register_pickle_by_value(__import__(__name__))  # Ray workers cannot import this module
 
@@ -388,7 +389,7 @@ LISTEN_PROBE = textwrap.dedent("""
                     found.append([*table[link[8:-1]], name])
         return found
 
-    assert connect(TrainConfig()), "expected an embedded cluster"
+    assert connect(TrainConfig.model_validate(json.loads(sys.argv[1]))), "expected an embedded cluster"
     ray.get(ray.put(1), timeout=60)
     time.sleep(1.0)  # the agents start with the node; give them a moment to bind
     print("LISTEN " + json.dumps(listening()))
@@ -397,17 +398,22 @@ LISTEN_PROBE = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_embedded_cluster_listens_on_loopback_only(tmp_path):
-    """Start the embedded cluster the way `dgrpo train` does (cluster.connect, default config) in a
-    subprocess; every listening TCP socket of its process tree is bound to a loopback address."""
+@pytest.mark.parametrize("dashboard", [False, True], ids=["default", "dashboard"])
+def test_embedded_cluster_listens_on_loopback_only(tmp_path, dashboard):
+    """Start the embedded cluster the way `dgrpo train` does (cluster.connect; default config, and with
+    run.dashboard) in a subprocess; every listening TCP socket of its process tree is bound to a
+    loopback address, the dashboard's too."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([sys.executable, "-c", LISTEN_PROBE], capture_output=True, text=True, timeout=240,
-                          env=env, cwd=tmp_path)
+    port = free_ports(1)[0]
+    config = {"run": {"dashboard": True, "dashboard_port": port}} if dashboard else {}
+    proc = subprocess.run([sys.executable, "-c", LISTEN_PROBE, json.dumps(config)], capture_output=True, text=True,
+                          timeout=240, env=env, cwd=tmp_path)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("LISTEN ")), None)
     assert proc.returncode == 0 and line, proc.stdout[-2000:] + proc.stderr[-4000:]
     sockets = json.loads(line[len("LISTEN "):])
     assert len(sockets) >= 3, sockets  # GCS, raylet, workers at least
+    assert (port in {s[1] for s in sockets}) == dashboard, sockets
 
     def loopback(addr: str) -> bool:
         import ipaddress

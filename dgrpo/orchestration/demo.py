@@ -22,7 +22,7 @@ def demo_config(out: str, corpus: str | None, minutes: float, threads: int) -> P
         "lm": None,
         "grpo": {
             "run": {"steps": 1_000, "mode": "async", "eval_every": 10, "eval_prompts": 64, "checkpoint_every": 20,
-                    "max_minutes": SHARES["grpo"] * minutes, "metrics_export": False},
+                    "max_minutes": SHARES["grpo"] * minutes, "dashboard": True},
             "sampler": {"steps": 16, "order": "confidence"},
             "grpo": {"group_size": 8, "prompts_per_step": 4, "minibatch_size": 32, "lr": 1e-4, "kl_coef": 0.04,
                      "replay_steps": 4},

@@ -22,6 +22,10 @@ DRIVER_GAUGES = {
     "dgrpo_judge_restarts": "judge_restarts",
     "dgrpo_eval_reward_mean": "eval_reward_mean",
     "dgrpo_steps_per_min": "steps_per_min",
+    "dgrpo_rollout_workers": "rollout_workers",
+    "dgrpo_rollout_workers_target": "rollout_workers_target",
+    "dgrpo_judge_workers": "judge_workers",
+    "dgrpo_nodes_lost": "nodes_lost",
 }
 PHASES = ("starting", "generating", "training", "syncing", "evaluating", "checkpointing", "done")
 
