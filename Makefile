@@ -7,8 +7,9 @@ TORCH  ?= torch==2.13.0
 # The demo downloads tiny Shakespeare unless CORPUS names a local copy.
 CORPUS ?= $(firstword $(wildcard ../shared/data/tinyshakespeare.txt))
 DEMO_DIR ?= runs/demo
+HEADLINE_DIR ?= runs/headline
 
-.PHONY: test demo install clean
+.PHONY: test demo headline install clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +25,10 @@ test: $(BIN)/.installed
 
 demo: $(BIN)/.installed
 	$(BIN)/dgrpo demo --out $(DEMO_DIR) $(if $(CORPUS),--corpus $(CORPUS),)
+
+# The headline experiment: build generator, judges and LM (~45 min on 2 cores), GRPO (15 min), gold evaluation.
+headline: $(BIN)/.installed
+	$(BIN)/dgrpo pipeline -c configs/headline.yaml --set out=$(HEADLINE_DIR) $(if $(CORPUS),--set corpus.path=$(CORPUS),)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for mode in modes:
                     out_dir = base / f"{mode}_{rep}"
                     cfg = build_config(args, mode, out_dir, corpus)
-                    summary = run_training(cfg)
+                    summary = run_training(cfg, overwrite=True)  # a bench run replaces its own earlier one
                     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()
                             if line.strip()]
                     s = summarise(rows, args.skip, args.workers, 1)

@@ -140,18 +140,46 @@ class GeneratorConfig(Section):
 
 class RewardConfig(Section):
     kind: Literal["judge", "char_frequency", "regex"] = "judge"
-    judge_checkpoint: Optional[str] = None
+    judge_checkpoint: Optional[str] = Field(None, description="the judge (a `dgrpo judge train --out` directory)")
+    judge_checkpoints: Optional[list[str]] = Field(None, description=(
+        "an ensemble instead of judge_checkpoint: two or more judges (trained with different seeds), "
+        "combined by reward.ensemble"))
+    ensemble: Literal["mean", "mean_minus_std", "min"] = Field("mean", description=(
+        "how the members' rewards combine: their mean, mean - ensemble_std_coef * std (sample std over "
+        "members), or the minimum (worst case)"))
+    ensemble_std_coef: float = Field(1.0, ge=0, description="lambda of mean_minus_std")
     chars: str = Field("e", description="char_frequency: characters whose frequency is the reward")
     pattern: str = Field(r"\b(the|and|to|of)\b", description="regex: pattern whose match count is rewarded")
     normalize: bool = Field(True, description="regex: divide match count by text length")
 
     @model_validator(mode="after")
     def _judge_needs_checkpoint(self):
-        if self.kind == "judge" and not self.judge_checkpoint:
-            raise ValueError("reward.kind 'judge' needs reward.judge_checkpoint (a `dgrpo judge train --out` directory)")
+        if self.kind == "judge" and not self.judge_checkpoint and not self.judge_checkpoints:
+            raise ValueError("reward.kind 'judge' needs reward.judge_checkpoint (a `dgrpo judge train --out` directory)"
+                             " or reward.judge_checkpoints (an ensemble)")
+        if self.judge_checkpoint and self.judge_checkpoints:
+            raise ValueError("set reward.judge_checkpoint (one judge) or reward.judge_checkpoints (an ensemble), "
+                             "not both")
+        if self.judge_checkpoints is not None:
+            if len(self.judge_checkpoints) < 2:
+                raise ValueError("reward.judge_checkpoints is an ensemble of at least two judges; for one judge "
+                                 "set reward.judge_checkpoint")
+            if len(set(self.judge_checkpoints)) != len(self.judge_checkpoints):
+                raise ValueError("reward.judge_checkpoints names a judge twice; an ensemble needs distinct judges "
+                                 "(trained with different seeds)")
+        elif self.ensemble != "mean" or self.ensemble_std_coef != 1.0:
+            raise ValueError("reward.ensemble and reward.ensemble_std_coef combine the judges of "
+                             "reward.judge_checkpoints; set that list (two or more judges) or drop them")
         if self.kind == "char_frequency" and not self.chars:
             raise ValueError("reward.chars must name at least one character")
         return self
+
+    @property
+    def judge_paths(self) -> list[str]:
+        """The judge checkpoints of a judge reward: one, or the ensemble's members ([] for other kinds)."""
+        if self.kind != "judge":
+            return []
+        return list(self.judge_checkpoints) if self.judge_checkpoints else [self.judge_checkpoint]
 
 
 class PromptConfig(Section):
@@ -168,7 +196,7 @@ class GRPOConfig(Section):
     skip_zero_std_groups: bool = True
     clip_eps: float = Field(0.2, gt=0)
     clip_eps_high: Optional[float] = Field(None, gt=0, description="asymmetric upper clip; None = clip_eps")
-    kl_coef: float = Field(0.04, ge=0)
+    kl_coef: float = Field(0.04, ge=0, description="beta of the KL penalty (the start value when kl_target is set)")
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     epochs: int = Field(1, ge=1, description="inner epochs (mu) over each batch")
@@ -184,6 +212,21 @@ class GRPOConfig(Section):
     replay_steps: Optional[int] = Field(None, ge=1, description="replay this many random steps per sample "
                                                                 "(None = all: exact)")
     replay_rows_per_chunk: int = Field(256, ge=1)
+    kl_target: Optional[float] = Field(None, gt=0, description=(
+        "KL budget: nats per sequence (the unit of `dgrpo evaluate`) that an adaptive kl_coef holds the policy "
+        "near, measured each step on the step's samples; None = kl_coef stays fixed"))
+    kl_horizon: float = Field(10.0, ge=1, description=(
+        "steps of the adaptive kl_coef: each step it moves by a factor 1 + e / kl_horizon, "
+        "e = clip(kl / kl_target - 1, -0.2, 0.2)"))
+    reference_reset_every: Optional[int] = Field(None, ge=1, description=(
+        "every this many steps the frozen reference becomes a copy of the current policy; None = never"))
+
+    @model_validator(mode="after")
+    def _kl_target_needs_a_coefficient(self):
+        if self.kl_target is not None and self.kl_coef == 0:
+            raise ValueError("grpo.kl_target adapts kl_coef by factors, which cannot move it away from 0; "
+                             "set grpo.kl_coef > 0 as its start value")
+        return self
 
 
 class RoleResources(Section):
@@ -273,7 +316,16 @@ class RunConfig(Section):
     eval_prompts: int = Field(32, ge=1)
     eval_seed: int = 1234
     checkpoint_every: int = Field(25, ge=1)
-    keep_checkpoints: int = Field(3, ge=1)
+    keep_checkpoints: int = Field(3, ge=1, description="the newest checkpoints kept, besides the best one")
+    selection: Literal["eval_reward", "selection_judge", "none"] = Field("eval_reward", description=(
+        "the held-out measure that picks checkpoints/best at each evaluation: the proxy reward of the "
+        "held-out samples, or run.selection_judge's reward of them; never the final report's gold judge"))
+    selection_judge: Optional[str] = Field(None, description=(
+        "judge checkpoint of selection=selection_judge: trained with a seed of its own, neither a reward judge "
+        "nor the gold judge of `dgrpo evaluate`"))
+    selection_kl_max: Optional[float] = Field(None, gt=0, description=(
+        "evaluations whose held-out samples' KL to the starting generator exceeds this (nats per sequence) "
+        "cannot become the best checkpoint"))
     log_rollouts: bool = False
     actor_timeout_s: float = Field(300.0, gt=0)
     max_worker_failures: int = Field(10, ge=0, description=(
@@ -283,7 +335,17 @@ class RunConfig(Section):
         "before the run stops; a cluster autoscaler needs minutes to add a node"))
     membership_check_s: float = Field(2.0, gt=0, description=(
         "seconds between checks of the actor groups: nodes Ray marked dead, surplus actors, `dgrpo scale` targets"))
-    ray_address: Optional[str] = Field(None, description="None: $RAY_ADDRESS or an embedded local cluster")
+    ray_address: Optional[str] = Field(None, description=(
+        "the cluster to join: host:port of its GCS, ray://host:port, or auto (the cluster `ray start` recorded on "
+        "this machine); None: $RAY_ADDRESS, else an embedded local cluster (which never joins a recorded one)"))
+    connect_timeout_s: float = Field(30.0, gt=0, description=(
+        "seconds to reach the cluster at run.ray_address / $RAY_ADDRESS before giving up with an error"))
+    storage_path: Optional[str] = Field(None, description=(
+        "directory a relative run.out_dir is resolved against (default $DGRPO_STORAGE); inside a Ray job a relative "
+        "out_dir needs it, the job's working directory being a temporary copy"))
+    max_zero_signal_steps: int = Field(5, ge=0, description=(
+        "stop the run after this many consecutive steps in which every group's rewards were equal (a collapsed "
+        "policy or a saturated reward: nothing left to learn); 0: never"))
     dashboard: bool = Field(False, description=(
         "start the embedded local cluster with Ray's dashboard on 127.0.0.1 and print its URL (a run that joins "
         "a cluster uses that cluster's dashboard)"))
@@ -339,22 +401,58 @@ class TrainConfig(Section):
     resources: ResourcesConfig = ResourcesConfig()
 
     @model_validator(mode="after")
-    def _refresh_needs_a_judge(self):
+    def _checks(self):
+        run = self.run
+        if run.selection == "selection_judge" and not run.selection_judge:
+            raise ValueError("run.selection 'selection_judge' needs run.selection_judge (a judge checkpoint trained "
+                             "with its own seed)")
+        if run.selection_judge and run.selection != "selection_judge":
+            raise ValueError("run.selection_judge is only used with run.selection=selection_judge; set that too "
+                             "or drop run.selection_judge")
+        if run.selection_judge and Path(run.selection_judge).resolve() in {
+                Path(p).resolve() for p in self.reward.judge_paths}:
+            raise ValueError(f"run.selection_judge {run.selection_judge} is a reward judge; selection needs a judge "
+                             "the policy is not trained against (train one with another seed)")
         if self.judge_refresh.enabled and self.reward.kind != "judge":
             raise ValueError(f"judge_refresh.enabled trains a learned judge, but reward.kind is "
                              f"{self.reward.kind!r}; set reward.kind=judge with reward.judge_checkpoint, "
                              f"or judge_refresh.enabled=false")
+        if self.judge_refresh.enabled and self.reward.judge_checkpoints:
+            raise ValueError("judge_refresh trains one judge, but reward.judge_checkpoints is an ensemble; use "
+                             "reward.judge_checkpoint, or judge_refresh.enabled=false")
         return self
 
 
-def format_errors(e: ValidationError) -> str:
+# Keys a resumed run may change (`dgrpo train --resume`): when and how long it runs, what it logs, where its
+# actors go. Every other key (the optimisation, the model, the sampler, the reward, the data, the seed)
+# must equal the run's; a new key is refused on resume unless it is listed here.
+RESUMABLE_KEYS = (
+    "run.out_dir", "run.storage_path", "run.steps", "run.max_minutes", "run.eval_every", "run.checkpoint_every",
+    "run.keep_checkpoints", "run.log_rollouts", "run.actor_timeout_s", "run.max_worker_failures",
+    "run.max_zero_signal_steps", "run.ray_address", "run.connect_timeout_s", "run.metrics_export",
+    "run.placement_timeout_s", "run.membership_check_s", "run.dashboard", "run.dashboard_port",
+    "run.tensorboard", "run.wandb_project",
+    "resources.*.num_workers", "resources.*.min_workers", "resources.*.max_workers", "resources.*.num_cpus",
+    "resources.*.num_gpus", "resources.*.max_restarts", "resources.*.custom_resources*", "resources.torch_threads",
+)
+
+
+def _origin(key: str, origins: dict[str, str] | None) -> str | None:
+    return next((o for k, o in (origins or {}).items() if key == k or key.startswith(k + ".")), None)
+
+
+def format_errors(e: ValidationError, origins: dict[str, str] | None = None) -> str:
+    """One line per error; `origins` maps a dotted key to the flag that set it (else it came from the file)."""
     lines = []
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        origin = _origin(key, origins)
+        where = f" [from {origin}]" if origin else ""
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check spelling; `dgrpo config train|pretrain|judge` prints every key)")
+            lines.append(f"  {key}: unknown key (check spelling; `dgrpo config train|pretrain|judge` prints every key)"
+                         f"{where}")
         else:
-            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r}){where}")
     return "\n".join(lines)
 
 
@@ -383,25 +481,32 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict:
     return loaded
 
 
-def load_config(cls: type[Section], path: str | Path | None = None, overrides: list[str] | tuple = (),
+def load_config(cls: type[Section], path: str | Path | None = None, overrides: list | tuple = (),
                 base: dict | None = None) -> Section:
-    """Load `cls` from a YAML/JSON file (optional), apply `a.b=value` overrides, validate."""
+    """Load `cls` from a YAML/JSON file (optional), apply `a.b=value` overrides, validate.
+
+    An override is `a.b=value` (from --set) or a pair (`a.b=value`, the flag that gave it, e.g. "--max-iters 0");
+    errors name where a bad value came from."""
     data: dict = dict(base or {})
     if path is not None:
         data = deep_merge(data, read_yaml_mapping(path, "config file"))
-    for text in overrides:
+    origins: dict[str, str] = {}
+    for item in overrides:
+        text, origin = item if isinstance(item, tuple) else (item, f"--set {item}")
         keys, value = parse_override(text)
         node = data
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {k} is not a section")
+                raise ConfigError(f"{origin}: {k} is not a section")
         node[keys[-1]] = value
+        origins[".".join(keys)] = origin
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid configuration{where}:\n{format_errors(e)}") from None
+        from_flags = all(_origin(".".join(map(str, err["loc"])), origins) for err in e.errors())
+        where = f" in {path}" if path and not from_flags else ""
+        raise ConfigError(f"invalid configuration{where}:\n{format_errors(e, origins)}") from None
 
 
 def deep_merge(a: dict, b: dict) -> dict:

@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class RunError(RuntimeError):
     """A run that cannot go on: actors failing past the budget, a hung learner, nothing to resume."""
+
+
+class TrainingHalted(RunError):
+    """A run stopped because training went wrong (non-finite loss, no learning signal left); the CLI exits 3."""

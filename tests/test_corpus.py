@@ -71,7 +71,7 @@ def test_check_same():
 # --- reading and downloading -----------------------------------------------------------------
 
 def test_read_text_errors(tmp_path):
-    with pytest.raises(CorpusError, match="does not exist.*--corpus"):
+    with pytest.raises(CorpusError, match="does not exist; check the corpus path"):
         read_text(tmp_path / "nope.txt")
     (tmp_path / "input.txt").write_text("hi")
     with pytest.raises(CorpusError, match="is a directory.*input.txt"):
@@ -137,9 +137,9 @@ def test_download_wrong_checksum_not_kept(server, tmp_path):
 def test_download_failures_suggest_local_file(server, tmp_path):
     _, base, _ = server
     cache = tmp_path / "cache"
-    with pytest.raises(CorpusError, match="404.*--corpus"):
+    with pytest.raises(CorpusError, match="404.*give a local file as the corpus path"):
         download_corpus(f"{base}/missing.txt", "0" * 64, cache_dir=cache)
-    with pytest.raises(CorpusError, match="failed.*--corpus PATH"):
+    with pytest.raises(CorpusError, match="failed.*give a local file as the corpus path"):
         download_corpus("http://127.0.0.1:1/x", "0" * 64, cache_dir=cache, timeout=5)
     assert list(cache.iterdir()) == []
 

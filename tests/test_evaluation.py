@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,6 +152,12 @@ def checkpoints(tmp_path_factory, tiny_generator, tiny_corpus_file):
                            precision="fp32", corpus={"path": tiny_corpus_file})
     train_char_lm(lm_cfg, load_corpus(tiny_corpus_file), to_dict(lm_cfg), progress=False, log=lambda *a: None)
     paths["lm"] = lm_cfg.out
+    for name, seed in (("member_a", 4), ("member_b", 5), ("gold_seed_of_a", 4)):
+        torch.manual_seed(seed + (100 if name == "gold_seed_of_a" else 0))
+        judge = Judge(judge_config("tiny", tok.n_chars, gen.cfg.block_size))
+        paths[name] = str(root / name)
+        save_checkpoint(paths[name], kind="judge", model_config=judge.cfg, vocab=tok.to_dict(), weights=judge,
+                        config={"seed": seed})
     for name, noise, kl_coef in (("same", 0.0, 0.04), ("moved", 0.3, 0.01)):
         policy = type(gen)(gen.cfg)
         policy.load_state_dict(gen.state_dict())
@@ -196,13 +203,15 @@ def test_evaluate_writes_every_measure_with_error_bars(tmp_path, checkpoints):
     names = [r["name"] for r in report["rows"]]
     assert names == ["generator", "best-of-1", "best-of-2", "best-of-4", f"policy {c['same']}",
                      f"policy {c['moved']}"]
-    keys = list(PER_SAMPLE) + [f"distinct_{n}" for n in (1, 2, 3, 4)] + ["kl_per_sequence"]
+    measured = [k for k in PER_SAMPLE if k != "proxy_disagreement"]  # one proxy judge: no spread
+    keys = measured + [f"distinct_{n}" for n in (1, 2, 3, 4)] + ["kl_per_sequence"]
     for row in report["rows"]:
         for key in keys:
             assert _finite_bar(row[key]), (row["name"], key, row[key])
+        assert row["proxy_disagreement"] is None
         assert row["sqrt_kl"] >= 0 and row["examples"]
         if row["kind"] != "base":
-            assert set(row["paired_vs_base"]) == set(PER_SAMPLE)
+            assert set(row["paired_vs_base"]) == set(measured)
             assert all(_finite_bar(v) for v in row["paired_vs_base"].values())
     base, bon, policies = report["rows"][0], report["rows"][1:4], report["rows"][4:]
     assert base["kl_kind"] == "base" and base["kl_per_sequence"]["mean"] == 0.0
@@ -269,7 +278,7 @@ def test_report_draws_the_overoptimization_plot(tmp_path, checkpoints):
     (["--judge", "{nowhere}"], "does not exist"),
     (["--prompts", "1"], "--prompts must be >= 2"),
     (["--lm", "{generator}"], "expected a lm checkpoint"),
-    (["--steps", "0"], "steps must be >= 1"),
+    (["--steps", "0"], "Invalid value for '--steps': 0 is not in the range x>=1"),
 ])
 def test_evaluate_bad_input_is_one_line_user_error(tmp_path, checkpoints, args, message):
     paths = {**checkpoints, "nowhere": str(tmp_path / "nowhere")}
@@ -290,3 +299,100 @@ def test_evaluate_best_of_without_a_judge_and_missing_checkpoints(tmp_path, chec
     assert result.exit_code == 2 and "nothing to evaluate" in result.output
     result = _evaluate("--run", str(tmp_path), "--judge", checkpoints["proxy"], *out)
     assert result.exit_code == 2 and "no checkpoints" in result.output
+
+
+def _base_row(tmp_path, c, name, *args):
+    out = tmp_path / f"{name}.json"
+    result = _evaluate("--generator", c["generator"], *args, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    return json.loads(out.read_text())
+
+
+def test_evaluate_scores_the_proxy_with_an_ensemble(tmp_path, checkpoints):
+    """Every measure is a mean over samples, so an ensemble's mean reward is the mean of its members' mean
+    rewards, and mean - lambda * std is the mean minus lambda times the mean spread (proxy_disagreement)."""
+    c = checkpoints
+    members = ["--judge", c["member_a"], "--judge", c["member_b"]]
+    a = _base_row(tmp_path, c, "a", "--judge", c["member_a"])["rows"][0]
+    b = _base_row(tmp_path, c, "b", "--judge", c["member_b"])["rows"][0]
+    mean = _base_row(tmp_path, c, "mean", *members)
+    mms = _base_row(tmp_path, c, "mms", *members, "--ensemble", "mean_minus_std", "--ensemble-std-coef", "2")["rows"][0]
+    low = _base_row(tmp_path, c, "min", *members, "--ensemble", "min")
+    assert mean["checkpoints"]["proxy_judge"] == [c["member_a"], c["member_b"]]
+    assert mean["proxy_ensemble"] == {"members": 2, "mode": "mean", "std_coef": 1.0, "std": "sample (divisor M - 1)"}
+    mean_row = mean["rows"][0]
+    members_mean = (a["proxy_reward"]["mean"] + b["proxy_reward"]["mean"]) / 2
+    assert mean_row["proxy_reward"]["mean"] == pytest.approx(members_mean)
+    assert mean_row["proxy_disagreement"]["mean"] > 0
+    assert mms["proxy_reward"]["mean"] == pytest.approx(mean_row["proxy_reward"]["mean"]
+                                                       - 2 * mms["proxy_disagreement"]["mean"])
+    assert low["rows"][0]["proxy_reward"]["mean"] <= min(a["proxy_reward"]["mean"], b["proxy_reward"]["mean"]) + 1e-12
+    assert low["proxy_ensemble"]["mode"] == "min"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--judge", "{member_a}", "--judge", "{member_b}", "--gold", "{member_b}"],
+     "is the proxy judge (or a member of the proxy ensemble"),
+    (["--judge", "{member_a}", "--judge", "{member_b}", "--gold", "{gold_seed_of_a}"],
+     "was trained with the seed 4 of the proxy judge"),
+    (["--judge", "{member_a}", "--ensemble", "min"], "combine two or more judges: repeat --judge"),
+    (["--judge", "{member_a}", "--judge", "{member_a}"], "names a judge twice"),
+    (["--judge", "{member_a}", "--best"], "--best picks the best checkpoint of each --run directory"),
+])
+def test_evaluate_ensemble_bad_input(tmp_path, checkpoints, args, message):
+    args = [a.format(**checkpoints) for a in args]
+    result = _evaluate("--generator", checkpoints["generator"], *args, "--out", str(tmp_path / "x.json"))
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def _copy_run(src: str, dst: Path, step: int, **state) -> str:
+    """A copy of a GRPO-style checkpoint as step `step` of the run `dst`, with `state` merged into its state."""
+    import shutil
+    path = dst / "checkpoints" / f"step_{step:06d}"
+    shutil.copytree(src, path)
+    manifest = json.loads((path / "config.json").read_text())
+    manifest["state"].update(step=step, **state)
+    (path / "config.json").write_text(json.dumps(manifest))
+    return str(path)
+
+
+def test_evaluate_a_run_with_its_own_ensemble_and_reference_resets(tmp_path, checkpoints):
+    """The run's reward ensemble is the proxy by default; a checkpoint whose run reset its reference is measured
+    against the base generator, which must then be named."""
+    c = checkpoints
+    path = _copy_run(c["moved"], tmp_path / "run", 4, learner={"reference_resets": 2, "kl_controller": None})
+    manifest = json.loads((Path(path) / "config.json").read_text())
+    manifest["config"]["reward"] = {"kind": "judge", "judge_checkpoint": None, "ensemble": "min",
+                                    "judge_checkpoints": [c["member_a"], c["member_b"]], "ensemble_std_coef": 1.0}
+    (Path(path) / "config.json").write_text(json.dumps(manifest))
+    out = tmp_path / "r.json"
+    result = _evaluate("--policy", path, "--out", str(out))
+    assert result.exit_code == 2 and "reset 2 times" in result.output and "--generator" in result.output
+    result = _evaluate("--policy", path, "--generator", c["generator"], "--gold", c["gold"], "--out", str(out))
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["proxy_ensemble"]["mode"] == "min"
+    assert report["checkpoints"]["proxy_judge"] == [c["member_a"], c["member_b"]]
+    row = report["rows"][1]
+    assert row["reference"] == "the base generator" and row["reference_resets"] == 2
+    assert row["kl_per_sequence"]["mean"] > 0.1
+    result = _evaluate("--policy", path, "--generator", c["generator"], "--gold", c["member_a"],
+                       "--out", str(out))
+    assert result.exit_code == 2 and "a reward judge of an evaluated run" in result.output
+
+
+def test_evaluate_best_takes_the_checkpoint_a_run_names(tmp_path, checkpoints):
+    c = checkpoints
+    run = tmp_path / "run"
+    for step in (2, 4, 6):
+        _copy_run(c["moved"], run, step)
+    out = tmp_path / "b.json"
+    result = _evaluate("--run", str(run), "--best", "--generator", c["generator"], "--out", str(out))
+    assert result.exit_code == 2 and "names no best checkpoint" in result.output
+    (run / "checkpoints" / "best.json").write_text(json.dumps({"step": 4, "checkpoint": "step_000004"}))
+    result = _evaluate("--run", str(run), "--best", "--generator", c["generator"], "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert [r.get("step") for r in json.loads(out.read_text())["rows"]] == [None, 4]
+    result = _evaluate("--run", str(run), "--generator", c["generator"], "--out", str(out))
+    assert [r.get("step") for r in json.loads(out.read_text())["rows"]] == [None, 2, 4, 6]

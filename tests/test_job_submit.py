@@ -39,7 +39,8 @@ def head_node():
         out, _ = proc.communicate(timeout=120)
         if proc.returncode != 0:
             pytest.fail(f"ray start --head failed ({proc.returncode}):\n{out[-3000:]}")
-        yield {"address": f"http://127.0.0.1:{dash}", "temp_dir": temp_dir, "start_output": out}
+        yield {"address": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}", "temp_dir": temp_dir,
+               "start_output": out}
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -65,10 +66,29 @@ def test_ray_job_submit_runs_tiny_grpo(head_node, tiny_corpus_file, tmp_path):
     out_dir = tmp_path / "job_run"
     job_id = f"dgrpo-test-{os.getpid()}-{int(time.time())}"
     env = dict(ray_env(), RAY_ADDRESS=head_node["address"], SUBMISSION_ID=job_id)
-    # the documented command: blocks, streams the job's output, exits 1 if the job fails
+    # issue 18: joining the cluster without its token fails at once, saying so
+    tokenless = subprocess.run([str(BIN / "dgrpo"), "train", "--config", "deploy/configs/tiny.yaml",
+                                "--set", f"corpus.path={tiny_corpus_file}", "--set", f"run.out_dir={tmp_path / 'x'}"],
+                               env=dict(ray_env(), RAY_ADDRESS=head_node["gcs"], RAY_AUTH_MODE="disabled"), cwd=REPO,
+                               capture_output=True, text=True, timeout=120)
+    assert tokenless.returncode == 2 and f"error: cannot join the Ray cluster at {head_node['gcs']} ($RAY_ADDRESS" \
+        in tokenless.stderr and "the cluster refused this client's token" in tokenless.stderr, tokenless.stderr[-2000:]
+    # issue 18: a relative run.out_dir used to "succeed" inside Ray's temporary copy of the working directory
+    relative = subprocess.run([str(REPO / "deploy" / "submit.sh"), "deploy/configs/tiny.yaml",
+                               "--set", f"corpus.path={tiny_corpus_file}", "--set", "run.out_dir=runs/job_run"],
+                              env=dict(env, SUBMISSION_ID=f"{job_id}-relative"), cwd=REPO, capture_output=True,
+                              text=True, timeout=240)
+    print(f"\n$ deploy/submit.sh deploy/configs/tiny.yaml --set corpus.path=... --set run.out_dir=runs/job_run\n"
+          f"{relative.stdout[-1500:]}")
+    assert relative.returncode != 0 and job_status(head_node["address"], f"{job_id}-relative") == "FAILED"
+    assert "error: run.out_dir 'runs/job_run' is relative and this is a Ray job, whose working directory" in \
+        relative.stdout, relative.stdout[-3000:]
+    # the documented command: blocks, streams the job's output, exits 1 if the job fails; the relative
+    # out_dir now resolved against run.storage_path
     try:
         submit = subprocess.run([str(REPO / "deploy" / "submit.sh"), "deploy/configs/tiny.yaml",
-                                 "--set", f"corpus.path={tiny_corpus_file}", "--set", f"run.out_dir={out_dir}"],
+                                 "--set", f"corpus.path={tiny_corpus_file}", "--set", "run.out_dir=job_run",
+                                 "--set", f"run.storage_path={tmp_path}"],
                                 env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired as e:
         ray_cli("job", "stop", "--address", head_node["address"], job_id)
@@ -80,7 +100,8 @@ def test_ray_job_submit_runs_tiny_grpo(head_node, tiny_corpus_file, tmp_path):
     assert submit.returncode == 0 and status == "SUCCEEDED", (status, logs[-3000:], submit.stderr[-3000:])
 
     summary = json.loads(logs[logs.rindex('{\n  "steps"'):logs.rindex("}") + 1])
-    assert summary["steps"] == 2 and summary["out_dir"] == str(out_dir)
+    assert summary["steps"] == 2 and summary["out_dir"] == str(out_dir) and summary["status"] == "finished"
+    assert f"run directory: {out_dir} (new run {summary['run_id']}, config " in logs
     ckpt = out_dir / "checkpoints" / "step_000002"
     assert ckpt.is_dir() and any(ckpt.iterdir())
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]

@@ -485,7 +485,8 @@ def test_row_logprobs_entropy_and_scatter(model):
 
 # --- precision --------------------------------------------------------------------------------
 
-def test_resolve_precision():
+def test_resolve_precision(monkeypatch):
+    monkeypatch.delenv("DGRPO_PRECISION", raising=False)  # auto follows the hardware
     assert resolve_precision("fp32") is None
     assert resolve_precision("bf16") is torch.bfloat16
     auto = resolve_precision("auto")

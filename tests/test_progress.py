@@ -21,6 +21,23 @@ def test_the_line_holds_step_reward_kl_pace_staleness_and_eta():
     assert "kl -" in step_line({k: v for k, v in RECORD.items() if k != "kl"}, 50, 130.0)
 
 
+def test_the_line_shows_the_kl_budget_and_the_best_checkpoint():
+    record = {**RECORD, "kl_seq": 3.2149, "kl_coef": 0.0412}
+    assert "  kl 0.0213 (3.21/seq, coef 0.0412)  5.70 steps/min" in step_line(record, 50, 130.0)
+    evaluated = {**record, "eval_reward_mean": 0.5311, "eval_reward_stderr": 0.0184, "eval_kl_seq": 2.904,
+                 "best_step": 10}
+    assert "  eval 0.531 ± 0.018 (KL 2.90/seq, best step 10)  ETA" in step_line(evaluated, 50, 130.0)
+    out = io.StringIO()
+    ProgressPrinter(50, out=out).best({"checkpoint": "runs/x/checkpoints/step_000010", "step": 10,
+                                       "selection": "eval_reward", "value": 0.5311, "eval_kl_seq": 2.904})
+    assert out.getvalue() == ("best checkpoint: runs/x/checkpoints/step_000010 (step 10, eval_reward 0.531, "
+                              "held-out KL 2.90 nats/seq)\n")
+    out = io.StringIO()
+    ProgressPrinter(50, out=out).best(None)
+    ProgressPrinter(50, out=out, enabled=False).best({"checkpoint": "c"})
+    assert out.getvalue() == ""
+
+
 def test_eta_is_whichever_of_steps_and_time_budget_ends_first():
     assert eta_seconds(12, 50, 5.7, 130.0, None) == (pytest.approx(400.0), "steps")
     assert eta_seconds(12, 50, 5.7, 130.0, max_minutes=4.0) == (pytest.approx(110.0), "time limit")

@@ -180,8 +180,11 @@ def test_every_dashboard_panel_query_returns_data_from_a_real_prometheus(
     on = f'SessionName="{session}"'
 
     def counters() -> dict[str, float]:
-        return {name: prometheus.value(f"sum(ray_dgrpo_{name}_total{{{on}}})") or 0.0
-                for name in ("rollout_samples", "judge_samples")}
+        """The counters the rate panels read, the judge-latency histogram's count among them: each must have
+        risen between two scrapes for its rate (and the quantiles made from it) to be defined."""
+        series = {name: f"ray_dgrpo_{name}_total" for name in ("rollout_samples", "judge_samples")}
+        series["judge_latency"] = "ray_dgrpo_judge_latency_s_count"
+        return {name: prometheus.value(f"sum({metric}{{{on}}})") or 0.0 for name, metric in series.items()}
 
     def version_is(v):
         return lambda: prometheus.value(f"max(ray_dgrpo_policy_version{{{on}}})") == v

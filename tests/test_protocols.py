@@ -56,10 +56,20 @@ def make_rollout(seed: int = 0, groups: int = 2, k: int = 3, length: int = 8, st
     )
 
 
-def make_scored(seed: int = 0, **kw) -> ScoredBatch:
+def make_scored(seed: int = 0, members: int = 3, **kw) -> ScoredBatch:
     rollout = make_rollout(seed, **kw)
-    rewards = torch.rand(rollout.num_samples, generator=torch.Generator().manual_seed(seed + 1000))
-    return ScoredBatch(rollout=rollout, rewards=rewards, judge_id=2, timings={"score_s": 0.5})
+    member_rewards = torch.rand(members, rollout.num_samples, generator=torch.Generator().manual_seed(seed + 1000))
+    return ScoredBatch(rollout=rollout, rewards=member_rewards.mean(0), judge_id=2, timings={"score_s": 0.5},
+                       member_rewards=member_rewards)
+
+
+def as_schema_1(msg) -> bytes:
+    """`msg` as a build of schema version 1 wrote it: no ScoredBatch.member_rewards or judge_version."""
+    wire = msgpack.unpackb(encode(msg))
+    wire["version"] = 1
+    if wire["schema"] == "scored_batch":
+        del wire["data"]["member_rewards"], wire["data"]["judge_version"]
+    return msgpack.packb(wire, use_bin_type=True)
 
 
 def same_bits(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> bool:
@@ -123,6 +133,53 @@ def test_round_trip_each_message_type():
         assert_same(msg, back)
     assert decode(encode(messages[0])).min_version == 0
     assert decode(encode(messages[-1])) == messages[-1]  # MetricsRecord keeps dataclass equality
+
+
+def test_schema_1_messages_still_decode():
+    """Logs written before ScoredBatch.member_rewards (schema 1) read back, without member rewards; a v1 message
+    holding the v2 field, or a v2 message without it, is corrupt."""
+    scored = make_scored()
+    old = decode(as_schema_1(scored), expected=ScoredBatch)
+    assert old.member_rewards.numel() == 0 and torch.equal(old.rewards, scored.rewards)
+    assert_same(old.rollout, scored.rollout)
+    old.validate()
+    for msg in (make_rollout(), RolloutRequest(1, torch.zeros(1, 2, dtype=torch.long), 1, 0),
+                MetricsRecord(1, 0, 0.0, {"a": 1.0})):
+        assert_same(decode(as_schema_1(msg)), msg)
+    wire = msgpack.unpackb(encode(scored))
+    wire["version"] = 1
+    with pytest.raises(CodecError, match=r"unexpected fields \['judge_version', 'member_rewards'\]"):
+        decode(msgpack.packb(wire, use_bin_type=True))
+    del wire["data"]["member_rewards"]
+    wire["version"] = SCHEMA_VERSION
+    with pytest.raises(CodecError, match=r"missing fields \['member_rewards'\]"):
+        decode(msgpack.packb(wire, use_bin_type=True))
+
+
+def test_old_rollout_logs_stay_readable(tmp_path):
+    path = tmp_path / "rollouts.msgpack"
+    batches = [make_scored(0, request_id=1), make_scored(1, request_id=2)]
+    with open(path, "wb") as fh:  # frames written by a schema-1 build
+        for b in batches:
+            payload = as_schema_1(b)
+            fh.write(len(payload).to_bytes(4, "little") + payload)
+    with RolloutLogWriter(path) as w:  # a schema-2 build appends to it
+        w.write(make_scored(2, request_id=3))
+    back = list(read_rollout_log(path, expected=ScoredBatch))
+    assert [b.rollout.request_id for b in back] == [1, 2, 3]
+    assert [b.member_rewards.shape[0] for b in back] == [0, 0, 3]
+    assert summarize_rollout_log(path)["num_batches"] == 3
+
+
+def test_member_rewards_are_validated():
+    scored = make_scored(members=2)
+    scored.validate()
+    scored.member_rewards = torch.zeros(2, scored.num_samples + 1)
+    with pytest.raises(ValueError, match=r"ScoredBatch.member_rewards has shape \(2, 7\), expected \(2, 6\)"):
+        scored.validate()
+    scored.member_rewards = torch.full((2, scored.num_samples), float("nan"))
+    with pytest.raises(ValueError, match="member_rewards has NaN/inf"):
+        scored.validate()
 
 
 def test_decoded_types_tensor_fields_are_torch_snapshot_fields_numpy():
@@ -313,9 +370,9 @@ def test_random_byte_flips_never_escape_as_other_errors():
 def test_wrong_schema_version():
     future = SCHEMA_VERSION + 1
     with pytest.raises(CodecError, match=re.escape(
-            f"written by schema version {future}, this build reads versions 1 to {SCHEMA_VERSION}; "
-            "upgrade/downgrade dgrpo or re-generate the file")):
-        decode(envelope(version=future))
+            f"written by schema version {SCHEMA_VERSION + 1}, this build reads versions 1 to {SCHEMA_VERSION}; "
+            "upgrade dgrpo or re-generate the file")):
+        decode(envelope(version=SCHEMA_VERSION + 1))
     for bad in ("1", 1.0, True, None, 0, -1):
         with pytest.raises(CodecError, match="schema version"):
             decode(envelope(version=bad))
@@ -329,13 +386,14 @@ def test_scored_batch_judge_version_and_version_1_logs():
     assert_same(decode(encode(scored)), scored)
     wire = msgpack.unpackb(encode(scored))
     assert wire["version"] == SCHEMA_VERSION == 2 and wire["data"]["judge_version"] == 7
-    old = dict(wire, version=1, data={k: v for k, v in wire["data"].items() if k != "judge_version"})
+    old = dict(wire, version=1, data={k: v for k, v in wire["data"].items()
+                                      if k not in ("judge_version", "member_rewards")})
     back = decode(msgpack.packb(old, use_bin_type=True), expected=ScoredBatch)
     assert back.judge_version == 0
     assert_same(back.rollout, scored.rollout) and same_bits(back.rewards, scored.rewards)
-    with pytest.raises(CodecError, match=r"ScoredBatch: missing fields \[\], unexpected fields \['judge_version'\]"):
+    with pytest.raises(CodecError, match=r"ScoredBatch: missing fields \[\], unexpected fields \['judge_version', "):
         decode(msgpack.packb(dict(wire, version=1), use_bin_type=True))
-    with pytest.raises(CodecError, match=r"ScoredBatch: missing fields \['judge_version'\]"):
+    with pytest.raises(CodecError, match=r"ScoredBatch: missing fields \['judge_version', "):
         decode(msgpack.packb(dict(old, version=2), use_bin_type=True))  # version 2 must carry it
 
 

@@ -42,13 +42,15 @@ def resume_config(tmp_path: Path, corpus: str, name: str, **run) -> TrainConfig:
     return TrainConfig.model_validate({
         "run": {"out_dir": str(tmp_path / name), "steps": STEPS, "eval_every": 100, "eval_prompts": 8,
                 "checkpoint_every": 1, "keep_checkpoints": 2, "metrics_export": False, "log_rollouts": True,
-                "actor_timeout_s": 120, "seed": 5, **run},
+                "actor_timeout_s": 120, "seed": 5, "selection": "none", **run},  # best checkpoints: test_levers.py
         "corpus": {"path": corpus},
         "generator": {"preset": "tiny"},
         "reward": {"kind": "char_frequency", "chars": "e"},
         "prompts": {"length": 16},
         "sampler": {"steps": 4},
-        "grpo": {"group_size": 4, "prompts_per_step": 4, "minibatch_size": 8, "lr": 3e-3, "kl_coef": 0.05},
+        # the KL budget and a reference reset (step 3) have state of their own to resume
+        "grpo": {"group_size": 4, "prompts_per_step": 4, "minibatch_size": 8, "lr": 3e-3, "kl_coef": 0.05,
+                 "kl_target": 0.5, "kl_horizon": 1, "reference_reset_every": 3},
         "resources": {"rollout": {"num_workers": 2}},
     })
 
@@ -92,7 +94,8 @@ def assert_metrics_match(resumed: str, full: str, evals: list[int]) -> None:
     rows, ref = step_rows(resumed), step_rows(full)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # none duplicated, none missing
     for r, f in zip(rows, ref):
-        for key in ("reward_mean", "loss", "kl", "policy_version", "num_samples", "batches_trained"):
+        for key in ("reward_mean", "loss", "kl", "policy_version", "num_samples", "batches_trained", "kl_seq", "kl_coef",
+                    "reference_resets"):
             assert r[key] == pytest.approx(f[key], rel=1e-5, abs=1e-7), (r["step"], key)
     assert [r["step"] for r in read_jsonl(Path(resumed) / "metrics.jsonl") if "eval_reward_mean" in r] == evals
 

@@ -132,7 +132,7 @@ tune: {scheduler: asha, grace_period: 1, reduction_factor: 2, metric: kl, mode: 
     assert rows[0.000001]["status"] == "stopped early" and rows[0.000001]["steps"] in (2, 3)  # ASHA, rung 2
     # placement: one new placement group per trial, shaped driver + learner + rollout + judge, holding its actors
     new_pgs = {pg_id: info for pg_id, info in ray.util.placement_group_table().items() if pg_id not in pgs_before}
-    placements = [json.loads(p.read_text()) for p in sorted((out / "trials").glob("*/placement.json"))]
+    placements = [json.loads(p.read_text())["info"]["tune"] for p in sorted((out / "trials").glob("*/run.json"))]
     trial_pgs = {p["placement_group_id"] for p in placements}
     assert len(placements) == 2 and len(trial_pgs) == 2 and None not in trial_pgs
     assert set(new_pgs) == trial_pgs, "a trial created a placement group of its own"

@@ -1,4 +1,4 @@
-"""JudgeWorker: scores rollout batches with the learned judge or a programmatic reward.
+"""JudgeWorker: scores rollout batches with the learned judge, an ensemble of judges, or a programmatic reward.
 
 With judge refresh the driver sends new judge weights (`set_judge`); every scored
 batch records the judge version that scored it (0: reward.judge_checkpoint as loaded).
@@ -12,7 +12,7 @@ import torch
 
 from ..config import RewardConfig
 from ..corpus import CharTokenizer
-from ..models.rewards import JudgeReward, build_reward, compute_rewards
+from ..models.rewards import JudgeReward, build_reward, compute_member_rewards
 from ..precision import describe_precision, pick_device, resolve_precision
 from ..protocols import RolloutBatch, ScoredBatch, WeightSnapshot
 from .telemetry import ActorTelemetry, placement
@@ -45,11 +45,11 @@ class JudgeWorker:
 
     def score(self, batch: RolloutBatch) -> ScoredBatch:
         t0 = time.perf_counter()
-        rewards = compute_rewards(self.reward_fn, batch.tokens.to(self.device)).cpu()
+        rewards, members = compute_member_rewards(self.reward_fn, batch.tokens.to(self.device))
         score_s = time.perf_counter() - t0
         self.telemetry.observe_judge(samples=batch.num_samples, seconds=score_s)
         return ScoredBatch(rollout=batch, rewards=rewards.float(), judge_id=self.judge_id,
-                           timings={"score_s": score_s}, judge_version=self.judge_version)
+                           timings={"score_s": score_s}, judge_version=self.judge_version, member_rewards=members)
 
     def info(self) -> dict:
         return {"judge_id": self.judge_id, **placement(), "device": str(self.device), "precision": self.precision,

@@ -49,7 +49,7 @@ class LearnerActor:
     def save(self, path: str, driver_state: dict, config: dict, extra_tensors: dict | None = None) -> str:
         """extra_tensors: further tensor sets of the run saved in the same atomic checkpoint (judge refresh)."""
         core = self.core
-        state = {"step": core.step, "version": core.version, "driver": driver_state}
+        state = {"step": core.step, "version": core.version, "learner": core.state_scalars(), "driver": driver_state}
         save_checkpoint(path, kind="generator", model_config=self.model_config, vocab=self.vocab,
                         weights=core.policy, state=state, config=config, optimizer=core.optimizer,
                         extra_tensors={**core.state_tensors(), **(extra_tensors or {})})
@@ -60,7 +60,8 @@ class LearnerActor:
         ckpt.load_weights_into(self.core.policy)
         ckpt.load_optimizer_into(self.core.optimizer)
         self.core.load_state(ckpt.load_tensors("reference"), ckpt.load_tensors("learner_rng"),
-                             version=int(ckpt.state["version"]), step=int(ckpt.state["step"]))
+                             version=int(ckpt.state["version"]), step=int(ckpt.state["step"]),
+                             scalars=ckpt.state.get("learner"))
         return ckpt.state["driver"]
 
     def info(self) -> dict:

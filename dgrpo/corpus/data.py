@@ -1,7 +1,7 @@
 """Corpus loading, train/val split and window sampling.
 
 The default corpus is tiny shakespeare, downloaded once into a cache dir and
-verified by sha256. Any UTF-8 text file can be used instead (--corpus PATH).
+verified by sha256. Any UTF-8 text file can be used instead (corpus.path; the CLI says which flag sets it).
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from .tokenizer import CharTokenizer, VocabularyError
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
-_LOCAL_FIX = ("pass a local file with --corpus PATH (or corpus.path in the config), "
-              "e.g. a copy of tinyshakespeare.txt")
+_LOCAL_FIX = "give a local file as the corpus path, e.g. a copy of tinyshakespeare.txt"
 
 
 class CorpusError(ValueError):
@@ -92,22 +91,20 @@ def download_corpus(url: str = TINY_SHAKESPEARE_URL, sha256: str = TINY_SHAKESPE
 def read_text(path) -> str:
     path = pathlib.Path(path)
     if not path.exists():
-        raise CorpusError(f"corpus file {path} does not exist; check the path given with --corpus "
-                          f"(or corpus.path in the config), or leave it unset to download tiny "
-                          f"shakespeare")
+        raise CorpusError(f"corpus file {path} does not exist; check the corpus path, or leave it unset to "
+                          f"download tiny shakespeare")
     if path.is_dir():
         txt = sorted(p.name for p in path.glob("*.txt"))[:3]
         hint = f" (it contains {', '.join(txt)})" if txt else ""
         raise CorpusError(f"corpus path {path} is a directory{hint}; pass the text file itself, "
-                          f"e.g. --corpus {path / (txt[0] if txt else 'input.txt')}")
+                          f"e.g. {path / (txt[0] if txt else 'input.txt')}")
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise CorpusError(f"cannot read corpus file {path}: {e}; check its permissions or pass "
-                          f"another file with --corpus PATH") from e
+        raise CorpusError(f"cannot read corpus file {path}: {e}; check its permissions or give another "
+                          f"file as the corpus path") from e
     if not data:
-        raise CorpusError(f"corpus file {path} is empty; pass a non-empty UTF-8 text file with "
-                          f"--corpus PATH")
+        raise CorpusError(f"corpus file {path} is empty; give a non-empty UTF-8 text file as the corpus path")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -13,7 +13,8 @@ the driver's evaluation makes them: fixed_windows + make_prompts, the run's prom
   reference's, replayed on the same trajectories (trajectory.py) ("measured").
 
 Measures per row, each {mean, stderr} over prompts (samples of a prompt averaged first):
-proxy_reward (1 - score of the judge GRPO optimised), gold_reward (1 - score of a judge
+proxy_reward (1 - score of the judge GRPO optimised, or its ensemble's combined reward, with
+the members' spread as proxy_disagreement), gold_reward (1 - score of a judge
 trained independently), lm_bits_per_char (a causal character LM, char_lm.py), distinct-n
 and repeated n-grams (text_stats.py), kl_per_sequence; and their paired differences to the
 base row, prompt by prompt. The base and the policies are sampled from the same seed (common
@@ -34,6 +35,7 @@ from ..models.char_lm import bits_per_char, load_char_lm
 from ..models.diffusion import DiffusionLM
 from ..models.judge import load_judge
 from ..models.diffusion import load_generator
+from ..models.rewards import ENSEMBLE_MODES, combine_member_rewards, member_std
 from ..training.judge import judge_scores
 from ..models.sampler import sample, validate_sampling
 from ..precision import machine_summary, resolve_precision
@@ -44,7 +46,7 @@ from .statistics import mean_stderr, paired_difference, per_prompt_means
 from .text_stats import DISTINCT_ORDERS, REPEATED, TextStats, distinct_over_sets
 
 SAMPLER_DEFAULTS = {"steps": 32, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "order": "random"}
-PER_SAMPLE = (("proxy_reward", "gold_reward", "lm_bits_per_char")
+PER_SAMPLE = (("proxy_reward", "proxy_disagreement", "gold_reward", "lm_bits_per_char")
               + tuple(f"distinct_{n}_per_sample" for n in DISTINCT_ORDERS) + tuple(REPEATED))
 DEFAULT_EVAL_SEED = 1234
 KL_DEFINITION = {
@@ -68,7 +70,9 @@ class EvaluateOptions:
     generator: str | None = None
     best_of: list[int] = field(default_factory=list)
     pool: int | None = None  # best-of-N pool per prompt; default max(best_of)
-    judge: str | None = None  # proxy; default the first policy's reward.judge_checkpoint
+    judges: list[str] = field(default_factory=list)  # proxy (two or more: an ensemble); default the run's reward
+    ensemble: str | None = None  # how an ensemble combines; default the run's reward.ensemble, else "mean"
+    ensemble_std_coef: float | None = None  # lambda of mean_minus_std; default the run's, else 1.0
     gold: str | None = None
     lm: str | None = None
     prompts: int = 64
@@ -92,6 +96,12 @@ class Policy:
     tokenizer: CharTokenizer
     config: dict
     state: dict
+
+    @property
+    def reference_resets(self) -> int:
+        """How often the run replaced its reference by the policy (grpo.reference_reset_every) before this
+        checkpoint; then the stored reference is no longer the starting generator."""
+        return int((self.state.get("learner") or {}).get("reference_resets", 0))
 
 
 def _load_policy(path: str) -> Policy:
@@ -185,6 +195,9 @@ class Evaluator:
             first = self.policies[0]
             _check(first.reference is not None, f"{first.path} stores no reference weights (it is not a GRPO "
                                                 f"checkpoint); pass the base generator with --generator")
+            _check(first.reference_resets == 0, f"{first.path} stores a reference its run reset "
+                                                f"{first.reference_resets} times (grpo.reference_reset_every), not the "
+                                                f"starting generator; pass that with --generator")
             self.base, self.tokenizer = first.reference, first.tokenizer
             self.base_source = f"{first.path} (its stored reference)"
             base_cfg = first.config
@@ -216,27 +229,55 @@ class Evaluator:
             raise EvaluationError(str(e)) from None
         self.timings["load_s"] = time.perf_counter() - self.t_start
 
-    def _load_scorers(self) -> None:
+    def _proxy_settings(self) -> tuple[list[str], str, float]:
+        """(proxy judge paths, ensemble mode, lambda): --judge, else the run's reward."""
         opts = self.opts
         reward_cfg = self.run_cfg.get("reward") or {}
-        self.judge_path = opts.judge or (reward_cfg.get("judge_checkpoint") if reward_cfg.get("kind") == "judge"
-                                         else None)
-        if not self.judge_path:
+        run_judge = reward_cfg.get("kind") == "judge"
+        paths = list(opts.judges) or (list(reward_cfg.get("judge_checkpoints") or [reward_cfg.get("judge_checkpoint")])
+                                      if run_judge else [])
+        if not paths or not paths[0]:
             why = "--best-of needs it to pick the best sample; " if opts.best_of else ""
-            raise EvaluationError(f"no proxy judge: {why}pass --judge CKPT (the judge GRPO optimised against)")
-        self.proxy, proxy_ckpt = _judge(self.judge_path, "proxy", self.tokenizer, self.length)
+            raise EvaluationError(f"no proxy judge: {why}pass --judge CKPT (the judge GRPO optimised against; "
+                                  f"repeat it for an ensemble)")
+        _check(len(set(paths)) == len(paths), f"--judge names a judge twice: {paths}")
+        own = run_judge and not opts.judges  # the run's ensemble settings go with the run's judges
+        mode = opts.ensemble or (reward_cfg.get("ensemble") if own else None) or "mean"
+        coef = opts.ensemble_std_coef if opts.ensemble_std_coef is not None else \
+            (reward_cfg.get("ensemble_std_coef") if own else None)
+        _check(mode in ENSEMBLE_MODES, f"--ensemble must be one of {', '.join(ENSEMBLE_MODES)}, got {mode!r}")
+        _check(len(paths) > 1 or (opts.ensemble is None and opts.ensemble_std_coef is None),
+               "--ensemble and --ensemble-std-coef combine two or more judges: repeat --judge")
+        return paths, mode, 1.0 if coef is None else float(coef)
+
+    def _load_scorers(self) -> None:
+        opts = self.opts
+        self.judge_paths, self.ensemble_mode, self.ensemble_std_coef = self._proxy_settings()
+        self.proxies = [_judge(p, "proxy", self.tokenizer, self.length) for p in self.judge_paths]
         self.gold = self.lm = None
         self.warnings: list[str] = []
         if opts.gold:
-            rewards = [self.judge_path] + [(p.config.get("reward") or {}).get("judge_checkpoint") for p in self.policies]
-            _check(Path(opts.gold).resolve() not in {Path(r).resolve() for r in rewards if r},
-                   f"the gold judge {opts.gold} is the proxy judge (or the reward of an evaluated run); train one "
-                   f"independently (dgrpo judge train --set seed=... --out ...)")
+            gold = Path(opts.gold).resolve()
+            rewards = set(self.judge_paths)
+            for p in self.policies:
+                reward_cfg = p.config.get("reward") or {}
+                rewards |= set(reward_cfg.get("judge_checkpoints") or []) | {reward_cfg.get("judge_checkpoint")}
+                selection = (p.config.get("run") or {}).get("selection_judge")
+                _check(not selection or Path(selection).resolve() != gold,
+                       f"the gold judge {opts.gold} is the selection judge of {p.path}'s run, so it chose which "
+                       f"checkpoints were kept; use a judge that neither training nor selection saw")
+            _check(gold not in {Path(r).resolve() for r in rewards if r},
+                   f"the gold judge {opts.gold} is the proxy judge (or a member of the proxy ensemble, or a reward "
+                   f"judge of an evaluated run); "
+                   f"train one independently (dgrpo judge train --set seed=... --out ...)")
             self.gold, gold_ckpt = _judge(opts.gold, "gold", self.tokenizer, self.length)
-            proxy_seed, gold_seed = (proxy_ckpt.config or {}).get("seed"), (gold_ckpt.config or {}).get("seed")
-            _check(proxy_seed is None or proxy_seed != gold_seed,
-                   f"the gold judge {opts.gold} was trained with the proxy's seed {proxy_seed}: same initial weights "
-                   f"and the same refill samples, so it is not independent; train it with another seed")
+            gold_seed = (gold_ckpt.config or {}).get("seed")
+            for path, (_, proxy_ckpt) in zip(self.judge_paths, self.proxies):
+                proxy_seed = (proxy_ckpt.config or {}).get("seed")
+                _check(proxy_seed is None or proxy_seed != gold_seed,
+                       f"the gold judge {opts.gold} was trained with the seed {proxy_seed} of the proxy judge {path}: "
+                       f"same initial weights and the same refill samples, so it is not independent; train it with "
+                       f"another seed")
         else:
             self.warnings.append("no --gold: gold_reward not measured")
         if opts.lm:
@@ -267,8 +308,10 @@ class Evaluator:
         """Per-sample measures of (B, T) samples: PER_SAMPLE name -> (B,) float64 (None when not measured)."""
         chunk = self.opts.chunk
         values: dict[str, torch.Tensor | None] = {}
-        values["proxy_reward"] = self._timed("proxy_s", lambda: 1.0 - judge_scores(
-            self.proxy, tokens, self.autocast_dtype, chunk).double())
+        members = self._timed("proxy_s", lambda: torch.stack([1.0 - judge_scores(
+            judge, tokens, self.autocast_dtype, chunk).double() for judge, _ in self.proxies]))
+        values["proxy_reward"] = combine_member_rewards(members, self.ensemble_mode, self.ensemble_std_coef)
+        values["proxy_disagreement"] = member_std(members) if len(members) > 1 else None
         values["gold_reward"] = None if self.gold is None else self._timed("gold_s", lambda: 1.0 - judge_scores(
             self.gold, tokens, self.autocast_dtype, chunk).double())
         values["lm_bits_per_char"] = None if self.lm is None else self._timed("lm_s", lambda: bits_per_char(
@@ -340,13 +383,17 @@ class Evaluator:
             for row, _ in rows[1:]:
                 row["checkpoint"] = self.base_source
         for p in self.policies:
-            reference = p.reference if p.reference is not None else self.base
+            # KL to the starting generator: the stored reference, unless the run has reset it since
+            own_reference = p.reference is not None and p.reference_resets == 0
+            reference = p.reference if own_reference else self.base
             row, pp = self.sampled_row(f"policy {p.path}", "policy", p.model, reference)
             run_sampler = {k: (p.config.get("sampler") or {}).get(k) for k in SAMPLER_DEFAULTS}
+            grpo_cfg = p.config.get("grpo") or {}
             row.update({"checkpoint": p.path, "step": p.state.get("step"),
                         "run": (p.config.get("run") or {}).get("out_dir") or str(Path(p.path).parent.parent),
-                        "kl_coef": (p.config.get("grpo") or {}).get("kl_coef"),
-                        "reference": "stored in the checkpoint" if p.reference is not None else "the base generator",
+                        "kl_coef": grpo_cfg.get("kl_coef"), "kl_target": grpo_cfg.get("kl_target"),
+                        "reference_resets": p.reference_resets,
+                        "reference": "stored in the checkpoint" if own_reference else "the base generator",
                         "run_sampler": run_sampler})
             rows.append((row, pp))
         for row, pp in rows[1:]:
@@ -360,8 +407,11 @@ class Evaluator:
                         "seed": self.seed, "split": "validation", "corpus": self.corpus_path},
             "sampler": self.sampler, "kl_definition": KL_DEFINITION[self.sampler["order"]],
             "sampling_seeds": {"base_and_policies": self.seed + 1, "best_of_n_pool": self.seed + 2},
-            "checkpoints": {"generator": self.base_source, "proxy_judge": self.judge_path, "gold_judge": opts.gold,
+            "checkpoints": {"generator": self.base_source, "proxy_judge": self.proxy_source, "gold_judge": opts.gold,
                             "lm": opts.lm, "policies": list(opts.policies)},
+            "proxy_ensemble": ({"members": len(self.judge_paths), "mode": self.ensemble_mode,
+                                "std_coef": self.ensemble_std_coef, "std": "sample (divisor M - 1)"}
+                               if len(self.judge_paths) > 1 else None),
             "precision": opts.precision, "autocast": str(self.autocast_dtype) if self.autocast_dtype else "fp32",
             "machine": machine_summary(), "warnings": self.warnings,
             "rows": [row for row, _ in rows],
@@ -370,6 +420,11 @@ class Evaluator:
         report["timings"] = {**self.timings, "total_s": time.perf_counter() - self.t_start}
         return report
 
+    @property
+    def proxy_source(self) -> str | list[str]:
+        """The proxy judge's path, or the ensemble's list of paths."""
+        return self.judge_paths[0] if len(self.judge_paths) == 1 else list(self.judge_paths)
+
     def describe(self) -> str:
         s = self.sampler
         lines = [f"evaluating on {self.opts.prompts} held-out {self.prompt_kind} prompts of {self.length} characters "
@@ -377,7 +432,9 @@ class Evaluator:
                  f"sampler: steps={s['steps']} temperature={s['temperature']} top_k={s['top_k']} top_p={s['top_p']} "
                  f"order={s['order']}; precision {self.opts.precision}",
                  f"base generator: {self.base_source}",
-                 f"proxy judge: {self.judge_path}; gold judge: {self.opts.gold}; language model: {self.opts.lm}"]
+                 f"proxy judge: {self.proxy_source}" + (f" ({self.ensemble_mode}, lambda {self.ensemble_std_coef})"
+                                                         if len(self.judge_paths) > 1 else "")
+                 + f"; gold judge: {self.opts.gold}; language model: {self.opts.lm}"]
         if self.opts.best_of:
             lines.append(f"best-of-N: N = {sorted(set(self.opts.best_of) | {1})} from a pool of "
                          f"{self.opts.pool or max(self.opts.best_of)} per prompt")

@@ -197,6 +197,20 @@ def aggregate(per_token: Tensor, mask: Tensor, mode: str = "token-mean") -> Tens
     return torch.where(mask != 0, w * per_token, torch.zeros((), dtype=w.dtype, device=w.device)).sum()
 
 
+def sequence_kl_k1(logp: Tensor, ref_logp: Tensor, mask: Tensor, revealed: Tensor) -> Tensor:
+    """(B,) KL(pi || pi_ref) per sequence, k1 on a trajectory: the sum over a sample's tokens of
+    logp - ref_logp, for samples drawn from pi (its mean over samples estimates the KL without bias).
+
+    ``mask`` (B, T) marks the tokens whose log-probs were computed and ``revealed`` (B,) counts each
+    sample's revealed tokens; when the mask covers only some of them (a subsample of the steps was
+    replayed), the sum is scaled by revealed / masked tokens: a ratio estimate of the full sum, not the
+    sum itself. A sample without masked tokens counts 0.
+    """
+    m = mask != 0
+    per_sample = torch.where(m, logp - ref_logp, torch.zeros((), dtype=logp.dtype, device=logp.device)).sum(dim=1)
+    return per_sample * revealed.to(per_sample.dtype) / m.sum(dim=1).clamp_min(1).to(per_sample.dtype)
+
+
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``x`` over ``mask`` (0 when the mask is empty); differentiable."""
     x = _float_of(x)

@@ -133,10 +133,16 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint {self.path} has no {filename}; it is incomplete, "
                                   f"use another checkpoint or re-create it")
         try:
-            return load_file(f)
+            tensors = load_file(f)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"checkpoint file {f} is corrupt or truncated ({e}); "
                                   f"use another checkpoint or re-create it") from None
+        bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise CheckpointError(f"checkpoint file {f} holds NaN or inf values in {len(bad)} tensor(s) "
+                                  f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): it was written by a "
+                                  f"diverged run; use an earlier checkpoint")
+        return tensors
 
     def load_weights_into(self, module: torch.nn.Module, filename: str = MODEL_FILE) -> torch.nn.Module:
         tensors = self._load(filename)

@@ -1,13 +1,17 @@
 """Reward functions behind one interface: tokens (B, T) long -> rewards (B,) float32, higher is better.
 
 - JudgeReward: 1 - judge.score(tokens), the learned judge (higher = more real).
+- EnsembleJudgeReward: several judges (different seeds) combined by their mean, mean - lambda * std
+  or minimum (combine_member_rewards).
 - CharFrequencyReward: fraction of positions holding any of the given characters.
 - SubstringFrequencyReward: occurrences of a substring (overlapping) per possible start.
 - RegexReward: number of regular-expression matches, per character (normalize) or raw.
 
 Select one by name with build_reward(cfg) (cfg.kind: judge | char_frequency | regex).
 Call them through compute_rewards(fn, tokens), which rejects NaN, infinities and
-wrong shapes with a clear ValueError instead of letting them become silent zeros.
+wrong shapes with a clear ValueError instead of letting them become silent zeros;
+compute_member_rewards(fn, tokens) also returns each member's rewards (one row for a
+reward that is not an ensemble).
 Pure torch: no Ray here.
 """
 
@@ -80,6 +84,83 @@ class JudgeReward(RewardFunction):
                              f"block), got {T}; generate/prompt windows of length {self.block_size} or train a "
                              f"judge for that length")
         return (1.0 - self.judge.score(tokens.to(self.device), self.autocast_dtype)).float().cpu()
+
+
+ENSEMBLE_MODES = ("mean", "mean_minus_std", "min")
+
+
+def member_std(members: torch.Tensor) -> torch.Tensor:
+    """(M, B) -> (B,) sample standard deviation over the M members (divisor M - 1).
+
+    The members are a sample from the judges one could have trained (one per seed); their spread
+    estimates that distribution's, which is the judge's uncertainty about a text. The sample std
+    estimates it without the population std's shrinkage by sqrt((M - 1) / M), which is large for the
+    few members an ensemble has (0.71 at M = 2), so lambda means the same for any M.
+    """
+    if members.dim() != 2 or members.shape[0] < 2:
+        raise ValueError(f"the spread of an ensemble needs (M >= 2, B) member rewards, got shape "
+                         f"{tuple(members.shape)}")
+    return members.std(dim=0, unbiased=True)
+
+
+def combine_member_rewards(members: torch.Tensor, mode: str = "mean", std_coef: float = 1.0) -> torch.Tensor:
+    """(M, B) rewards of M judges -> (B,): their mean, mean - std_coef * sample std (uncertainty-weighted),
+    or their minimum (worst case)."""
+    if mode not in ENSEMBLE_MODES:
+        raise ValueError(f"unknown ensemble mode {mode!r}; choose one of {', '.join(ENSEMBLE_MODES)}")
+    if members.dim() != 2 or members.shape[0] < 1:
+        raise ValueError(f"member rewards must have shape (M, B) with M >= 1, got {tuple(members.shape)}")
+    if mode == "min":
+        return members.min(dim=0).values
+    mean = members.mean(dim=0)
+    if mode == "mean_minus_std":
+        return mean - std_coef * member_std(members)
+    return mean
+
+
+class EnsembleJudgeReward(RewardFunction):
+    """Several judges of one vocabulary and window length; each scores the whole batch (one batched
+    call per member), and their rewards combine by combine_member_rewards."""
+
+    name = "judge_ensemble"
+
+    def __init__(self, members: list[JudgeReward], mode: str = "mean", std_coef: float = 1.0):
+        if len(members) < 2:
+            raise ValueError(f"a judge ensemble needs at least two judges, got {len(members)}")
+        if mode not in ENSEMBLE_MODES:
+            raise ValueError(f"unknown ensemble mode {mode!r}; choose one of {', '.join(ENSEMBLE_MODES)}")
+        first = members[0]
+        for i, m in enumerate(members[1:], start=1):
+            if m.block_size != first.block_size:
+                raise ValueError(f"ensemble member {i} scores windows of {m.block_size} characters, member 0 of "
+                                 f"{first.block_size}; train every member for the same window length")
+            if m.judge.cfg.vocab_size != first.judge.cfg.vocab_size:
+                raise VocabularyError(f"ensemble member {i} has {m.judge.n_chars} characters, member 0 has "
+                                      f"{first.judge.n_chars}; train every member on the same corpus")
+            if m.tokenizer is not None and first.tokenizer is not None:
+                m.tokenizer.check_same(first.tokenizer, f"ensemble member {i} vs member 0")
+        self.members, self.mode, self.std_coef = list(members), mode, float(std_coef)
+
+    @classmethod
+    def from_checkpoints(cls, paths: list[str], mode: str = "mean", std_coef: float = 1.0,
+                         tokenizer: CharTokenizer | None = None, device: torch.device | str = "cpu",
+                         autocast_dtype: torch.dtype | None = None) -> "EnsembleJudgeReward":
+        return cls([JudgeReward.from_checkpoint(p, tokenizer, device, autocast_dtype) for p in paths], mode, std_coef)
+
+    @property
+    def block_size(self) -> int:
+        return self.members[0].block_size
+
+    def member_rewards(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(M, B): each member's rewards of the batch."""
+        return torch.stack([m(tokens) for m in self.members])
+
+    def combine(self, members: torch.Tensor) -> torch.Tensor:
+        """(M, B) member rewards -> (B,) the ensemble's reward."""
+        return combine_member_rewards(members, self.mode, self.std_coef)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.combine(self.member_rewards(tokens))
 
 
 class CharFrequencyReward(RewardFunction):
@@ -161,6 +242,11 @@ def build_reward(cfg: RewardConfig, tokenizer: CharTokenizer, device: torch.devi
                  autocast_dtype: torch.dtype | None = None) -> RewardFunction:
     """The reward `cfg.kind` names, built from the fields of that kind."""
     if cfg.kind == "judge":
+        members = getattr(cfg, "judge_checkpoints", None)
+        if members:
+            return EnsembleJudgeReward.from_checkpoints(members, cfg.ensemble, cfg.ensemble_std_coef,
+                                                        tokenizer=tokenizer, device=device,
+                                                        autocast_dtype=autocast_dtype)
         if not cfg.judge_checkpoint:
             raise ValueError("reward.kind 'judge' needs reward.judge_checkpoint (a `dgrpo judge train --out` "
                              "directory)")
@@ -214,3 +300,20 @@ def compute_rewards(fn: RewardFunction, tokens: torch.Tensor) -> torch.Tensor:
     except ValueError as e:
         raise ValueError(f"reward {getattr(fn, 'name', type(fn).__name__)!r}: {e}") from None
     return torch.as_tensor(rewards).detach().to(dtype=torch.float32, device="cpu")
+
+
+def compute_member_rewards(fn: RewardFunction, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rewards (B,), member rewards (M, B)), float32 on the CPU, each member checked as compute_rewards checks.
+    A reward that is not an ensemble is its own single member."""
+    if not isinstance(fn, EnsembleJudgeReward):
+        rewards = compute_rewards(fn, tokens)
+        return rewards, rewards[None].clone()
+    B = int(tokens.shape[0])
+    members = fn.member_rewards(tokens)
+    for i, row in enumerate(members):
+        try:
+            validate_rewards(row, B)
+        except ValueError as e:
+            raise ValueError(f"reward {fn.name!r}, member {i}: {e}") from None
+    members = members.detach().to(dtype=torch.float32, device="cpu")
+    return fn.combine(members), members

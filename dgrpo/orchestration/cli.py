@@ -1,13 +1,17 @@
 """`dgrpo` command line. Each command: config file + `--set a.b=v` overrides + a few flags.
 
-Errors a user can fix (bad config, missing files, wrong vocabulary, ...) are
-printed as one clear message with exit code 2, never a traceback.
+Errors a user can fix (bad config or flag values, missing files, wrong vocabulary, an unwritable
+output, ...) are printed as one clear `error: ...` message with exit code 2, never a traceback;
+a run stopped because training went wrong (TrainingHalted) exits with 3.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,10 +19,14 @@ import click
 
 from ..config import (JudgeTrainConfig, LMTrainConfig, PipelineConfig, PretrainConfig, TrainConfig, load_config,
                       to_dict, to_yaml)
-from ..errors import ConfigError, RunError
+from ..errors import ConfigError, RunError, TrainingHalted
 from ..precision import forced_precision, precision_report
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, RunError)
+# file system errors a user fixes (a path, its permissions, a full or read-only disk), not bugs
+USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOSPC,
+               errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG}
+POSITIVE, NON_NEGATIVE = click.IntRange(min=1), click.IntRange(min=0)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -31,16 +39,71 @@ def user_errors() -> tuple[type[BaseException], ...]:
                           EvaluationError)
 
 
+def corpus_flag() -> str:
+    """How the running command sets the corpus path (not every command has --corpus)."""
+    params = {p.name for p in click.get_current_context().command.params}
+    return "--corpus PATH" if "corpus_path" in params else "--set corpus.path=PATH"
+
+
 def friendly(fn):
-    """Turn the errors a user can fix into `error: ...` and exit code 2."""
+    """Turn the errors a user can fix into `error: ...` and exit code 2 (3: a run stopped by TrainingHalted)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from ..corpus import CorpusError
         try:
             return fn(*args, **kwargs)
+        except TrainingHalted as e:
+            click.echo(f"error: the run stopped: {e}", err=True)
+            sys.exit(3)
         except user_errors() as e:
-            click.echo(f"error: {e}", err=True)
+            hint = f" (the corpus path: {corpus_flag()})" if isinstance(e, CorpusError) else ""
+            click.echo(f"error: {e}{hint}", err=True)
+            sys.exit(2)
+        except OSError as e:
+            if e.errno not in USER_ERRNOS:
+                raise
+            click.echo(f"error: {e.strerror}: {e.filename}", err=True)
             sys.exit(2)
     return wrapper
+
+
+def check_writable(path: str | os.PathLike, flag: str, kind: str = "directory") -> None:
+    """Before any work: `path` can become (or is) the output `kind` (directory or file) that `flag` names."""
+    target = Path(path).expanduser().absolute()
+    if target.exists():
+        if target.is_dir() != (kind == "directory"):
+            raise ConfigError(f"{flag} {path} is a {'directory' if target.is_dir() else 'file'}, not a {kind}; "
+                              f"choose another {flag}")
+        if not os.access(target, os.W_OK):
+            raise ConfigError(f"{flag} {path} is not writable; choose another {flag}")
+        return
+    parent = next(p for p in target.parents if p.exists())
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: {parent} is a file, not a directory; choose another {flag}")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"{flag} {path} cannot be created: {parent} is not writable; choose another {flag}")
+
+
+@contextlib.contextmanager
+def one_line_usage_errors():
+    try:
+        yield
+    except click.UsageError as e:
+        command = e.ctx.command_path if e.ctx else "dgrpo"
+        click.echo(f"error: {e.format_message()} (see `{command} --help`)", err=True)
+        sys.exit(e.exit_code)
+
+
+class Commands(click.Group):
+    """The dgrpo group: a usage error (unknown flag, bad value) is one `error: ...` line, exit code 2."""
+
+    def make_context(self, *args, **kwargs):
+        with one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with one_line_usage_errors():
+            return super().invoke(ctx)
 
 
 def config_options(fn):
@@ -51,8 +114,11 @@ def config_options(fn):
     return fn
 
 
-def flag_overrides(**flags) -> list[str]:
-    return [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+def flag_overrides(**flags) -> list[tuple[str, str]]:
+    """Config overrides from flags, each with the flag that gave it (--max-iters for max_iters, --corpus for
+    corpus.path), so a bad value is reported as the flag's."""
+    return [(f"{k}={json.dumps(v)}", f"--{k.split('.')[0].replace('_', '-')} {v}")
+            for k, v in flags.items() if v is not None]
 
 
 def set_threads(n: int | None = None) -> None:
@@ -61,7 +127,7 @@ def set_threads(n: int | None = None) -> None:
         torch.set_num_threads(n)
 
 
-@click.group()
+@click.group(cls=Commands)
 @click.version_option(package_name="diffusion-grpo")
 def main():
     """diffusion-grpo: GRPO fine-tuning of masked-diffusion language models on Ray."""
@@ -81,7 +147,7 @@ def trainer_options(fn):
         click.option("--max-minutes", type=float, default=None),
         click.option("--out", type=click.Path(), default=None, help="checkpoint directory"),
         click.option("--resume", is_flag=True, help="continue from the checkpoint in --out"),
-        click.option("--threads", type=int, default=None, help="torch threads (default: all cores)"),
+        click.option("--threads", type=POSITIVE, default=None, help="torch threads (default: all cores)"),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -100,6 +166,7 @@ def trainer_setup(cls, role, config_file, overrides, corpus_path, threads, **fla
     """(validated config, its corpus) of a single-process trainer; prints the config and its precision."""
     from ..corpus import load_corpus
     cfg = load_config(cls, config_file, flag_overrides(**flags, **{"corpus.path": corpus_path}) + list(overrides))
+    check_writable(cfg.out, "--out")
     set_threads(threads)
     click.echo(to_yaml(cfg))
     click.echo(precision_report({role: cfg.precision}))
@@ -122,17 +189,18 @@ def pretrain(config_file, overrides, preset, corpus_path, max_iters, max_minutes
 
 @main.command()
 @click.option("--checkpoint", "-k", required=True, type=click.Path(), help="generator checkpoint")
-@click.option("--num", "-n", default=3, show_default=True)
-@click.option("--length", type=int, default=None, help="characters per unconditional sample")
+@click.option("--num", "-n", type=POSITIVE, default=3, show_default=True)
+@click.option("--length", type=POSITIVE, default=None, help="characters per unconditional sample")
 @click.option("--prompt", default=None, help="text with mask characters to infill")
 @click.option("--mask-char", default="_", show_default=True)
-@click.option("--steps", default=64, show_default=True)
-@click.option("--temperature", default=1.0, show_default=True)
-@click.option("--top-k", default=0, show_default=True)
+@click.option("--steps", type=POSITIVE, default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--top-k", type=NON_NEGATIVE, default=0, show_default=True, help="0 = off")
 @click.option("--order", type=click.Choice(["random", "confidence"]), default="confidence", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--judge", "judge_ckpt", type=click.Path(), default=None, help="judge checkpoint for best-of-N")
-@click.option("--best-of", default=1, show_default=True, help="samples per output; the judge keeps the best")
+@click.option("--best-of", type=POSITIVE, default=1, show_default=True,
+              help="samples per output; the judge keeps the best")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None,
               help="also write the samples as JSON lines: text, reward (with --judge) and the settings")
 @friendly
@@ -141,6 +209,8 @@ def sample(checkpoint, num, length, prompt, mask_char, steps, temperature, top_k
     """Print samples from a generator checkpoint (infill with --prompt; best-of-N with --judge)."""
     from ..models.generation import generate_texts
     click.echo(precision_report({"sampling": "auto"}), err=True)
+    if out_file:
+        check_writable(out_file, "--out", kind="file")
     settings = {"checkpoint": checkpoint, "prompt": prompt, "mask_char": mask_char, "length": length, "steps": steps,
                 "temperature": temperature, "top_k": top_k, "order": order, "seed": seed, "judge": judge_ckpt,
                 "best_of": best_of}
@@ -173,7 +243,7 @@ def judge():
 @click.option("--max-minutes", type=float, default=None)
 @click.option("--out", type=click.Path(), default=None)
 @click.option("--resume", is_flag=True)
-@click.option("--threads", type=int, default=None)
+@click.option("--threads", type=POSITIVE, default=None)
 @friendly
 def judge_train(config_file, overrides, generator, corpus_path, preset, max_iters, max_minutes, out, resume, threads):
     """Train the judge on real windows partly re-filled by the generator."""
@@ -181,6 +251,7 @@ def judge_train(config_file, overrides, generator, corpus_path, preset, max_iter
     cfg = load_config(JudgeTrainConfig, config_file, flag_overrides(
         generator=generator, preset=preset, max_iters=max_iters, max_minutes=max_minutes, out=out,
         **{"corpus.path": corpus_path}) + list(overrides))
+    check_writable(cfg.out, "--out")
     set_threads(threads)
     click.echo(to_yaml(cfg))
     click.echo(precision_report({"judge training": cfg.precision}))
@@ -191,7 +262,7 @@ def judge_train(config_file, overrides, generator, corpus_path, preset, max_iter
 @click.option("--judge", "judge_ckpt", required=True, type=click.Path())
 @click.option("--generator", type=click.Path(), default=None, help="default: the judge's own generator")
 @click.option("--corpus", "corpus_path", type=click.Path(), default=None)
-@click.option("--windows", default=256, show_default=True)
+@click.option("--windows", type=POSITIVE, default=256, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @friendly
 def judge_eval(judge_ckpt, generator, corpus_path, windows, seed):
@@ -232,46 +303,65 @@ def _int_list(text: str | None, flag: str) -> list[int]:
               help="GRPO checkpoint (weights + its stored reference); repeatable")
 @click.option("--run", "runs", multiple=True, type=click.Path(),
               help="a GRPO run directory: every checkpoint under RUN/checkpoints; repeatable")
+@click.option("--best", "best_only", is_flag=True,
+              help="with --run: only each run's best checkpoint on its held-out selection measure "
+                   "(checkpoints/best.json)")
 @click.option("--generator", type=click.Path(), default=None,
               help="base generator (default: the first policy's stored reference)")
 @click.option("--best-of", default=None, help="best-of-N from the base generator, e.g. 1,2,4,8,16,32,64")
-@click.option("--pool", type=int, default=None, help="best-of-N pool per prompt (default: the largest N)")
-@click.option("--judge", "judge_ckpt", type=click.Path(), default=None,
-              help="proxy judge (default: the run's reward.judge_checkpoint)")
+@click.option("--pool", type=POSITIVE, default=None, help="best-of-N pool per prompt (default: the largest N)")
+@click.option("--judge", "judge_ckpts", multiple=True, type=click.Path(),
+              help="proxy judge; repeat it for an ensemble (default: the run's reward judge or judges)")
+@click.option("--ensemble", type=click.Choice(["mean", "mean_minus_std", "min"]), default=None,
+              help="how an ensemble of --judge combines (default: the run's reward.ensemble, else mean)")
+@click.option("--ensemble-std-coef", type=float, default=None,
+              help="lambda of mean_minus_std (default: the run's, else 1)")
 @click.option("--gold", type=click.Path(), default=None, help="gold judge, trained independently of the proxy")
 @click.option("--lm", "lm_ckpt", type=click.Path(), default=None, help="`dgrpo lm train` checkpoint")
-@click.option("--prompts", default=64, show_default=True, help="held-out prompts (validation windows)")
-@click.option("--samples-per-prompt", default=4, show_default=True, help="samples of the base and of each policy")
+@click.option("--prompts", type=POSITIVE, default=64, show_default=True, help="held-out prompts (validation windows)")
+@click.option("--samples-per-prompt", type=POSITIVE, default=4, show_default=True,
+              help="samples of the base and of each policy")
 @click.option("--seed", type=int, default=None, help="prompt seed (default: the run's run.eval_seed)")
 @click.option("--corpus", "corpus_path", type=click.Path(), default=None, help="default: the run's corpus.path")
 @click.option("--prompt-kind", type=click.Choice(["unconditional", "infill"]), default=None)
-@click.option("--mask-fraction", type=float, default=None)
-@click.option("--length", type=int, default=None, help="characters per sample (default: the run's)")
-@click.option("--steps", type=int, default=None, help="sampler steps (default: the run's)")
-@click.option("--temperature", type=float, default=None)
-@click.option("--top-k", type=int, default=None)
-@click.option("--top-p", type=float, default=None)
+@click.option("--mask-fraction", type=click.FloatRange(min=0, max=1, min_open=True), default=None)
+@click.option("--length", type=POSITIVE, default=None, help="characters per sample (default: the run's)")
+@click.option("--steps", type=POSITIVE, default=None, help="sampler steps (default: the run's)")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option("--top-k", type=NON_NEGATIVE, default=None)
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None)
 @click.option("--order", type=click.Choice(["random", "confidence"]), default=None)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]), default="fp32", show_default=True,
               help="fp32 keeps the measured KL exact (sampler and replay in one precision)")
-@click.option("--chunk", default=256, show_default=True, help="rows per sampler / judge / LM call")
-@click.option("--threads", type=int, default=None)
+@click.option("--chunk", type=POSITIVE, default=256, show_default=True, help="rows per sampler / judge / LM call")
+@click.option("--threads", type=POSITIVE, default=None)
 @click.option("--out", required=True, type=click.Path(), help="JSON file")
 @friendly
-def evaluate_cmd(policies, runs, generator, best_of, pool, judge_ckpt, gold, lm_ckpt, prompts, samples_per_prompt,
-                 seed, corpus_path, prompt_kind, mask_fraction, length, steps, temperature, top_k, top_p, order,
-                 precision, chunk, threads, out):
+def evaluate_cmd(policies, runs, best_only, generator, best_of, pool, judge_ckpts, ensemble, ensemble_std_coef, gold,
+                 lm_ckpt, prompts, samples_per_prompt, seed, corpus_path, prompt_kind, mask_fraction, length, steps,
+                 temperature, top_k, top_p, order, precision, chunk, threads, out):
     """Gold evaluation: proxy and gold reward, LM bits/char, diversity and KL per sequence, with s.e."""
     from ..evaluation import EvaluateOptions, evaluate, format_report
+    from .rundir import find_checkpoints, read_best
+    if best_only and not runs:
+        raise ConfigError("--best picks the best checkpoint of each --run directory; pass --run DIR")
+    check_writable(out, "--out", kind="file")
     policies = list(policies)
     for run in runs:
-        found = sorted((Path(run) / "checkpoints").glob("step_*"))  # as driver.find_checkpoints, without Ray
+        found = find_checkpoints(Path(run))
         if not found:
             raise RunError(f"--run {run}: no checkpoints under {Path(run) / 'checkpoints'}")
+        if best_only:
+            best = read_best(Path(run))
+            if best is None:
+                raise RunError(f"--best: {run} names no best checkpoint (checkpoints/best.json); it ran with "
+                               f"run.selection=none or before best checkpoints existed: evaluate --run without --best")
+            found = [Path(run) / "checkpoints" / best["checkpoint"]]
         policies += [str(p) for p in found]
     set_threads(threads)
     opts = EvaluateOptions(
-        policies=policies, generator=generator, best_of=_int_list(best_of, "--best-of"), pool=pool, judge=judge_ckpt,
+        policies=policies, generator=generator, best_of=_int_list(best_of, "--best-of"), pool=pool,
+        judges=list(judge_ckpts), ensemble=ensemble, ensemble_std_coef=ensemble_std_coef,
         gold=gold, lm=lm_ckpt, prompts=prompts, samples_per_prompt=samples_per_prompt, seed=seed, corpus=corpus_path,
         prompt_kind=prompt_kind, mask_fraction=mask_fraction, length=length, precision=precision, chunk=chunk,
         sampler={"steps": steps, "temperature": temperature, "top_k": top_k, "top_p": top_p, "order": order})
@@ -285,16 +375,21 @@ def evaluate_cmd(policies, runs, generator, best_of, pool, judge_ckpt, gold, lm_
 
 @main.command()
 @config_options
-@click.option("--resume", is_flag=True, help="continue from the last checkpoint in run.out_dir")
+@click.option("--resume", is_flag=True, help="continue the run in run.out_dir from its last checkpoint "
+                                             "(the config may change only in when and how long it runs, what it "
+                                             "logs and where its actors go)")
+@click.option("--overwrite", is_flag=True, help="start afresh in run.out_dir, deleting the run already there")
 @click.option("--quiet", "-q", is_flag=True, help="no progress line per step (the summary is still printed)")
 @friendly
-def train(config_file, overrides, resume, quiet):
+def train(config_file, overrides, resume, overwrite, quiet):
     """GRPO fine-tuning on Ray (embedded local cluster unless RAY_ADDRESS / run.ray_address is set)."""
     from .driver import run_training
+    if resume and overwrite:
+        raise click.UsageError("--resume continues the run in run.out_dir, --overwrite deletes it: pass one")
     cfg = load_config(TrainConfig, config_file, list(overrides))
     click.echo(to_yaml(cfg))
     click.echo(precision_report(role_precisions(cfg)))
-    summary = run_training(cfg, resume=resume, quiet=quiet)
+    summary = run_training(cfg, resume=resume, overwrite=overwrite, quiet=quiet)
     click.echo(json.dumps(summary, indent=2))
 
 
@@ -322,22 +417,23 @@ def scale(run_dir, rollout_workers, judge_workers):
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path())
 @click.option("--corpus", "corpus_path", type=click.Path(), default=None,
               help="local copy of tiny Shakespeare (default: download it)")
-@click.option("--minutes", default=12.0, show_default=True, help="wall-time budget of the training stages")
-@click.option("--threads", default=1, show_default=True, help="torch threads per Ray actor")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=12.0, show_default=True,
+              help="wall-time budget of the training stages")
+@click.option("--threads", type=POSITIVE, default=1, show_default=True, help="torch threads per Ray actor")
+@click.option("--overwrite", is_flag=True, help="run every stage afresh instead of reusing an earlier demo in --out")
 @friendly
-def demo(out, corpus_path, minutes, threads):
+def demo(out, corpus_path, minutes, threads, overwrite):
     """Pretrain -> proxy and gold judges -> GRPO on an embedded Ray cluster -> proxy and gold before/after."""
     from .demo import run_demo
-    if not minutes > 0:
-        raise click.BadParameter(f"must be > 0, got {minutes}", param_hint="--minutes")
-    run_demo(out, corpus_path, minutes=minutes, threads=threads, echo=click.echo)
+    run_demo(out, corpus_path, minutes=minutes, threads=threads, echo=click.echo, overwrite=overwrite)
 
 
 @main.command()
 @config_options
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars or per-step lines")
+@click.option("--overwrite", is_flag=True, help="run every stage afresh instead of reusing what is under `out`")
 @friendly
-def pipeline(config_file, overrides, quiet):
+def pipeline(config_file, overrides, quiet, overwrite):
     """Generator -> proxy judge(s) -> gold judge -> evaluation LM -> GRPO -> gold evaluation, one command.
 
     Finished stages under `out` are reused, unfinished ones resumed (configs/headline.yaml is the
@@ -346,7 +442,7 @@ def pipeline(config_file, overrides, quiet):
     cfg = load_config(PipelineConfig, config_file, list(overrides))
     stage_configs(cfg)  # every stage's config is valid before anything runs
     click.echo(to_yaml(cfg))
-    run_pipeline(cfg, echo=click.echo, quiet=quiet)
+    run_pipeline(cfg, echo=click.echo, quiet=quiet, overwrite=overwrite)
 
 
 @main.command("tune")
@@ -354,11 +450,11 @@ def pipeline(config_file, overrides, quiet):
 @click.option("--search", "search_file", required=True, type=click.Path(),
               help="YAML search space: dotted config keys -> {grid|choice|uniform|loguniform|randint: [...]}, "
                    "optional `tune:` settings")
-@click.option("--num-samples", type=int, default=None, help="overrides tune.num_samples")
+@click.option("--num-samples", type=POSITIVE, default=None, help="overrides tune.num_samples")
 @click.option("--scheduler", type=click.Choice(["asha", "fifo"]), default=None, help="overrides tune.scheduler")
 @click.option("--metric", default=None, help="overrides tune.metric (e.g. reward_mean, eval_reward_mean)")
 @click.option("--mode", type=click.Choice(["max", "min"]), default=None, help="overrides tune.mode")
-@click.option("--max-concurrent", type=int, default=None, help="overrides tune.max_concurrent_trials")
+@click.option("--max-concurrent", type=POSITIVE, default=None, help="overrides tune.max_concurrent_trials")
 @click.option("--quiet", "-q", is_flag=True, help="no line per trial result, no Tune status table")
 @friendly
 def tune_cmd(config_file, overrides, search_file, num_samples, scheduler, metric, mode, max_concurrent, quiet):

@@ -31,6 +31,7 @@ def demo_config(out: str, corpus: str | None, minutes: float, threads: int) -> P
     })
 
 
-def run_demo(out: str, corpus: str | None, minutes: float = 12.0, threads: int = 1, echo=print) -> dict:
+def run_demo(out: str, corpus: str | None, minutes: float = 12.0, threads: int = 1, echo=print,
+             overwrite: bool = False) -> dict:
     from .pipeline import run_pipeline
-    return run_pipeline(demo_config(out, corpus, minutes, threads), echo=echo)
+    return run_pipeline(demo_config(out, corpus, minutes, threads), echo=echo, overwrite=overwrite)

@@ -17,6 +17,11 @@ in groups.py: the driver submits calls and reads results.
 
 With judge_refresh.enabled a judge trainer runs beside the learner and publishes judge
 versions to the judges (judge_refresh.py).
+
+Each evaluation samples held-out prompts, scores them with the reward (and
+run.selection_judge), and measures their KL to the starting generator, which the
+driver keeps for that; the best evaluation on run.selection (within
+run.selection_kl_max) is checkpointed and named by checkpoints/best.json.
 """
 
 from __future__ import annotations
@@ -33,12 +38,16 @@ from ..actors.judge import JudgeWorker
 from ..actors.judge_trainer import JudgeTrainerActor
 from ..actors.learner import LearnerActor
 from ..actors.rollout import RolloutWorker, StaleWorkerError
-from ..config import TrainConfig, to_dict, to_yaml
-from ..corpus import CharTokenizer, PromptStream, check_length, fixed_windows, load_corpus, make_prompts
-from ..errors import RunError
+from ..config import TrainConfig, to_dict
+from ..corpus import (CharTokenizer, PromptStream, VocabularyError, check_length, fixed_windows, load_corpus,
+                      make_prompts)
+from ..errors import RunError, TrainingHalted
+from ..evaluation.evaluate import sequence_kl
 from ..models.checkpoint import CheckpointError, load_checkpoint
 from ..models.diffusion import DiffusionLM, load_generator
+from ..models.rewards import JudgeReward, compute_rewards, member_std
 from ..models.transformer import preset_config
+from ..precision import resolve_precision
 from ..protocols import RolloutRequest, ScoredBatch, WeightSnapshot
 from ..protocols.rollout_log import RolloutLogWriter
 from .cluster import connect, describe_needs, make_actor
@@ -46,9 +55,12 @@ from .groups import ActorLost, ActorManager
 from .judge_refresh import JudgeRefreshRole, check_judge_refresh
 from .metrics import MetricsLogger, truncate_jsonl
 from .progress import ProgressPrinter
+from .rundir import (BEST_POINTER, checkpoint_path, find_checkpoints, keep_last_checkpoints, open_run_dir,
+                     remove_partial_checkpoints, truncate_rollout_log, write_best)
 from .scale import ScaleControl
-from .rundir import (checkpoint_path, find_checkpoints, keep_last_checkpoints, remove_partial_checkpoints,
-                     truncate_rollout_log)
+
+# the held-out value each run.selection ranks evaluations by
+SELECTION_KEYS = {"eval_reward": "eval_reward_mean", "selection_judge": "eval_selection_reward_mean"}
 
 
 def initial_policy(cfg: TrainConfig):
@@ -63,13 +75,33 @@ def initial_policy(cfg: TrainConfig):
 
 
 def check_judge_vocabulary(cfg: TrainConfig, tokenizer: CharTokenizer, length: int) -> None:
-    if cfg.reward.kind != "judge":
-        return
-    judge = load_checkpoint(cfg.reward.judge_checkpoint, expect_kind="judge")
-    CharTokenizer.from_dict(judge.vocab).check_same(tokenizer, "judge vs generator")
-    if judge.model_config.block_size < length:
-        raise RunError(f"the judge scores windows of at most {judge.model_config.block_size} characters but "
-                       f"prompts are {length} long; set prompts.length <= {judge.model_config.block_size}")
+    for path in cfg.reward.judge_paths:
+        judge = load_checkpoint(path, expect_kind="judge")
+        try:
+            CharTokenizer.from_dict(judge.vocab).check_same(tokenizer, "judge vs generator")
+        except VocabularyError as e:
+            raise VocabularyError(f"{path}: {e}") from None
+        if judge.model_config.block_size < length:
+            raise RunError(f"the judge {path} scores windows of at most {judge.model_config.block_size} characters "
+                           f"but prompts are {length} long; set prompts.length <= {judge.model_config.block_size}")
+
+
+def load_selection_judge(cfg: TrainConfig, tokenizer: CharTokenizer, length: int) -> JudgeReward | None:
+    """run.selection_judge, checked: the generator's vocabulary, the prompts' length, and a training seed
+    that no reward judge shares (the same seed gives the same initial weights and refill samples)."""
+    path = cfg.run.selection_judge
+    if not path:
+        return None
+    judge = JudgeReward.from_checkpoint(path, tokenizer=tokenizer)
+    if judge.block_size != length:
+        raise RunError(f"run.selection_judge {path} scores windows of {judge.block_size} characters, the prompts "
+                       f"have {length}; train it for prompts.length")
+    seed = (load_checkpoint(path, expect_kind="judge").config or {}).get("seed")
+    for reward_path in cfg.reward.judge_paths:
+        if seed is not None and seed == (load_checkpoint(reward_path, expect_kind="judge").config or {}).get("seed"):
+            raise RunError(f"run.selection_judge {path} was trained with the seed {seed} of the reward judge "
+                           f"{reward_path}: the same initial weights and refill samples; train it with another seed")
+    return judge
 
 
 class Driver:
@@ -96,16 +128,16 @@ class Driver:
         check_length(corpus.val, self.length, "validation")
         check_judge_vocabulary(cfg, tokenizer, self.length)
         check_judge_refresh(cfg)
+        self.selection_judge = load_selection_judge(cfg, tokenizer, self.length)
+        # the starting generator: the evaluations measure the KL of their samples to it
+        self.base_model = model.eval().requires_grad_(False)
+        self.eval_autocast = resolve_precision(cfg.resources.rollout.precision, "cpu")
         self.prompts = PromptStream(corpus.train, self.length, tokenizer.mask_id, cfg.prompts.kind,
                                     cfg.prompts.mask_fraction, seed=run.seed)
         eval_windows = fixed_windows(corpus.val, run.eval_prompts, self.length, seed=run.eval_seed)
         self.eval_prompts = make_prompts(eval_windows, tokenizer.mask_id, cfg.prompts.kind, cfg.prompts.mask_fraction,
                                          generator=torch.Generator().manual_seed(run.eval_seed))
-        (self.out / "config.yaml").write_text(to_yaml(cfg))
         self.progress = ProgressPrinter(run.steps, run.max_minutes, enabled=not quiet)
-
-        if resume and not find_checkpoints(self.out):
-            raise RunError(f"--resume: no checkpoint under {self.out / 'checkpoints'}; start without --resume")
         self.actors = None
         try:
             self._start(cfg, model, tokenizer, resume)
@@ -154,10 +186,10 @@ class Driver:
         self.version = 0
         self.request_counter = 0
         self.eval_history: list[dict] = []
+        self.best: dict | None = None  # the evaluation checkpoints/best.json names
+        self.zero_signal_steps = 0  # consecutive steps in which every group's rewards were equal
         if resume:
             self._resume()
-        elif (self.out / "metrics.jsonl").exists():
-            (self.out / "metrics.jsonl").unlink()
         self.logger = MetricsLogger(self.out, ray_metrics=metrics_on, tensorboard=run.tensorboard,
                                     wandb_project=run.wandb_project, config=to_dict(cfg))
         self.rollout_log = RolloutLogWriter(self.out / "rollouts.msgpack", repair_tail=True) if run.log_rollouts else None
@@ -191,6 +223,7 @@ class Driver:
             self.prompts.load_state_dict(state["prompts"])
             self.counters.update(state["counters"])
             self.eval_history = state.get("eval_history", [])
+            self.restore_best(state.get("best"))
             kept = truncate_jsonl(self.out / "metrics.jsonl", self.step)
             truncate_jsonl(self.out / "samples.jsonl", self.step)
             truncate_rollout_log(self.out / "rollouts.msgpack", self.request_counter)
@@ -213,9 +246,12 @@ class Driver:
         self.scale.poll(force=True)
         self.actors.wait_placed()
         self.broadcast()
-        if self.step == 0 or not self.eval_history:
+        if not self.eval_history:
             first = self.evaluate()
-            self.logger.log({"step": self.step, "policy_version": self.version, "wall_time": 0.0, **first})
+            if self.select(first):
+                self.save_checkpoint()
+            self.logger.log({"step": self.step, "policy_version": self.version, "wall_time": 0.0, **first,
+                             **self.best_fields()})
         self.logger.phase("generating")
         self.step_started = self.t_loop = time.perf_counter()
         self.progress.start(self.step, self.eval_history[-1] if self.eval_history else None)
@@ -237,7 +273,9 @@ class Driver:
                 elif call.method == "refresh":  # a judge version: to every judge actor
                     self.judge_refresh.apply(result, self.step)
                 # add_samples answers need nothing
-        return self.summary()
+        summary = self.summary()
+        self.progress.best(summary["best"])
+        return summary
 
     # -- scheduling ----------------------------------------------------------
     @property
@@ -331,22 +369,44 @@ class Driver:
                   "rollout_idle_ratio": max(0.0, 1 - self.window_gen_s / (n_workers * wall)),
                   "steps_per_min": 60.0 * (self.step - self.start_step) / (now - self.t_loop),
                   "batch_versions": sorted({b.rollout.policy_version for b in batches}),
-                  **self.counters}
+                  **judge_disagreement(batches), **self.counters}
         self.window_gen_s = 0.0
         run = self.cfg.run
         out_of_time = run.max_minutes is not None and now - self.t0 > 60 * run.max_minutes
         self.finished = self.step >= run.steps or out_of_time
+        improved = False
         if self.step % run.eval_every == 0 or self.finished:
-            record.update(self.evaluate())
+            result = self.evaluate()
+            improved = self.select(result)
+            record.update(result, **self.best_fields())
         if self.judge_refresh is not None:
             record.update(self.judge_refresh.after_step(self.step, batches))
         self.logger.log(record)
         self.progress.step(record, elapsed_s=now - self.t0, last=self.finished)
         if self.report is not None:
             self.report(record)
-        if self.step % run.checkpoint_every == 0 or self.finished:
+        self.check_learning(metrics)
+        if self.step % run.checkpoint_every == 0 or self.finished or improved:
             self.save_checkpoint()
         self.logger.phase("generating")
+
+    def check_learning(self, metrics: dict) -> None:
+        """Stop (TrainingHalted, no checkpoint) on a non-finite update, or when no group has carried a signal
+        for run.max_zero_signal_steps steps in a row."""
+        if metrics.get("nonfinite_updates"):
+            raise TrainingHalted(
+                f"step {self.step}: the loss or gradient was not finite in {metrics['nonfinite_updates']:.0f} of "
+                f"{metrics['nonfinite_updates'] + metrics['optimizer_steps']:.0f} updates (skipped, the weights are "
+                f"those before them): the policy diverged; lower grpo.lr (now {self.cfg.grpo.lr:g}) or raise "
+                f"grpo.kl_coef, then resume from the last checkpoint (--resume) or start afresh")
+        self.zero_signal_steps = self.zero_signal_steps + 1 if metrics["zero_std_ratio"] >= 1.0 else 0
+        limit = self.cfg.run.max_zero_signal_steps
+        if limit and self.zero_signal_steps >= limit:
+            raise TrainingHalted(
+                f"steps {self.step - limit + 1}-{self.step}: every group's rewards were equal (mean reward "
+                f"{metrics['reward_mean']:.4g}) in {limit} steps in a row (run.max_zero_signal_steps), so nothing is "
+                f"left to learn: the policy collapsed (it samples the same text; lower grpo.lr, now "
+                f"{self.cfg.grpo.lr:g}, or raise grpo.kl_coef) or the reward saturated")
 
     # -- weights ---------------------------------------------------------
     def broadcast(self) -> dict:
@@ -385,6 +445,15 @@ class Driver:
         r = scored.rewards
         result = {"step": self.step, "eval_reward_mean": float(r.mean()),
                   "eval_reward_stderr": float(r.std() / len(r) ** 0.5), "policy_version": self.version}
+        sampler = {"steps": batch.steps, "temperature": batch.temperature, "top_k": batch.top_k, "top_p": batch.top_p}
+        kl = sequence_kl(self.base_model, batch.tokens, batch.reveal_step, batch.logprobs, sampler,
+                         autocast_dtype=self.eval_autocast)
+        result.update(eval_kl_seq=float(kl.mean()), eval_kl_seq_stderr=float(kl.std() / len(kl) ** 0.5))
+        result.update({f"eval_{k}": v for k, v in judge_disagreement([scored]).items()})
+        if self.selection_judge is not None:
+            s = compute_rewards(self.selection_judge, batch.tokens)
+            result.update(eval_selection_reward_mean=float(s.mean()),
+                          eval_selection_reward_stderr=float(s.std() / len(s) ** 0.5))
         self.eval_history.append(result)
         texts = self.tokenizer.decode_batch(batch.tokens[:4])
         with open(self.out / "samples.jsonl", "a") as fh:
@@ -392,27 +461,64 @@ class Driver:
                                  "rewards": r[:4].tolist()}) + "\n")
         return result
 
+    # -- checkpoint selection ----------------------------------------------------
+    def select(self, result: dict) -> bool:
+        """Whether this evaluation becomes the best: the highest run.selection value so far among the
+        evaluations within run.selection_kl_max (ties keep the earlier one)."""
+        run = self.cfg.run
+        if run.selection == "none":
+            return False
+        if run.selection_kl_max is not None and result["eval_kl_seq"] > run.selection_kl_max:
+            return False
+        value = result[SELECTION_KEYS[run.selection]]
+        if self.best is not None and value <= self.best["value"]:
+            return False
+        self.best = {"step": self.step, "checkpoint": checkpoint_path(self.out, self.step).name,
+                     "selection": run.selection, "value": value, "eval_kl_seq": result["eval_kl_seq"],
+                     "eval_reward_mean": result["eval_reward_mean"]}
+        return True
+
+    def best_fields(self) -> dict:
+        return {"best_step": self.best["step"], "best_value": self.best["value"]} if self.best else {}
+
+    def restore_best(self, best: dict | None) -> None:
+        """On resume: the best of the restored state, if its checkpoint is still there; the pointer follows it."""
+        pointer = self.out / "checkpoints" / BEST_POINTER
+        if best is not None and not (self.out / "checkpoints" / best["checkpoint"]).is_dir():
+            print(f"the best checkpoint {best['checkpoint']} of the restored state is gone; selecting anew")
+            best = None
+        self.best = best
+        if best is None:
+            pointer.unlink(missing_ok=True)
+        else:
+            write_best(self.out, best)
+
     # -- checkpoints -------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         self.logger.phase("checkpointing")
         path = checkpoint_path(self.out, self.step)
         state = {"step": self.step, "request_counter": self.request_counter,
                  "prompts": self.prompts.state_dict(), "counters": dict(self.counters),
-                 "eval_history": self.eval_history}
+                 "eval_history": self.eval_history, "best": self.best}
         trainer_tensors = None
         if self.judge_refresh is not None:
             state["judge_refresh"], trainer_tensors = self.judge_refresh.checkpoint()
         self.ask_learner("save", str(path), state, to_dict(self.cfg), trainer_tensors)
-        keep_last_checkpoints(self.out, self.cfg.run.keep_checkpoints)
+        if self.best is not None and self.best["step"] == self.step:
+            write_best(self.out, self.best)
+        best_path = self.out / "checkpoints" / self.best["checkpoint"] if self.best else None
+        keep_last_checkpoints(self.out, self.cfg.run.keep_checkpoints, protect=best_path)
         return path
 
     # -- the end ---------------------------------------------------------------
     def summary(self) -> dict:
         first, last = (self.eval_history[0], self.eval_history[-1]) if self.eval_history else ({}, {})
         refresh = {"judge_version": self.judge_refresh.version} if self.judge_refresh is not None else {}
+        best = self.best and {**self.best, "checkpoint": str(self.out / "checkpoints" / self.best["checkpoint"])}
         return {"steps": self.step, "policy_version": self.version, "wall_time_s": time.perf_counter() - self.t0,
                 "eval_reward_before": first.get("eval_reward_mean"), "eval_reward_after": last.get("eval_reward_mean"),
-                "eval_reward_after_stderr": last.get("eval_reward_stderr"), "out_dir": str(self.out),
+                "eval_reward_after_stderr": last.get("eval_reward_stderr"),
+                "eval_kl_seq_after": last.get("eval_kl_seq"), "best": best, "out_dir": str(self.out),
                 **refresh, **self.counters, "requests_issued": self.request_counter,
                 "requests_in_flight": len(self.requests_in_flight()), "batches_waiting": len(self.ready),
                 "nodes": {g.role: sorted(g.nodes_used) for g in self.actors.groups}}
@@ -430,16 +536,29 @@ class Driver:
         self.actors.close()
 
 
-def run_training(cfg: TrainConfig, resume: bool = False, report=None, quiet: bool = False) -> dict:
-    started_local = connect(cfg)
-    driver = None
-    try:
-        driver = Driver(cfg, resume=resume, report=report, quiet=quiet)
-        summary = driver.run()
-    finally:
-        if driver is not None:
-            driver.close()
-        if started_local:
-            ray.shutdown()
-    (Path(cfg.run.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+def judge_disagreement(batches: list[ScoredBatch]) -> dict:
+    """{"judge_disagreement": mean over samples of the sample std of the ensemble members' rewards}, or {} when
+    the reward is not an ensemble."""
+    members = [b.member_rewards for b in batches if b.member_rewards.shape[0] >= 2]
+    return {"judge_disagreement": float(torch.cat([member_std(m) for m in members]).mean())} if members else {}
+
+
+def run_training(cfg: TrainConfig, resume: bool = False, report=None, quiet: bool = False, overwrite: bool = False,
+                 run_info: dict | None = None) -> dict:
+    """A whole run: check and lock its directory (rundir.open_run_dir), connect, drive, write the summary.
+    A run stopped by TrainingHalted writes a summary saying why (and no checkpoint), then re-raises."""
+    with open_run_dir(cfg, resume=resume, overwrite=overwrite, info=run_info) as run_dir:
+        started_local = connect(run_dir.cfg)
+        driver = None
+        try:
+            driver = Driver(run_dir.cfg, resume=resume, report=report, quiet=quiet)
+            summary = driver.run()
+        except TrainingHalted as e:
+            run_dir.write_summary(driver.summary(), stopped=str(e))
+            raise
+        finally:
+            if driver is not None:
+                driver.close()
+            if started_local:
+                ray.shutdown()
+        return run_dir.write_summary(summary)

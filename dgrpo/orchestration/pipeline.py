@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +88,8 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 class Pipeline:
-    def __init__(self, cfg: PipelineConfig, echo=print, quiet: bool = False):
-        self.cfg, self.echo, self.quiet = cfg, echo, quiet
+    def __init__(self, cfg: PipelineConfig, echo=print, quiet: bool = False, overwrite: bool = False):
+        self.cfg, self.echo, self.quiet, self.overwrite = cfg, echo, quiet, overwrite
         self.stages = stage_configs(cfg)
         self.out = Path(cfg.out)
         self.timings: dict[str, float] = {}
@@ -100,6 +101,9 @@ class Pipeline:
         """Run `train(resume) -> figures` unless `directory` holds a finished run of `config`."""
         marker = Path(directory) / STAGE_FILE
         fp = fingerprint(to_dict(config))
+        if self.overwrite and Path(directory).exists():
+            self.echo(f"== {name}: --overwrite: removing {directory}")
+            shutil.rmtree(directory)
         if marker.is_file():
             done = json.loads(marker.read_text())
             if done.get("fingerprint") == fp:
@@ -107,8 +111,8 @@ class Pipeline:
                 self.reused.append(name)
                 self.timings[name] = 0.0
                 return done
-            raise ConfigError(f"{directory} holds a finished {name} of another configuration; move it away or "
-                              f"run the pipeline with the configuration that made it (or another `out`)")
+            raise ConfigError(f"{directory} holds a finished {name} of another configuration; run the pipeline with "
+                              f"the configuration that made it, another `out`, or --overwrite to start afresh")
         resume = (Path(directory) / "config.json").is_file() or (Path(directory) / "checkpoints").is_dir()
         budget = getattr(config, "max_minutes", None) or getattr(getattr(config, "run", None), "max_minutes", None)
         self.echo(f"== {name}: {'resuming' if resume else 'training'} in {directory}"
@@ -162,14 +166,17 @@ class Pipeline:
         return done["figures"]
 
     def policy_checkpoints(self) -> list[str]:
-        checkpoints = Path(self.stages.grpo.run.out_dir) / "checkpoints"
-        last = sorted(checkpoints.glob("step_*"))
+        """The run's best checkpoint on its held-out selection measure (when it kept one and it is not the
+        last), then its last one: the verdict is about the last row."""
+        from .rundir import read_best
+        run_dir = Path(self.stages.grpo.run.out_dir)
+        last = sorted((run_dir / "checkpoints").glob("step_*"))
         if not last:
-            raise ConfigError(f"the GRPO run left no checkpoint under {checkpoints}")
+            raise ConfigError(f"the GRPO run left no checkpoint under {run_dir / 'checkpoints'}")
+        best = read_best(run_dir)
         chosen = [str(last[-1])]
-        best = checkpoints / "best"
-        if best.is_dir() and best.resolve() != last[-1].resolve():
-            chosen.insert(0, str(best))
+        if best is not None and best["checkpoint"] != last[-1].name:
+            chosen.insert(0, str(run_dir / "checkpoints" / best["checkpoint"]))
         return chosen
 
     def evaluate(self) -> dict:
@@ -177,7 +184,7 @@ class Pipeline:
         s, e = self.stages, self.cfg.evaluate
         opts = EvaluateOptions(
             policies=self.policy_checkpoints(), generator=s.generator.out, best_of=list(e.best_of),
-            judge=s.proxy_judges[0].out if len(s.proxy_judges) == 1 else None,
+            judges=[j.out for j in s.proxy_judges],
             gold=s.gold_judge.out if s.gold_judge is not None else None, lm=s.lm.out if s.lm is not None else None,
             prompts=e.prompts, samples_per_prompt=e.samples_per_prompt, precision=e.precision,
             corpus=self.cfg.corpus.path, examples=e.samples_shown)
@@ -308,5 +315,5 @@ def format_headline(r: dict) -> list[str]:
     return lines
 
 
-def run_pipeline(cfg: PipelineConfig, echo=print, quiet: bool = False) -> dict:
-    return Pipeline(cfg, echo, quiet).run()
+def run_pipeline(cfg: PipelineConfig, echo=print, quiet: bool = False, overwrite: bool = False) -> dict:
+    return Pipeline(cfg, echo, quiet, overwrite).run()

@@ -6,7 +6,9 @@ step reads the same in a terminal and in a log. When steps come faster than one 
 `interval_s`, only a line every `interval_s` is printed (evaluations and the last step
 always are), so fast runs do not flood the log.
 
-    step 12/50  reward 0.412  kl 0.0213  5.70 steps/min  staleness 0.00  eval 0.531 ± 0.018  ETA 6m40s
+    step 12/50  reward 0.412  kl 0.0213 (3.21/seq, coef 0.04)  5.70 steps/min  staleness 0.00  ETA 6m40s
+    step 20/50  reward 0.455  kl 0.0251 (3.84/seq, coef 0.041)  5.70 steps/min  staleness 0.00  \
+        eval 0.531 ± 0.018 (KL 2.90/seq, best step 10)  ETA 5m16s
 """
 
 from __future__ import annotations
@@ -44,12 +46,18 @@ def step_line(record: dict, total_steps: int, elapsed_s: float, max_minutes: flo
     """One step's line from its metrics record (keys of metrics.jsonl; Tune's `/` as `_` work too)."""
     step = int(record["step"])
     spm = record.get("steps_per_min")
-    parts = [f"{prefix}step {step}/{total_steps}", f"reward {_number(record, 'reward_mean', '.3f')}",
-             f"kl {_number(record, 'kl', '.4f')}", f"{_number(record, 'steps_per_min', '.2f')} steps/min",
+    kl = f"kl {_number(record, 'kl', '.4f')}"
+    if "kl_seq" in record:
+        kl += f" ({record['kl_seq']:.2f}/seq, coef {_number(record, 'kl_coef', '.3g')})"
+    parts = [f"{prefix}step {step}/{total_steps}", f"reward {_number(record, 'reward_mean', '.3f')}", kl,
+             f"{_number(record, 'steps_per_min', '.2f')} steps/min",
              f"staleness {_number(record, 'staleness_mean', '.2f')}"]
     if "eval_reward_mean" in record:
         stderr = record.get("eval_reward_stderr")
-        parts.append(f"eval {record['eval_reward_mean']:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else ""))
+        text = f"eval {record['eval_reward_mean']:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "")
+        notes = ([f"KL {record['eval_kl_seq']:.2f}/seq"] if "eval_kl_seq" in record else []) + \
+                ([f"best step {record['best_step']}"] if "best_step" in record else [])
+        parts.append(text + (f" ({', '.join(notes)})" if notes else ""))
     left, limit = eta_seconds(step, total_steps, spm, elapsed_s, max_minutes)
     if step >= total_steps:
         parts.append(f"done in {format_duration(elapsed_s)}")
@@ -80,6 +88,12 @@ class ProgressPrinter:
             head += (f"; held-out reward at step {first_eval['step']}: {first_eval['eval_reward_mean']:.3f} "
                      f"± {first_eval['eval_reward_stderr']:.3f}")
         self._print(head)
+
+    def best(self, best: dict | None) -> None:
+        """The closing line: which checkpoint the held-out selection measure chose."""
+        if self.enabled and best is not None:
+            self._print(f"best checkpoint: {best['checkpoint']} (step {best['step']}, {best['selection']} "
+                        f"{best['value']:.3f}, held-out KL {best['eval_kl_seq']:.2f} nats/seq)")
 
     def step(self, record: dict, elapsed_s: float, last: bool = False) -> None:
         """The line of a finished step, unless the previous line was printed under interval_s ago (the

@@ -47,11 +47,13 @@ from ..errors import ConfigError
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 # config keys holding file paths: made absolute, because Tune runs each trial in its own working directory
-PATH_KEYS = ("corpus.path", "corpus.cache_dir", "generator.checkpoint", "reward.judge_checkpoint", "run.out_dir")
+PATH_KEYS = ("corpus.path", "corpus.cache_dir", "generator.checkpoint", "reward.judge_checkpoint",
+             "reward.judge_checkpoints", "run.selection_judge", "run.out_dir")
 # per-step values reported to Tune (when present in the step's record)
 REPORT_KEYS = ("step", "policy_version", "reward_mean", "reward_std", "kl", "loss", "pg_loss", "clip_frac",
                "entropy", "grad_norm", "zero_std_ratio", "staleness_mean", "eval_reward_mean",
-               "eval_reward_stderr", "steps_per_min", "time/step_s", "time/sync_s")
+               "eval_reward_stderr", "steps_per_min", "time/step_s", "time/sync_s", "kl_seq", "kl_coef",
+               "eval_kl_seq", "judge_disagreement", "eval_selection_reward_mean")
 
 
 class TuneSettings(Section):
@@ -206,7 +208,9 @@ def absolute_paths(cfg: TrainConfig) -> dict:
     for key in PATH_KEYS:
         section, leaf = key.split(".")
         value = data[section].get(leaf)
-        if value:
+        if isinstance(value, list):
+            data[section][leaf] = [str(Path(v).expanduser().resolve()) for v in value]
+        elif value:
             data[section][leaf] = str(Path(value).expanduser().resolve())
     return data
 
@@ -223,12 +227,10 @@ def _trial(params: dict, base: dict) -> None:
     cfg = apply_params(base, params)
     out = Path(base["run"]["out_dir"]) / "trials" / ctx.get_trial_id()
     cfg.run.out_dir = str(out)
-    out.mkdir(parents=True, exist_ok=True)
     pg = get_current_placement_group()
-    (out / "placement.json").write_text(json.dumps({
-        "trial_id": ctx.get_trial_id(), "trial_name": ctx.get_trial_name(), "params": params,
-        "placement_group_id": pg.id.hex() if pg is not None else None,
-        "bundles": pg.bundle_specs if pg is not None else None}, indent=2))
+    trial = {"trial_id": ctx.get_trial_id(), "trial_name": ctx.get_trial_name(), "params": params,
+             "placement_group_id": pg.id.hex() if pg is not None else None,
+             "bundles": pg.bundle_specs if pg is not None else None}
     last_eval: dict = {}
 
     def report(record: dict) -> None:
@@ -246,7 +248,7 @@ def _trial(params: dict, base: dict) -> None:
         metrics["step"] = int(record["step"])
         tune.report(metrics)
 
-    run_training(cfg, report=report, quiet=True)  # the Tune driver prints a line per result
+    run_training(cfg, report=report, quiet=True, run_info={"tune": trial})  # the Tune driver prints a line per result
 
 
 def _format_table(rows: list[dict], columns: list[str]) -> str:

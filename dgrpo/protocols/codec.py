@@ -10,12 +10,12 @@ message (ScoredBatch.rollout) is its bare field map. Encoding and decoding
 follow the dataclass type hints, so the wire layout is exactly the fields of
 messages.py, and decoding restores the same dtypes and bit patterns.
 
-Messages written by an older schema version are read too: a field that a
-later version added (the message class's ADDED_FIELDS, field -> version) takes
-its default when the message predates it. Every other field is required.
+Messages of an older schema version decode too: the fields a later version
+added (their `since` metadata, messages.py) are absent on the wire and take
+their defaults.
 
 `decode` treats its input as untrusted: anything malformed - truncated or
-random bytes, a schema version this build does not read, unknown or unexpected schemas,
+random bytes, a schema version newer than this build's, unknown or unexpected schemas,
 missing/extra fields, wrong types, arrays whose byte length disagrees with
 dtype x shape, disallowed dtypes, oversized or deeply nested data - raises
 CodecError with a message that says what is wrong.
@@ -68,9 +68,10 @@ def _kind(x: object) -> str:
 
 
 @functools.cache
-def _field_hints(cls: type) -> dict[str, object]:
+def _field_hints(cls: type, version: int = SCHEMA_VERSION) -> dict[str, object]:
+    """The fields of `cls` on the wire of schema `version`, with their type hints."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.metadata.get("since", 1) <= version}
 
 
 class _Budget:
@@ -238,15 +239,14 @@ def _decode_value(hint: object, wire: object, where: str, budget: _Budget, versi
 def _decode_fields(cls: type, wire: object, where: str, budget: _Budget, version: int) -> object:
     if not isinstance(wire, dict):
         raise CodecError(f"{where}: expected a map of fields, got {_kind(wire)}")
-    hints = _field_hints(cls)
-    later = {name for name, added in getattr(cls, "ADDED_FIELDS", {}).items() if added > version}
-    missing = [name for name in hints if name not in wire and name not in later]
-    extra = [str(k) for k in wire if k not in hints or k in later]
+    hints = _field_hints(cls, version)
+    missing = [name for name in hints if name not in wire]
+    extra = [str(k) for k in wire if k not in hints]
     if missing or extra:
         raise CodecError(f"{where}: missing fields {missing}, unexpected fields {extra}; "
                          "sender and receiver run different dgrpo builds, or the data is corrupt")
     return cls(**{name: _decode_value(hint, wire[name], f"{where}.{name}", budget, version)
-                  for name, hint in hints.items() if name not in later})
+                  for name, hint in hints.items()})
 
 
 def decode(data: bytes, expected: type | None = None) -> object:
@@ -276,7 +276,7 @@ def decode(data: bytes, expected: type | None = None) -> object:
     schema, version = obj["schema"], obj["version"]
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= SCHEMA_VERSION:
         raise CodecError(f"{schema!r:.60} message written by schema version {version!r:.20}, this build reads "
-                         f"versions 1 to {SCHEMA_VERSION}; upgrade/downgrade dgrpo or re-generate the file")
+                         f"versions 1 to {SCHEMA_VERSION}; upgrade dgrpo or re-generate the file")
     cls = _REGISTRY.get(schema) if isinstance(schema, str) else None
     if cls is None:
         raise CodecError(f"unknown message schema {schema!r:.60}; this build knows {sorted(_REGISTRY)}")

@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-SCHEMA_VERSION = 2  # 2: ScoredBatch.judge_version
+SCHEMA_VERSION = 2
+"""The wire version this build writes. It reads every version from 1 up: a field added by a later
+version carries `metadata={"since": version}` and takes its default in messages of older versions.
+
+    2: ScoredBatch.member_rewards (the rewards of each judge of an ensemble) and
+       ScoredBatch.judge_version (the judge weights that scored it: 0 = the judge checkpoint, n = n-th refresh)
+"""
 
 
 def _fmt_rows(rows: torch.Tensor, limit: int = 8) -> str:
@@ -113,14 +119,16 @@ class ScoredBatch:
     """Judge -> learner: a rollout batch with one scalar reward per sample."""
 
     SCHEMA = "scored_batch"
-    # fields added after schema version 1 -> the version that added them; older messages read their default
-    ADDED_FIELDS = {"judge_version": 2}
 
     rollout: RolloutBatch
     rewards: torch.Tensor  # (G*k,) float32
     judge_id: int
     timings: dict[str, float] = field(default_factory=dict)
-    judge_version: int = 0  # the judge weights that scored it: 0 = reward.judge_checkpoint, n = n-th refresh
+    # the judge weights that scored it: 0 = reward.judge_checkpoint, n = n-th refresh
+    judge_version: int = field(default=0, metadata={"since": 2})
+    # (M, G*k) float32: the reward of each of the M members the reward combines (one row unless an
+    # ensemble); empty in batches of schema version 1, which did not record it
+    member_rewards: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0), metadata={"since": 2})
 
     @property
     def num_samples(self) -> int:
@@ -129,6 +137,12 @@ class ScoredBatch:
     def validate(self) -> None:
         self.rollout.validate()
         _check_tensor("ScoredBatch.rewards", self.rewards, torch.float32, (self.num_samples,))
+        if self.member_rewards.numel():
+            _check_tensor("ScoredBatch.member_rewards", self.member_rewards, torch.float32,
+                          (self.member_rewards.shape[0], self.num_samples))
+            if not bool(torch.isfinite(self.member_rewards).all()):
+                raise ValueError(f"ScoredBatch.member_rewards has NaN/inf (judge {self.judge_id}, request "
+                                 f"{self.rollout.request_id})")
         bad = ~torch.isfinite(self.rewards)
         if bool(bad.any()):
             raise ValueError(f"reward returned NaN/inf at rows {_fmt_rows(bad.nonzero())} "
