@@ -53,6 +53,11 @@ def grow_then_shrink(driver, record) -> None:
         driver.scale.poll(force=True)
 
 
+def write_config(driver) -> None:
+    """The resolved config in the run directory, as `dgrpo train` leaves it (dgrpo scale reads the bounds there)."""
+    (Path(driver.cfg.run.out_dir) / "config.yaml").write_text(to_yaml(driver.cfg))
+
+
 def worker_counts(cfg: TrainConfig) -> list[tuple[int, int, int]]:
     rows = [r for r in read_jsonl(Path(cfg.run.out_dir) / "metrics.jsonl") if "num_samples" in r]
     return [(r["step"], r["rollout_workers"], r["rollout_workers_target"]) for r in rows]
@@ -61,7 +66,7 @@ def worker_counts(cfg: TrainConfig) -> list[tuple[int, int, int]]:
 def test_sync_run_grows_to_three_workers_and_shrinks_to_two(ray_cluster, tiny_corpus_file, tmp_path):
     cfg = fault_config(tmp_path, tiny_corpus_file, run={"steps": 7, "membership_check_s": 0.5},
                        resources=ELASTIC, grpo=SIX)
-    summary, state = run_driver(cfg, on_step=grow_then_shrink)
+    summary, state = run_driver(cfg, on_step=grow_then_shrink, prepare=write_config)
     counts = worker_counts(cfg)
     print(f"(step, rollout workers, target): {counts}")
     assert [c[1:] for c in counts[:2]] == [(1, 1), (1, 1)]
@@ -75,7 +80,7 @@ def test_sync_run_grows_to_three_workers_and_shrinks_to_two(ray_cluster, tiny_co
 def test_async_run_grows_to_three_workers_and_shrinks_to_two(ray_cluster, tiny_corpus_file, tmp_path):
     cfg = fault_config(tmp_path, tiny_corpus_file, run={"steps": 7, "mode": "async", "max_staleness": 1,
                                                         "membership_check_s": 0.5}, resources=ELASTIC, grpo=SIX)
-    summary, state = run_driver(cfg, on_step=grow_then_shrink)
+    summary, state = run_driver(cfg, on_step=grow_then_shrink, prepare=write_config)
     counts = worker_counts(cfg)
     print(f"(step, rollout workers, target): {counts}")
     assert counts[2][1:] == (3, 3) and counts[-1][1:] == (2, 2)
