@@ -29,11 +29,14 @@ def get(url: str, token: str | None = None) -> tuple[int, str]:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, ""
+    except urllib.error.URLError:  # nothing listens (yet, or any more)
+        return 0, ""
 
 
 def test_dashboard_answers_on_loopback_during_a_tiny_run(tiny_corpus_file, tmp_path):
     port = free_ports(1)[0]
-    sets = {"run.dashboard": "true", "run.dashboard_port": port, "run.out_dir": tmp_path / "run", "run.steps": 40,
+    sets = {"run.dashboard": "true", "run.dashboard_port": port, "run.out_dir": tmp_path / "run", "run.steps": 100_000,
+            "run.max_minutes": 0.75,
             "run.eval_every": 100, "run.eval_prompts": 4, "corpus.path": tiny_corpus_file, "generator.preset": "tiny",
             "prompts.length": 16, "sampler.steps": 4, "grpo.group_size": 4, "grpo.prompts_per_step": 2,
             "grpo.minibatch_size": 8, "resources.rollout.num_workers": 1}
@@ -71,7 +74,7 @@ def test_dashboard_answers_on_loopback_during_a_tiny_run(tiny_corpus_file, tmp_p
         while "ray_dgrpo_policy_version" not in exported and proc.poll() is None:
             exported = get(metrics)[1]
             time.sleep(0.5)
-        assert "ray_dgrpo_policy_version" in exported or "ray_dgrpo_phase" in exported, exported[-2000:]
+        assert "ray_dgrpo_policy_version" in exported, exported[-2000:]  # the run's gauges, while it runs
         assert proc.wait(timeout=300) == 0, "".join(lines)[-3000:]
     finally:
         if proc.poll() is None:
