@@ -80,3 +80,10 @@ def test_dashboard_answers_on_loopback_during_a_tiny_run(tiny_corpus_file, tmp_p
         if proc.poll() is None:
             proc.kill()
         reader.join(timeout=10)
+
+
+def test_the_demo_watches_its_grpo_stage_in_the_dashboard(tmp_path):
+    from dgrpo.orchestration.demo import demo_config
+    from dgrpo.orchestration.pipeline import stage_configs
+    run = stage_configs(demo_config(str(tmp_path / "demo"), None, minutes=12, threads=1)).grpo.run
+    assert run.dashboard and run.metrics_export  # `make demo` prints the URL (demo.run_demo, cluster.connect)
