@@ -14,9 +14,11 @@ part 1, overhead   the real Driver in sync mode, N workers, one request of one p
 part 2, broadcast  ActorGroup.publish of one snapshot of --broadcast-preset to N PremadeRollout actors
                    until every one has acknowledged its load (the driver's own code path); median of --reps.
 
-Every actor asks for 0.01 CPU so that 64 of them fit on a small machine; they share its cores, so the
-broadcast's loads run side by side only as far as the cores allow. Figures are medians over the steps
-after the first (which starts the actors).
+Every actor asks for 0.01 CPU so that 64 of them can be placed on a small machine; they share its cores,
+so the broadcast's loads run side by side only as far as the cores allow. Each actor is a process holding
+torch and a model replica: a worker count whose actors would need more than MEMORY_SHARE of the memory
+available (estimated from the previous count's) is not run, and the report says so (`not_run`). Figures
+are medians over the steps after the first (which starts the actors).
 
     python -m bench.bench_driver_scale [--workers 1,4,16,64] [--steps 6] [--delay-s 2] [--reps 5]
         [--broadcast-preset small] [--quick] [--out bench/results/driver_scale.json]
@@ -42,14 +44,18 @@ from dgrpo.orchestration.groups import ActorManager
 from dgrpo.orchestration.metrics import read_jsonl
 
 LENGTH = 32  # characters per sample (the tiny preset's block)
+MEMORY_SHARE = 0.6  # of the memory available: a worker count whose actors would need more is not run
 
 
 class PremadeRollout(RolloutWorker):
-    """Samples once, then answers every request with that batch after `delay_s` (a stand-in for sampling)."""
+    """Samples once, then answers every training request with that batch after `delay_s` (a stand-in for
+    sampling); evaluation requests are sampled."""
 
     delay_s = 2.0
 
     def generate(self, request):
+        if request.request_id < 0:  # the driver's held-out evaluation: really sampled
+            return super().generate(request)
         t0 = time.perf_counter()
         if not hasattr(self, "premade"):
             self.premade = super().generate(request)
@@ -97,7 +103,7 @@ def overhead(ray, workers: int, steps: int, delay_s: float, corpus: str, tmp: Pa
     try:
         driver.run()
         placed = driver.workers.placed()
-        rss_mb = actor_rss_mb()
+        pss_mb = actors_pss_mb()
     finally:
         driver.close()
     rows = [r for r in read_jsonl(Path(cfg.run.out_dir) / "metrics.jsonl") if "num_samples" in r][1:]
@@ -107,7 +113,7 @@ def overhead(ray, workers: int, steps: int, delay_s: float, corpus: str, tmp: Pa
             "driver_cpu_s": cpu_s, "driver_cpu_pct": 100 * cpu_s / step_s,
             "sync_s": median([r["time/sync_s"] for r in rows]), "learn_s": median([r["time/learn_s"] for r in rows]),
             "generate_s_per_request": median([r["time/generate_s"] / workers for r in rows]),
-            "actors_rss_mb": rss_mb, "wall_s": time.perf_counter() - t0}
+            "actors_pss_mb": pss_mb, "wall_s": time.perf_counter() - t0}
 
 
 def broadcast(ray, workers: int, preset: str, reps: int) -> dict:
@@ -143,8 +149,9 @@ def broadcast(ray, workers: int, preset: str, reps: int) -> dict:
         manager.close()
 
 
-def actor_rss_mb() -> float:
-    """Resident memory of the Ray actor processes this process started (its cluster's), MB."""
+def actors_pss_mb() -> float:
+    """Proportional set size (shared pages split among their users) of the Ray actor processes this process
+    started, MB: what they take of the machine's memory."""
     parent = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -158,14 +165,20 @@ def actor_rss_mb() -> float:
         children = [c for c, p in parent.items() if p == pid and c not in tree]
         tree.update(children)
         todo += children
-    total = 0
+    total_kb = 0
     for pid in tree:
         try:
             if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::"):
-                total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError):
+                rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+                total_kb += int(next(ln for ln in rollup.splitlines() if ln.startswith("Pss:")).split()[1])
+        except (OSError, ValueError, StopIteration):
             pass
-    return total / 2**20
+    return total_kb / 1024
+
+
+def available_mb() -> float:
+    line = next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemAvailable:"))
+    return int(line.split()[1]) / 1024
 
 
 def cpu_flags() -> list[str]:
@@ -191,24 +204,31 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         counts, steps, delay, reps, preset = [1, 2], 3, 0.2, 2, "tiny"
     info = {**machine_info(1), "cpu_flags": cpu_flags()}
-    over, casts = [], []
+    over, casts, skipped = [], [], []
     with tempfile.TemporaryDirectory(prefix="dgscale_") as tmp, local_ray(num_cpus=max(os.cpu_count() or 1, 2)) as ray:
         corpus = corpus_file(Path(tmp))
         for n in counts:
+            if over:  # n workers, a learner and a judge: as much memory each as the last count's actors took
+                need = over[-1]["actors_pss_mb"] / (over[-1]["workers"] + 2) * (n + 2)
+                if need > MEMORY_SHARE * available_mb():
+                    skipped.append({"workers": n, "needs_mb": need, "available_mb": available_mb()})
+                    print(f"{n} workers: not run; their actors need about {need:.0f} MB, more than "
+                          f"{MEMORY_SHARE:.0%} of the {available_mb():.0f} MB available")
+                    continue
             over.append(overhead(ray, n, steps, delay, corpus, Path(tmp)))
             print_table([over[-1]], [("workers", "workers"), ("step_s", "step s", ".3f"),
                                      ("driver_cpu_s", "driver CPU s", ".4f"), ("driver_cpu_pct", "% of step", ".2f"),
-                                     ("sync_s", "sync s", ".3f"), ("actors_rss_mb", "actors RSS MB", ".0f")])
+                                     ("sync_s", "sync s", ".3f"), ("actors_pss_mb", "actors MB (PSS)", ".0f")])
             casts.append(broadcast(ray, n, preset, reps))
     print_table(over, [("workers", "workers"), ("step_s", "step s", ".3f"), ("driver_cpu_s", "driver CPU s/step", ".4f"),
                        ("driver_cpu_pct", "driver CPU % of step", ".2f"), ("sync_s", "sync s (tiny)", ".3f"),
-                       ("learn_s", "learn s", ".3f"), ("actors_rss_mb", "actors RSS MB", ".0f")],
+                       ("learn_s", "learn s", ".3f"), ("actors_pss_mb", "actors MB (PSS)", ".0f")],
                 title=f"driver overhead, {delay:g} s premade requests, sync mode")
     print_table(casts, [("workers", "workers"), ("mb", "MB", ".2f"), ("broadcast_s", "broadcast s", ".4f"),
                         ("broadcast_s_min", "min s", ".4f"), ("worker_load_s_max", "slowest load s", ".4f")],
                 title=f"broadcast of one {preset} snapshot (ActorGroup.publish until every ack)")
     report = {"bench": "driver_scale", "machine": info, "delay_s": delay, "steps": steps, "reps": reps,
-              "overhead": over, "broadcast": casts}
+              "overhead": over, "broadcast": casts, "not_run": skipped}
     write_json(report, args.out)
     return report
 

@@ -80,7 +80,7 @@ def test_bench_driver_scale(ray_cluster, tmp_path, capsys):
     for r in data["overhead"]:
         assert r["steps_measured"] == 2
         assert r["step_s"] >= data["delay_s"]  # every step waited for its premade requests
-        for key in ("driver_cpu_s", "driver_cpu_pct", "sync_s", "learn_s", "actors_rss_mb"):
+        for key in ("driver_cpu_s", "driver_cpu_pct", "sync_s", "learn_s", "actors_pss_mb"):
             assert _positive(r[key]), key
     assert [r["workers"] for r in data["broadcast"]] == [1, 2]
     assert all(_positive(r["broadcast_s"]) and r["broadcast_s"] >= r["worker_load_s_max"] for r in data["broadcast"])
