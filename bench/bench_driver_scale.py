@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from bench.common import (SHARED_CORPUS, default_out, ints, local_ray, machine_info, median, print_table,
-                          write_json)
+                          process_tree, write_json)
 from dgrpo.actors.rollout import RolloutWorker
 from dgrpo.config import TrainConfig
 from dgrpo.orchestration.driver import Driver
@@ -152,21 +152,8 @@ def broadcast(ray, workers: int, preset: str, reps: int) -> dict:
 def actors_pss_mb() -> float:
     """Proportional set size (shared pages split among their users) of the Ray actor processes this process
     started, MB: what they take of the machine's memory."""
-    parent = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parent[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    tree, todo = set(), [os.getpid()]
-    while todo:
-        pid = todo.pop()
-        children = [c for c, p in parent.items() if p == pid and c not in tree]
-        tree.update(children)
-        todo += children
     total_kb = 0
-    for pid in tree:
+    for pid in process_tree(os.getpid()) - {os.getpid()}:
         try:
             if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::"):
                 rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()

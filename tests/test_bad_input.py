@@ -337,62 +337,18 @@ def test_nan_reward_stops_the_run_with_a_clear_error(ray_cluster, tiny_corpus_fi
 # -- network ----------------------------------------------------------------------------------
 
 LISTEN_PROBE = textwrap.dedent("""
-    import json, os, socket, sys, time
+    import json, os, sys, time
     import ray
     from dgrpo.config import TrainConfig
     from dgrpo.orchestration.cluster import connect
-
-    def family_tree(root):
-        parent = {}
-        for d in os.listdir("/proc"):
-            if d.isdigit():
-                try:
-                    parent[int(d)] = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
-                except (OSError, ValueError, IndexError):
-                    pass
-        tree, todo = {root}, [root]
-        while todo:
-            p = todo.pop()
-            for child, pp in parent.items():
-                if pp == p and child not in tree:
-                    tree.add(child)
-                    todo.append(child)
-        return tree
-
-    def listening():
-        table = {}
-        for name, v6 in (("tcp", False), ("tcp6", True)):
-            for line in open(f"/proc/net/{name}").read().splitlines()[1:]:
-                f = line.split()
-                if f[3] == "0A":  # LISTEN
-                    ip, port = f[1].split(":")
-                    raw = bytes.fromhex(ip)
-                    if v6:
-                        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
-                        addr = socket.inet_ntop(socket.AF_INET6, raw)
-                    else:
-                        addr = socket.inet_ntop(socket.AF_INET, raw[::-1])
-                    table[f[9]] = (addr, int(port, 16))
-        found = []
-        for pid in family_tree(os.getpid()):
-            try:
-                name = open(f"/proc/{pid}/cmdline").read().replace("\\0", " ")[:120]
-                fds = os.listdir(f"/proc/{pid}/fd")
-            except OSError:
-                continue
-            for fd in fds:
-                try:
-                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                except OSError:
-                    continue
-                if link.startswith("socket:[") and link[8:-1] in table:
-                    found.append([*table[link[8:-1]], name])
-        return found
+    sys.path[:0] = sys.argv[2:4]  # the repository (bench.common) and tests/
+    from bench.common import process_tree
+    from raynodes import listening_sockets
 
     assert connect(TrainConfig.model_validate(json.loads(sys.argv[1]))), "expected an embedded cluster"
     ray.get(ray.put(1), timeout=60)
     time.sleep(1.0)  # the agents start with the node; give them a moment to bind
-    print("LISTEN " + json.dumps(listening()))
+    print("LISTEN " + json.dumps(listening_sockets(process_tree(os.getpid()))))
     ray.shutdown()
 """)
 
@@ -407,7 +363,8 @@ def test_embedded_cluster_listens_on_loopback_only(tmp_path, dashboard):
     env["OMP_NUM_THREADS"] = "1"
     port = free_ports(1)[0]
     config = {"run": {"dashboard": True, "dashboard_port": port}} if dashboard else {}
-    proc = subprocess.run([sys.executable, "-c", LISTEN_PROBE, json.dumps(config)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", LISTEN_PROBE, json.dumps(config),
+                           str(Path(__file__).parents[1]), str(Path(__file__).parent)], capture_output=True, text=True,
                           timeout=240, env=env, cwd=tmp_path)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("LISTEN ")), None)
     assert proc.returncode == 0 and line, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dgrpo.config import TrainConfig
+from dgrpo.config import TrainConfig, to_dict
 from dgrpo.orchestration.metrics import read_jsonl
 from raynodes import REPO, LocalCluster
-from test_faults import check_every_batch_trained_once
+from test_faults import check_every_batch_trained_once, fault_config
 
 ROLE_MARKERS = {"learner": "dgrpo_learner", "judge": "dgrpo_judge", "rollout": "dgrpo_rollout"}
 HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
@@ -56,24 +56,16 @@ def keep_nodes(cluster: LocalCluster, marker: str, names: list[str]) -> None:
 
 
 def run_config(out_dir: Path, corpus: str, rollout: tuple[int, int], judge: tuple[int, int], **run) -> dict:
-    return {
-        "run": {"out_dir": str(out_dir), "steps": 8, "eval_every": 1000, "eval_prompts": 8, "checkpoint_every": 2,
-                "keep_checkpoints": 2, "log_rollouts": True, "metrics_export": False, "actor_timeout_s": 120,
-                "placement_timeout_s": 180, "membership_check_s": 1, "seed": 3, **run},
-        "corpus": {"path": corpus},
-        "generator": {"preset": "tiny"},
-        "reward": {"kind": "char_frequency", "chars": "e"},
-        "prompts": {"length": 16},
-        "sampler": {"steps": 4},
-        "grpo": {"group_size": 4, "prompts_per_step": 4, "minibatch_size": 16, "lr": 3e-3},
-        "resources": {
-            "torch_threads": 1,
-            "learner": {"num_cpus": 0.5, "custom_resources": {"dgrpo_learner": 1}},
-            "rollout": {"min_workers": rollout[0], "max_workers": rollout[1], "num_cpus": 0.5, "max_restarts": 1,
-                        "custom_resources": {"dgrpo_rollout": 1}},
-            "judge": {"min_workers": judge[0], "max_workers": judge[1], "num_cpus": 0.5, "max_restarts": 1,
-                      "custom_resources": {"dgrpo_judge": 1}}},
-    }
+    """test_faults' tiny run, its roles pinned to their markers, one actor per node."""
+    def role(marker: str, bounds: tuple[int, int] | None = None) -> dict:
+        size = {"min_workers": bounds[0], "max_workers": bounds[1], "max_restarts": 1} if bounds else {}
+        return {**size, "num_cpus": 0.5, "custom_resources": {marker: 1}}
+    cfg = fault_config(out_dir.parent, corpus, out_dir.name,
+                       run={"steps": 8, "eval_every": 1000, "checkpoint_every": 2, "keep_checkpoints": 2,
+                            "actor_timeout_s": 120, "placement_timeout_s": 180, "membership_check_s": 1, **run},
+                       resources={"torch_threads": 1, "learner": role("dgrpo_learner"),
+                                  "rollout": role("dgrpo_rollout", rollout), "judge": role("dgrpo_judge", judge)})
+    return to_dict(cfg)
 
 
 class Train:
