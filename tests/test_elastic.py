@@ -131,3 +131,8 @@ def test_scale_command_checks_the_run_and_its_bounds(tmp_path):
     assert read_targets(run) == {"rollout": 3}  # nothing written by a refused command
     missing = runner.invoke(main, ["scale", str(tmp_path / "nowhere"), "--rollout-workers", "2"])
     assert missing.exit_code == 2 and "is not a dgrpo train run directory" in missing.output
+    (run / "config.yaml").write_text("resources: {rollout: {min_workers: 5, max_workers: 2}}\n")
+    broken = runner.invoke(main, ["scale", str(run), "--rollout-workers", "2"])
+    assert broken.exit_code == 2 and "Traceback" not in broken.output, broken.output
+    assert f"invalid configuration in {run / 'config.yaml'}" in broken.output, broken.output
+    assert read_targets(run) == {"rollout": 3}

@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from ..config import TrainConfig, read_yaml_mapping
+from ..config import TrainConfig, load_config
 from ..errors import ConfigError
 
 SCALE_FILE = "scale.json"
@@ -40,7 +40,7 @@ def write_targets(run_dir: str | Path, targets: dict[str, int]) -> dict[str, tup
     if not config.is_file():
         raise ConfigError(f"{run_dir} is not a dgrpo train run directory (no config.yaml); give the run's "
                           f"run.out_dir")
-    cfg = TrainConfig.model_validate(read_yaml_mapping(config, "run config"))
+    cfg = load_config(TrainConfig, config)
     bounds = {role: getattr(cfg.resources, role).bounds for role in targets}
     for role, n in targets.items():
         lo, hi = bounds[role]
