@@ -32,6 +32,24 @@ def default_out(name: str) -> Path:
     return RESULTS_DIR / f"{name}.json"
 
 
+def process_tree(root: int) -> set[int]:
+    """`root` and every process descended from it (from /proc)."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    tree, todo = {root}, [root]
+    while todo:
+        pid = todo.pop()
+        children = [c for c, p in parent.items() if p == pid and c not in tree]
+        tree.update(children)
+        todo += children
+    return tree
+
+
 def machine_info(threads: int | None = None) -> dict:
     """CPU model, versions, torch threads, load average and date of this measurement."""
     info = {

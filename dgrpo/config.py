@@ -239,13 +239,51 @@ class RoleResources(Section):
                                           "pins the role to the nodes (worker group) that advertise dgrpo_rollout")
 
 
-class RolloutResources(RoleResources):
-    num_workers: int = Field(2, ge=1)
+class WorkerPoolResources(RoleResources):
+    """A role of interchangeable actors: a fixed number (num_workers), or elastic between min_workers and
+    max_workers (docs/OPERATIONS.md, "Elastic workers")."""
+    num_workers: int = Field(1, ge=1, description=(
+        "actors the run keeps (its target); alone, a fixed size (min_workers = max_workers = num_workers); "
+        "with min_workers/max_workers, the target it starts with (default max_workers), moved by `dgrpo scale`"))
+    min_workers: Optional[int] = Field(None, ge=1, description=(
+        "elastic: the fewest placed actors the run goes on with (it waits run.placement_timeout_s for them, "
+        "then stops); give max_workers too"))
+    max_workers: Optional[int] = Field(None, ge=1, description=(
+        "elastic: the most actors the run asks the cluster for; actors that do not fit wait to be placed "
+        "(a node joins, or the autoscaler adds one)"))
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_workers is None and self.max_workers is None:
+            return self
+        if self.min_workers is None or self.max_workers is None:
+            raise ValueError(f"give min_workers and max_workers together (got min_workers={self.min_workers}, "
+                             f"max_workers={self.max_workers}); num_workers alone is a fixed size")
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) must be at most max_workers ({self.max_workers})")
+        if "num_workers" not in self.model_fields_set:
+            object.__setattr__(self, "num_workers", self.max_workers)  # the target: as many as the cluster places
+        elif not self.min_workers <= self.num_workers <= self.max_workers:
+            raise ValueError(f"num_workers ({self.num_workers}) is the target the run starts with and must lie "
+                             f"within min_workers..max_workers ({self.min_workers}..{self.max_workers}); leave it "
+                             f"out to start at max_workers")
+        return self
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """(min, max) actors: num_workers twice for a fixed size."""
+        if self.min_workers is None:
+            return self.num_workers, self.num_workers
+        return self.min_workers, self.max_workers
+
+
+class RolloutResources(WorkerPoolResources):
+    num_workers: int = Field(2, ge=1, description=WorkerPoolResources.model_fields["num_workers"].description)
     num_cpus: float = Field(0.5, ge=0)
 
 
-class JudgeResources(RoleResources):
-    num_workers: int = Field(1, ge=1)
+class JudgeResources(WorkerPoolResources):
+    num_workers: int = Field(1, ge=1, description=WorkerPoolResources.model_fields["num_workers"].description)
     num_cpus: float = Field(0.5, ge=0)
 
 
@@ -290,7 +328,13 @@ class RunConfig(Section):
         "cannot become the best checkpoint"))
     log_rollouts: bool = False
     actor_timeout_s: float = Field(300.0, gt=0)
-    max_worker_failures: int = Field(10, ge=0, description="stop the run after this many actor deaths")
+    max_worker_failures: int = Field(10, ge=0, description=(
+        "stop the run after this many actor crashes (actors lost with their node are not counted)"))
+    placement_timeout_s: float = Field(300.0, gt=0, description=(
+        "how long a role may have fewer placed actors than its minimum (at the start, or after losing nodes) "
+        "before the run stops; a cluster autoscaler needs minutes to add a node"))
+    membership_check_s: float = Field(2.0, gt=0, description=(
+        "seconds between checks of the actor groups: nodes Ray marked dead, surplus actors, `dgrpo scale` targets"))
     ray_address: Optional[str] = Field(None, description=(
         "the cluster to join: host:port of its GCS, ray://host:port, or auto (the cluster `ray start` recorded on "
         "this machine); None: $RAY_ADDRESS, else an embedded local cluster (which never joins a recorded one)"))
@@ -302,6 +346,12 @@ class RunConfig(Section):
     max_zero_signal_steps: int = Field(5, ge=0, description=(
         "stop the run after this many consecutive steps in which every group's rewards were equal (a collapsed "
         "policy or a saturated reward: nothing left to learn); 0: never"))
+    dashboard: bool = Field(False, description=(
+        "start the embedded local cluster with Ray's dashboard on 127.0.0.1 and print its URL (a run that joins "
+        "a cluster uses that cluster's dashboard)"))
+    dashboard_port: int = Field(8265, ge=1, le=65535, description=(
+        "port of the embedded cluster's dashboard; if it is taken, Ray takes the next free one (the printed "
+        "URL says which)"))
     metrics_export: bool = True
     tensorboard: bool = False
     wandb_project: Optional[str] = None
@@ -380,6 +430,7 @@ RESUMABLE_KEYS = (
     "run.out_dir", "run.storage_path", "run.steps", "run.max_minutes", "run.eval_every", "run.checkpoint_every",
     "run.keep_checkpoints", "run.log_rollouts", "run.actor_timeout_s", "run.max_worker_failures",
     "run.max_zero_signal_steps", "run.ray_address", "run.connect_timeout_s", "run.metrics_export",
+    "run.placement_timeout_s", "run.membership_check_s", "run.dashboard", "run.dashboard_port",
     "run.tensorboard", "run.wandb_project",
     "resources.*.num_workers", "resources.*.min_workers", "resources.*.max_workers", "resources.*.num_cpus",
     "resources.*.num_gpus", "resources.*.max_restarts", "resources.*.custom_resources*", "resources.torch_threads",

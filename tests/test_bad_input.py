@@ -38,6 +38,7 @@ from dgrpo.orchestration.cli import main
 from dgrpo.orchestration.driver import Driver
 from dgrpo.protocols import RolloutBatch, ScoredBatch, encode
 from dgrpo.protocols.rollout_log import RolloutLogWriter
+from raynodes import free_ports
 
 ray.cloudpickle.register_pickle_by_value(__import__(__name__))  # Ray workers cannot import this module
 
@@ -336,78 +337,40 @@ def test_nan_reward_stops_the_run_with_a_clear_error(ray_cluster, tiny_corpus_fi
 # -- network ----------------------------------------------------------------------------------
 
 LISTEN_PROBE = textwrap.dedent("""
-    import json, os, socket, sys, time
+    import json, os, sys, time
     import ray
     from dgrpo.config import TrainConfig
     from dgrpo.orchestration.cluster import connect
+    sys.path[:0] = sys.argv[2:4]  # the repository (bench.common) and tests/
+    from bench.common import process_tree
+    from raynodes import listening_sockets
 
-    def family_tree(root):
-        parent = {}
-        for d in os.listdir("/proc"):
-            if d.isdigit():
-                try:
-                    parent[int(d)] = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
-                except (OSError, ValueError, IndexError):
-                    pass
-        tree, todo = {root}, [root]
-        while todo:
-            p = todo.pop()
-            for child, pp in parent.items():
-                if pp == p and child not in tree:
-                    tree.add(child)
-                    todo.append(child)
-        return tree
-
-    def listening():
-        table = {}
-        for name, v6 in (("tcp", False), ("tcp6", True)):
-            for line in open(f"/proc/net/{name}").read().splitlines()[1:]:
-                f = line.split()
-                if f[3] == "0A":  # LISTEN
-                    ip, port = f[1].split(":")
-                    raw = bytes.fromhex(ip)
-                    if v6:
-                        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
-                        addr = socket.inet_ntop(socket.AF_INET6, raw)
-                    else:
-                        addr = socket.inet_ntop(socket.AF_INET, raw[::-1])
-                    table[f[9]] = (addr, int(port, 16))
-        found = []
-        for pid in family_tree(os.getpid()):
-            try:
-                name = open(f"/proc/{pid}/cmdline").read().replace("\\0", " ")[:120]
-                fds = os.listdir(f"/proc/{pid}/fd")
-            except OSError:
-                continue
-            for fd in fds:
-                try:
-                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                except OSError:
-                    continue
-                if link.startswith("socket:[") and link[8:-1] in table:
-                    found.append([*table[link[8:-1]], name])
-        return found
-
-    assert connect(TrainConfig()), "expected an embedded cluster"
+    assert connect(TrainConfig.model_validate(json.loads(sys.argv[1]))), "expected an embedded cluster"
     ray.get(ray.put(1), timeout=60)
     time.sleep(1.0)  # the agents start with the node; give them a moment to bind
-    print("LISTEN " + json.dumps(listening()))
+    print("LISTEN " + json.dumps(listening_sockets(process_tree(os.getpid()))))
     ray.shutdown()
 """)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_embedded_cluster_listens_on_loopback_only(tmp_path):
-    """Start the embedded cluster the way `dgrpo train` does (cluster.connect, default config) in a
-    subprocess; every listening TCP socket of its process tree is bound to a loopback address."""
+@pytest.mark.parametrize("dashboard", [False, True], ids=["default", "dashboard"])
+def test_embedded_cluster_listens_on_loopback_only(tmp_path, dashboard):
+    """Start the embedded cluster the way `dgrpo train` does (cluster.connect; default config, and with
+    run.dashboard) in a subprocess; every listening TCP socket of its process tree is bound to a
+    loopback address, the dashboard's too."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([sys.executable, "-c", LISTEN_PROBE], capture_output=True, text=True, timeout=240,
-                          env=env, cwd=tmp_path)
+    port = free_ports(1)[0]
+    config = {"run": {"dashboard": True, "dashboard_port": port}} if dashboard else {}
+    proc = subprocess.run([sys.executable, "-c", LISTEN_PROBE, json.dumps(config),
+                           str(Path(__file__).parents[1]), str(Path(__file__).parent)], capture_output=True, text=True,
+                          timeout=240, env=env, cwd=tmp_path)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("LISTEN ")), None)
     assert proc.returncode == 0 and line, proc.stdout[-2000:] + proc.stderr[-4000:]
     sockets = json.loads(line[len("LISTEN "):])
     assert len(sockets) >= 3, sockets  # GCS, raylet, workers at least
+    assert (port in {s[1] for s in sockets}) == dashboard, sockets
 
     def loopback(addr: str) -> bool:
         import ipaddress

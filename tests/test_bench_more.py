@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from bench import bench_e2e, bench_learner, bench_quality, bench_scaling, bench_weight_sync, common
+from bench import (bench_driver_scale, bench_e2e, bench_learner, bench_quality, bench_scaling, bench_weight_sync,
+                   common)
 
 
 def _positive(x) -> bool:
@@ -70,6 +71,20 @@ def test_bench_weight_sync(ray_cluster, tmp_path, capsys):
             assert _positive(r[key]), key
         assert r["total_s"] >= r["publish_s"]
     assert "publish ms" in printed
+
+
+def test_bench_driver_scale(ray_cluster, tmp_path, capsys):
+    data, printed = _run(bench_driver_scale, tmp_path, capsys)
+    assert data["bench"] == "driver_scale" and data["machine"]["cpu_flags"] is not None
+    assert [r["workers"] for r in data["overhead"]] == [r["placed"] for r in data["overhead"]] == [1, 2]
+    for r in data["overhead"]:
+        assert r["steps_measured"] == 2
+        assert r["step_s"] >= data["delay_s"]  # every step waited for its premade requests
+        for key in ("driver_cpu_s", "driver_cpu_pct", "sync_s", "learn_s", "actors_pss_mb"):
+            assert _positive(r[key]), key
+    assert [r["workers"] for r in data["broadcast"]] == [1, 2]
+    assert all(_positive(r["broadcast_s"]) and r["broadcast_s"] >= r["worker_load_s_max"] for r in data["broadcast"])
+    assert "driver CPU % of step" in printed
 
 
 def test_bench_scaling(ray_cluster, tmp_path, capsys):

@@ -92,6 +92,14 @@ def run_driver(cfg: TrainConfig, cls: type[Driver] = Driver, on_step=None, prepa
     return summary, state
 
 
+def wait_back(driver: Driver, slot, timeout_s: float = 120) -> None:
+    """Waits until a recovered slot is placed again and holds the published weights."""
+    deadline = time.monotonic() + timeout_s
+    while not driver.workers.usable(slot):
+        assert time.monotonic() < deadline, f"slot {slot.index} did not come back in {timeout_s} s"
+        driver.actors.results(methods=(), timeout=0.2)
+
+
 def final_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     return load_file(Path(cfg.run.out_dir) / "checkpoints" / f"step_{cfg.run.steps:06d}" / "model.safetensors")
 
@@ -203,7 +211,8 @@ def test_rollout_workers_die_three_ways(baseline, tiny_corpus_file, tmp_path):
     killed = []
 
     def on_step(driver, record):
-        if record["step"] == 2:
+        if record["step"] == 2:  # worker 0 is recovered while the run goes on: wait until it is back
+            wait_back(driver, driver.workers.slots[0])
             pid = ray.get(driver.workers.slots[0].handle.info.remote(), timeout=60)["pid"]
             timer = threading.Timer(0.5, lambda: (os.kill(pid, signal.SIGKILL), killed.append(pid)))
             timer.daemon = True

@@ -10,68 +10,14 @@ id: `ray stop --force` would kill every Ray process on the machine.
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def session_pids(sid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                if os.getsid(int(entry)) == sid:
-                    pids.append(int(entry))
-            except (ProcessLookupError, PermissionError):
-                pass
-    return pids
-
-
-def stop_session(sid: int, grace_s: float = 3.0) -> None:
-    """SIGTERM, then SIGKILL, every process of the session `ray start` ran in."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in session_pids(sid):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + grace_s
-        while time.time() < deadline and any(_alive(p) for p in session_pids(sid)):
-            time.sleep(0.2)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ", 1)[1][0] != "Z"  # zombies are gone, only not yet reaped
-    except (FileNotFoundError, IndexError):
-        return False
-
-
-def ray_env() -> dict:
-    return dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                RAY_USAGE_STATS_ENABLED="0")
+from raynodes import BIN, REPO, alive, free_ports, ray_env, session_pids, stop_session
 
 
 @pytest.fixture
@@ -100,7 +46,7 @@ def head_node():
             proc.kill()
         stop_session(sid)
         shutil.rmtree(temp_dir, ignore_errors=True)
-        assert not [p for p in session_pids(sid) if _alive(p)], "ray processes left running"
+        assert not [p for p in session_pids(sid) if alive(p)], "ray processes left running"
 
 
 def ray_cli(*args, timeout=60) -> subprocess.CompletedProcess:

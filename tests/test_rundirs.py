@@ -45,7 +45,7 @@ from dgrpo.orchestration.cli import main
 from dgrpo.orchestration.driver import Driver
 from dgrpo.orchestration.metrics import read_jsonl
 from dgrpo.orchestration.rundir import config_differences, fingerprint, open_run_dir, resolve_out_dir
-from test_job_submit import BIN, _alive, session_pids, stop_session
+from raynodes import BIN, alive, session_pids, stop_session
 
 ray.cloudpickle.register_pickle_by_value(__import__(__name__))  # Ray workers cannot import this module
 
@@ -199,7 +199,7 @@ def test_a_second_run_into_a_live_run_is_refused_and_a_dead_ones_lock_is_stale(t
         os.kill(first.pid, signal.SIGKILL)  # no chance to release anything
         first.wait(timeout=30)
         stop_session(first.pid)  # its Ray processes
-    assert not [p for p in session_pids(first.pid) if _alive(p)]
+    assert not [p for p in session_pids(first.pid) if alive(p)]
     # the OS dropped the killed run's lock; its name in the file marks it stale
     messages: list[str] = []
     cfg = TrainConfig.model_validate({"run": {"out_dir": str(out)}})

@@ -6,7 +6,6 @@ batch records the judge version that scored it (0: reward.judge_checkpoint as lo
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -16,7 +15,7 @@ from ..corpus import CharTokenizer
 from ..models.rewards import JudgeReward, build_reward, compute_member_rewards
 from ..precision import describe_precision, pick_device, resolve_precision
 from ..protocols import RolloutBatch, ScoredBatch, WeightSnapshot
-from .telemetry import ActorTelemetry
+from .telemetry import ActorTelemetry, placement
 
 
 class JudgeWorker:
@@ -53,5 +52,5 @@ class JudgeWorker:
                            timings={"score_s": score_s}, judge_version=self.judge_version, member_rewards=members)
 
     def info(self) -> dict:
-        return {"judge_id": self.judge_id, "pid": os.getpid(), "device": str(self.device), "precision": self.precision,
+        return {"judge_id": self.judge_id, **placement(), "device": str(self.device), "precision": self.precision,
                 "reward": self.reward_fn.name, "judge_version": self.judge_version}

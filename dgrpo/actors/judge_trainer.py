@@ -8,7 +8,6 @@ trainer's whole state, from which a restarted trainer goes on (`load_state`).
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 
@@ -19,6 +18,7 @@ from ..corpus import CharTokenizer, load_corpus
 from ..precision import describe_precision, pick_device, resolve_precision
 from ..protocols import WeightSnapshot
 from ..training.judge_refresh import refresher_from_checkpoint
+from .telemetry import placement
 
 
 class TrainerRestartedError(RuntimeError):
@@ -79,5 +79,5 @@ class JudgeTrainerActor:
 
     def info(self) -> dict:
         r = self.refresher
-        return {"pid": os.getpid(), "version": r.version, "buffer": r.buffer.filled, "samples_seen": r.samples_seen,
+        return {**placement(), "version": r.version, "buffer": r.buffer.filled, "samples_seen": r.samples_seen,
                 "iters": r.iters, "device": str(r.device)}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from ..models.diffusion import DiffusionLM
 from ..models.transformer import ModelConfig
 from ..precision import describe_precision, pick_device, resolve_precision
 from ..protocols import ScoredBatch, WeightSnapshot
+from .telemetry import placement
 
 
 class LearnerActor:
@@ -65,5 +65,5 @@ class LearnerActor:
         return ckpt.state["driver"]
 
     def info(self) -> dict:
-        return {"pid": os.getpid(), "version": self.core.version, "step": self.core.step,
+        return {**placement(), "version": self.core.version, "step": self.core.step,
                 "device": str(self.core.device), "precision": self.precision, "path": str(Path.cwd())}

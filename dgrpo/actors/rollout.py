@@ -6,7 +6,6 @@ A plain class; the driver turns it into a Ray actor with the resources of the
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -17,7 +16,7 @@ from ..models.sampler import sample
 from ..models.transformer import ModelConfig
 from ..precision import describe_precision, pick_device, resolve_precision
 from ..protocols import RolloutBatch, RolloutRequest, WeightSnapshot
-from .telemetry import ActorTelemetry
+from .telemetry import ActorTelemetry, placement
 
 
 class StaleWorkerError(RuntimeError):
@@ -69,5 +68,5 @@ class RolloutWorker:
             timings={"generate_s": generate_s, "tokens_generated": float(n_generated)})
 
     def info(self) -> dict:
-        return {"worker_id": self.worker_id, "version": self.version, "pid": os.getpid(),
+        return {"worker_id": self.worker_id, "version": self.version, **placement(),
                 "device": str(self.device), "precision": self.precision}

@@ -5,6 +5,15 @@ from __future__ import annotations
 import threading
 
 
+def placement() -> dict:
+    """Where this actor runs: its process and Ray node (what the driver's groups record per slot)."""
+    import os
+
+    import ray
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    return {"pid": os.getpid(), "node_id": node}
+
+
 class GaugeKeeper:
     """Sets Ray gauges and re-sends their last values every `interval_s` from a daemon thread.
 

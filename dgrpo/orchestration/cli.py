@@ -394,6 +394,26 @@ def train(config_file, overrides, resume, overwrite, quiet):
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--rollout-workers", type=click.IntRange(min=1), default=None, help="new rollout worker target")
+@click.option("--judge-workers", type=click.IntRange(min=1), default=None, help="new judge worker target")
+@friendly
+def scale(run_dir, rollout_workers, judge_workers):
+    """Tell a live run (its run.out_dir) how many rollout workers / judges to keep, within its min/max_workers.
+
+    The run applies it within run.membership_check_s: new workers load the current weights before their
+    first request, surplus ones finish theirs and leave (docs/OPERATIONS.md, "Elastic workers")."""
+    from .scale import write_targets
+    targets = {role: n for role, n in (("rollout", rollout_workers), ("judge", judge_workers)) if n is not None}
+    if not targets:
+        raise ConfigError("dgrpo scale needs --rollout-workers N and/or --judge-workers N")
+    bounds = write_targets(run_dir, targets)
+    for role, n in targets.items():
+        lo, hi = bounds[role]
+        click.echo(f"{role} workers: target {n} (the run allows {lo}..{hi}); written to {Path(run_dir) / 'scale.json'}")
+
+
+@main.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path())
 @click.option("--corpus", "corpus_path", type=click.Path(), default=None,
               help="local copy of tiny Shakespeare (default: download it)")

@@ -15,14 +15,22 @@ from ..errors import ConfigError, RunError
 
 
 def required_resources(cfg: TrainConfig) -> dict[str, float]:
+    """CPUs and GPUs of every actor of the run, elastic roles at their largest."""
     r = cfg.resources
     trainers = 1 if cfg.judge_refresh.enabled else 0
+    rollouts, judges = r.rollout.bounds[1], r.judge.bounds[1]
     return {
-        "CPU": r.rollout.num_workers * r.rollout.num_cpus + r.judge.num_workers * r.judge.num_cpus + r.learner.num_cpus
+        "CPU": rollouts * r.rollout.num_cpus + judges * r.judge.num_cpus + r.learner.num_cpus
         + trainers * r.judge_trainer.num_cpus,
-        "GPU": r.rollout.num_workers * r.rollout.num_gpus + r.judge.num_workers * r.judge.num_gpus + r.learner.num_gpus
+        "GPU": rollouts * r.rollout.num_gpus + judges * r.judge.num_gpus + r.learner.num_gpus
         + trainers * r.judge_trainer.num_gpus,
     }
+
+
+def describe_needs(role_cfg) -> str:
+    """What one actor of a role asks of the cluster, e.g. "0.5 CPU, dgrpo_rollout: 1" (for messages)."""
+    parts = [f"{role_cfg.num_cpus:g} CPU"] + ([f"{role_cfg.num_gpus:g} GPU"] if role_cfg.num_gpus else [])
+    return ", ".join(parts + [f"{k}: {v:g}" for k, v in role_cfg.custom_resources.items()])
 
 
 def join_address(address: str, source: str) -> str:
@@ -99,11 +107,17 @@ def connect(cfg: TrainConfig, extra_cpus: float = 0.0) -> bool:
     multi_node = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need["CPU"] + extra_cpus)),
-                 include_dashboard=False, runtime_env=env, _node_ip_address="127.0.0.1", log_to_driver=True)
+        context = ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need["CPU"] + extra_cpus)),
+                           include_dashboard=cfg.run.dashboard, dashboard_host="127.0.0.1",
+                           dashboard_port=cfg.run.dashboard_port, runtime_env=env, _node_ip_address="127.0.0.1",
+                           log_to_driver=True)
     finally:
         if multi_node is not None:
             ray_constants.ENABLE_RAY_CLUSTER = multi_node
+    if cfg.run.dashboard:
+        metrics = next((n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]), None)
+        print(f"Ray dashboard: http://{context.dashboard_url} (127.0.0.1 only, while the run lasts; sign in with the "
+              f"token `ray get-auth-token` prints); the run's metrics: http://127.0.0.1:{metrics}/metrics", flush=True)
     return True
 
 

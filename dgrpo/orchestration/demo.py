@@ -2,7 +2,8 @@
 
 pretrain the generator -> a proxy judge and an independent gold judge against it -> GRPO
 against the proxy -> the gold evaluation of the generator and the policy on held-out prompts.
-It is the pipeline (pipeline.py) with short budgets: each stage gets a share of `minutes`.
+It is the pipeline (pipeline.py) with short budgets: each stage gets a share of `minutes`. The GRPO
+stage starts Ray's dashboard on 127.0.0.1 (run.dashboard) and prints its URL.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def demo_config(out: str, corpus: str | None, minutes: float, threads: int) -> P
         "lm": None,
         "grpo": {
             "run": {"steps": 1_000, "mode": "async", "eval_every": 10, "eval_prompts": 64, "checkpoint_every": 20,
-                    "max_minutes": SHARES["grpo"] * minutes, "metrics_export": False},
+                    "max_minutes": SHARES["grpo"] * minutes, "dashboard": True},
             "sampler": {"steps": 16, "order": "confidence"},
             "grpo": {"group_size": 8, "prompts_per_step": 4, "minibatch_size": 32, "lr": 1e-4, "kl_coef": 0.04,
                      "replay_steps": 4},
@@ -33,5 +34,10 @@ def demo_config(out: str, corpus: str | None, minutes: float, threads: int) -> P
 
 def run_demo(out: str, corpus: str | None, minutes: float = 12.0, threads: int = 1, echo=print,
              overwrite: bool = False) -> dict:
-    from .pipeline import run_pipeline
-    return run_pipeline(demo_config(out, corpus, minutes, threads), echo=echo, overwrite=overwrite)
+    from .pipeline import run_pipeline, stage_configs
+    cfg = demo_config(out, corpus, minutes, threads)
+    port = stage_configs(cfg).grpo.run.dashboard_port
+    echo(f"Watch the GRPO stage in Ray's dashboard: http://127.0.0.1:{port} (up while the stage runs; Ray takes the "
+         f"next free port if that one is taken, and the stage's 'Ray dashboard:' line says which; sign in with the "
+         f"token `ray get-auth-token` prints)")
+    return run_pipeline(cfg, echo=echo, overwrite=overwrite)

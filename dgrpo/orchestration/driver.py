@@ -50,13 +50,14 @@ from ..models.transformer import preset_config
 from ..precision import resolve_precision
 from ..protocols import RolloutRequest, ScoredBatch, WeightSnapshot
 from ..protocols.rollout_log import RolloutLogWriter
-from .cluster import connect, make_actor
+from .cluster import connect, describe_needs, make_actor
 from .groups import ActorLost, ActorManager
 from .judge_refresh import JudgeRefreshRole, check_judge_refresh
 from .metrics import MetricsLogger, truncate_jsonl
 from .progress import ProgressPrinter
 from .rundir import (BEST_POINTER, checkpoint_path, find_checkpoints, keep_last_checkpoints, open_run_dir,
                      remove_partial_checkpoints, truncate_rollout_log, write_best)
+from .scale import ScaleControl
 
 # the held-out value each run.selection ranks evaluations by
 SELECTION_KEYS = {"eval_reward": "eval_reward_mean", "selection_judge": "eval_selection_reward_mean"}
@@ -149,25 +150,29 @@ class Driver:
         """Starts the actors, then the run's state: fresh, or from the newest usable checkpoint."""
         run, res = cfg.run, cfg.resources
         self.counters = {"dropped_stale_batches": 0, "duplicate_batches": 0, "worker_restarts": 0,
-                         "judge_restarts": 0, "reissued_requests": 0, "batches_trained": 0}
-        self.actors = ActorManager(run.actor_timeout_s, run.max_worker_failures, self.counters)
+                         "judge_restarts": 0, "reissued_requests": 0, "batches_trained": 0,
+                         "actors_lost_with_node": 0, "nodes_lost": 0}
+        self.actors = ActorManager(run.actor_timeout_s, run.max_worker_failures, self.counters,
+                                   placement_timeout_s=run.placement_timeout_s, check_s=run.membership_check_s)
         vocab, metrics_on = tokenizer.to_dict(), run.metrics_export
         init = ray.put(WeightSnapshot.from_module(model, version=0))
         self.learner = self.actors.group(
             "learner", 1, lambda _: make_actor(self.learner_cls, res.learner, cfg.grpo, model.cfg, vocab, init,
                                                seed=run.seed, precision=res.learner.precision,
                                                torch_threads=res.torch_threads),
-            restartable=False, call_names={"train": "a step"})
+            restartable=False, call_names={"train": "a step"}, needs=describe_needs(res.learner))
         self.workers = self.actors.group(
             "rollout", res.rollout.num_workers,
             lambda i: make_actor(self.rollout_cls, res.rollout, i, model.cfg, cfg.sampler, res.rollout.precision,
                                  res.torch_threads, metrics_on),
-            on_lost={"generate": "requeue"}, restarted=(StaleWorkerError,))
+            *res.rollout.bounds, on_lost={"generate": "requeue"}, restarted=(StaleWorkerError,),
+            needs=describe_needs(res.rollout))
         self.judges = self.actors.group(
             "judge", res.judge.num_workers,
             lambda i: make_actor(self.judge_cls, res.judge, i, cfg.reward, vocab, res.torch_threads, metrics_on,
                                  precision=res.judge.precision),
-            on_lost={"score": "resubmit"}, load_method="set_judge")
+            *res.judge.bounds, on_lost={"score": "resubmit"}, load_method="set_judge", needs=describe_needs(res.judge))
+        self.scale = ScaleControl(self.out, {"rollout": self.workers, "judge": self.judges}, run.membership_check_s)
         self.judge_refresh = None
         if cfg.judge_refresh.enabled:
             self.judge_refresh = JudgeRefreshRole(
@@ -195,7 +200,7 @@ class Driver:
 
     def ask_learner(self, method: str, *args, **kwargs):
         """A blocking call on the learner (publish, save, load)."""
-        return self.learner.call(self.learner.slots[0], method, *args, **kwargs)
+        return self.learner.call(method, *args, **kwargs)
 
     # -- resume ----------------------------------------------------------
     def _resume(self) -> None:
@@ -235,8 +240,11 @@ class Driver:
     def run(self) -> dict:
         cfg = self.cfg
         self.t0 = self.step_started = time.perf_counter()
+        self.cpu_started = time.process_time()
         self.start_step = self.step
         self.logger.phase("starting")
+        self.scale.poll(force=True)
+        self.actors.wait_placed()
         self.broadcast()
         if not self.eval_history:
             first = self.evaluate()
@@ -249,6 +257,7 @@ class Driver:
         self.progress.start(self.step, self.eval_history[-1] if self.eval_history else None)
         self.finished = self.step >= cfg.run.steps
         while not self.finished:
+            self.scale.poll()
             self.issue_generation()
             self.maybe_train()
             if not self.actors.busy():
@@ -281,7 +290,7 @@ class Driver:
         """Every idle worker that holds weights gets a request: lost work first, else fresh prompts."""
         cfg = self.cfg
         per_step = cfg.grpo.prompts_per_step
-        per_request = -(-per_step // cfg.resources.rollout.num_workers)
+        per_request = -(-per_step // self.workers.target)  # the target, not the live count: same requests as ever
         sync = cfg.run.mode == "sync"
         # async: generate the next step's groups while the learner trains on this step's;
         # more look-ahead than max_staleness steps would only produce batches to drop
@@ -344,15 +353,18 @@ class Driver:
         self.counters["batches_trained"] += len(batches)
         self.step += 1
         sync = self.broadcast()
-        now = time.perf_counter()
-        wall = now - self.step_started
-        self.step_started = now
-        n_workers = len(self.workers.slots)
+        now, cpu = time.perf_counter(), time.process_time()
+        wall, driver_cpu = now - self.step_started, cpu - self.cpu_started
+        self.step_started, self.cpu_started = now, cpu
+        n_workers = max(self.workers.placed(), 1)
         record = {"step": self.step, "policy_version": self.version, "wall_time": now - self.t0, **metrics, **sync,
                   "time/step_s": wall,
                   "time/generate_s": sum(b.rollout.timings["generate_s"] for b in batches),
                   "time/score_s": sum(b.timings["score_s"] for b in batches),
                   "time/learn_s": metrics["learn_s"],
+                  "time/driver_cpu_s": driver_cpu, "driver_cpu_ratio": driver_cpu / wall,
+                  "rollout_workers": self.workers.placed(), "rollout_workers_target": self.workers.target,
+                  "judge_workers": self.judges.placed(),
                   "learner_idle_ratio": max(0.0, 1 - metrics["learn_s"] / wall),
                   "rollout_idle_ratio": max(0.0, 1 - self.window_gen_s / (n_workers * wall)),
                   "steps_per_min": 60.0 * (self.step - self.start_step) / (now - self.t_loop),
@@ -408,7 +420,7 @@ class Driver:
         waited = self.cfg.run.mode == "sync" or self.step == 0
         if waited:
             while self.workers.loading():
-                self.actors.results(methods=(self.workers.load_method,))
+                self.actors.results(methods=())
         # async: acks arrive while the loop runs on, so report the previous broadcast's load times
         loads = self.workers.take_load_seconds() if waited else previous_loads
         return {"time/sync_s": time.perf_counter() - t0, "sync_load_s_mean": sum(loads) / max(len(loads), 1),
@@ -423,8 +435,8 @@ class Driver:
                                  seed=self.cfg.run.eval_seed, min_version=self.version)
         for _attempt in range(3):
             try:  # a dead worker or judge is recovered (and charged) by its group; then try again
-                batch = self.workers.call(self.workers.slots[0], "generate", request, what="rollout.generate (eval)")
-                scored = self.judges.call(self.judges.slots[0], "score", batch, what="judge.score (eval)")
+                batch = self.workers.call("generate", request, what="rollout.generate (eval)")
+                scored = self.judges.call("score", batch, what="judge.score (eval)")
                 break
             except ActorLost:
                 continue
@@ -507,7 +519,9 @@ class Driver:
                 "eval_reward_before": first.get("eval_reward_mean"), "eval_reward_after": last.get("eval_reward_mean"),
                 "eval_reward_after_stderr": last.get("eval_reward_stderr"),
                 "eval_kl_seq_after": last.get("eval_kl_seq"), "best": best, "out_dir": str(self.out),
-                **refresh, **self.counters}
+                **refresh, **self.counters, "requests_issued": self.request_counter,
+                "requests_in_flight": len(self.requests_in_flight()), "batches_waiting": len(self.ready),
+                "nodes": {g.role: sorted(g.nodes_used) for g in self.actors.groups}}
 
     def requests_in_flight(self) -> set[int]:
         """Ids of the issued requests not yet scored: generating, scoring, or lost and waiting to be issued again."""

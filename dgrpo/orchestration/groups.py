@@ -1,30 +1,38 @@
-"""Fault tolerance in one place: the actors of each role, the calls in flight on them, their recovery.
+"""Fault tolerance and membership in one place: the actors of each role, the calls in flight on them,
+their recovery, and how many there are.
 
-An ActorGroup holds the slots of one role (rollout worker i, judge j, the learner);
-a slot is one position of the role and its current actor. The driver submits calls
-on slots and asks the ActorManager, which watches the calls of every group, for the
-results that came back. Everything else happens here:
+An ActorGroup holds the slots of one role (rollout worker i, judge j, the learner); a slot is
+one position of the role and its current actor. The driver submits calls on slots and asks the
+ActorManager, which watches the calls of every group, for the results that came back.
+Everything else happens here, and nothing here blocks the run on one actor:
 
-* each call carries its slot's incarnation (`epoch`) and is due within
-  run.actor_timeout_s; an overdue actor is killed so that Ray restarts it, and time
-  spent waiting for a restart is not counted against other calls;
-* when an actor dies, its slot is recovered once per incarnation (several calls fail
-  with one death): one charge against the failure budget all groups share, then
-  Ray's restart is awaited or, with the restarts used up or the actor hung, the slot
-  gets a brand-new actor. The slot holds no weights (version -1) until it has loaded
-  the group's published weights again, so it gets no work in between;
-* the lost work is re-issued as its group says: sent again to the least-loaded slot
-  (`resubmit`: a score), or handed back to the driver, which schedules it like new
-  work (`requeue`: a rollout request must go to a worker holding the right weights);
+* a slot's actor is *placed* once it has answered a probe (its `info` method). A new actor
+  waits for resources (a node that advertises its role's marker) as long as it takes; while it
+  waits it is the demand a cluster autoscaler acts on. A slot gets work only once placed and
+  holding the group's published weights (a new worker loads them before its first request);
+* each call carries its slot's incarnation (`epoch`) and is due within run.actor_timeout_s; an
+  overdue actor is killed so that Ray restarts it;
+* when an actor dies, its slot is recovered once per incarnation: its lost work is re-issued at
+  once, then the slot is probed until Ray's restart answers; an actor that Ray will not restart
+  (restarts used up, or not back within restart_timeout_s) gets a brand-new one. The death counts
+  as a restart; once the slot's node is known (a crash on a live node is charged against the
+  failure budget all groups share; a death whose node Ray has marked dead is a node loss, counted
+  in actors_lost_with_node and not charged: the run goes on with the others);
+* membership (per group, any role): a group keeps `target` actors, between min_size and
+  max_size; resize() moves the target (the driver does on `dgrpo scale`); surplus slots retire
+  once their calls are answered. A group with fewer than min_size placed actors for
+  run.placement_timeout_s stops the run with what it lacks;
+* lost work is re-issued as its group says: sent again to the least-loaded usable slot
+  (`resubmit`: a score), or handed back to the driver, which schedules it like new work
+  (`requeue`: a rollout request must go to a worker holding the right weights);
 * a call that raised (bad input, a bug) stops the run: it would fail again;
-* a group that cannot restart (the learner: a restarted one would have lost its
-  state) stops the run when its actor dies or hangs; `dgrpo train --resume` goes on.
-
-Slots are added one by one (`_add_slot`), so a failed start leaves no actor unknown.
+* a group that cannot restart (the learner: a restarted one would have lost its state) stops
+  the run when its actor dies, hangs or loses its node; `dgrpo train --resume` goes on.
 """
 
 from __future__ import annotations
 
+import socket
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -35,11 +43,31 @@ import ray
 from ..errors import RunError
 
 RESTART_COUNTERS = {"rollout": "worker_restarts", "judge": "judge_restarts"}
+PROBE = "info"  # every actor class answers it; its answer names the node the actor runs on
+STARTING, READY, RECOVERING = "starting", "ready", "recovering"
+DEATHS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.ObjectLostError)
+REPROBE_S = 0.25  # between probes of an actor that Ray is restarting
 
 
 def restart_counter(role: str) -> str:
     """The run's counter of `role`'s actor restarts (a metric and summary key)."""
     return RESTART_COUNTERS.get(role, f"{role}_restarts")
+
+
+def node_gone(node_id: str | None) -> str | None:
+    """Why the node is gone (Ray marked it dead, or its raylet refuses connections), or None if it is up.
+    The raylet check answers at once, where Ray's health checks take seconds to mark a node dead."""
+    if node_id is None:
+        return None
+    node = next((n for n in ray.nodes() if n["NodeID"] == node_id), None)
+    if node is None or not node["Alive"]:
+        return "Ray marked the node dead"
+    try:
+        socket.create_connection((node["NodeManagerAddress"], node["NodeManagerPort"]), timeout=2).close()
+    except OSError as e:
+        return f"its raylet at {node['NodeManagerAddress']}:{node['NodeManagerPort']} does not answer: " \
+               f"{e.strerror or e}"
+    return None
 
 
 class ActorLost(RuntimeError):
@@ -57,17 +85,27 @@ class Slot:
     failures: int = 0
     replacements: int = 0
     epoch: int = 0  # incarnation, bumped by recovery: a failed call of an older one needs no new recovery
+    state: str = STARTING
+    since: float = field(default_factory=time.monotonic)  # when it entered its state
+    node_id: str | None = None  # the node its actor answered from
+    death: BaseException | None = None  # a death not yet charged or counted as a node loss
+    dead_node: str | None = None  # the node it died on
+    probing: bool = False  # a probe of this incarnation is in flight
+    next_probe: float = 0.0
+    retiring: bool = False  # no new work; removed once its calls are answered
+    removed: bool = False
 
 
 @dataclass(eq=False)
 class Call:
     group: "ActorGroup"
-    slot: Slot
+    slot: Slot | None  # None: any usable slot (a call waiting in the backlog)
     method: str
     args: tuple
     size: int = 0  # work the call carries, in the driver's unit (prompt groups)
     epoch: int = 0
     submitted: float = field(default_factory=time.perf_counter)
+    probe: bool = False  # a placement probe: no deadline
 
     @property
     def payload(self):
@@ -75,35 +113,62 @@ class Call:
 
 
 class ActorManager:
-    """The groups of one run, every call in flight on them, and their shared failure budget."""
+    """The groups of one run, every call in flight on them, and their shared failure budget.
 
-    def __init__(self, timeout_s: float, max_failures: int, counters: dict):
-        self.timeout_s = timeout_s  # every call's deadline (run.actor_timeout_s)
+    timeout_s: every call's deadline (run.actor_timeout_s); placement_timeout_s: how long a group may
+    stay below its min_size; check_s: seconds between membership checks (node deaths, surplus slots)."""
+
+    def __init__(self, timeout_s: float, max_failures: int, counters: dict, placement_timeout_s: float = 120.0,
+                 check_s: float = 2.0):
+        self.timeout_s = timeout_s
         self.max_failures = max_failures
-        self.counters = counters  # the run's counters: restarts and re-issued requests are counted here
+        self.placement_timeout_s = placement_timeout_s
+        self.check_s = check_s
+        self.counters = counters  # the run's counters: restarts, node losses, re-issued requests
+        for key in ("reissued_requests", "actors_lost_with_node", "nodes_lost"):
+            counters.setdefault(key, 0)
         self.groups: list[ActorGroup] = []
         self.in_flight: dict[ray.ObjectRef, Call] = {}
+        self.crashes = 0  # deaths charged against max_failures
+        self.lost_nodes: set[str] = set()
+        self.announce = False  # print placements (after the start, when they are news)
+        self.last_check = time.monotonic()
 
-    def group(self, role: str, slots: int, factory: Callable[[int], object], **policy) -> "ActorGroup":
-        """A group of `slots` actors of `role`, each made by factory(slot index); policy: see ActorGroup."""
-        group = ActorGroup(self, role, factory, **policy)
+    def group(self, role: str, slots: int, factory: Callable[[int], object], min_size: int | None = None,
+              max_size: int | None = None, **policy) -> "ActorGroup":
+        """A group of `role` that starts `slots` actors (its target), each made by factory(slot index);
+        min_size..max_size bound the target (default: exactly `slots`); policy: see ActorGroup."""
+        group = ActorGroup(self, role, factory, min_size=slots if min_size is None else min_size,
+                           max_size=slots if max_size is None else max_size, **policy)
         self.groups.append(group)  # before its actors start: a failed start still stops the started ones
-        for _ in range(slots):
-            group._add_slot()
+        group.resize(slots)
         return group
 
     def calls(self, *methods: str) -> list[Call]:
-        return [c for c in self.in_flight.values() if not methods or c.method in methods]
+        """Calls of `methods` (default: all) in flight or waiting in a group's backlog for a slot."""
+        waiting = [c for g in self.groups for c in g.backlog]
+        return [c for c in [*self.in_flight.values(), *waiting] if not methods or c.method in methods]
 
     def busy(self) -> bool:
-        return bool(self.in_flight)
+        """Something will still happen: a call in flight, a call waiting for a slot, a slot being recovered."""
+        return bool(self.in_flight) or any(g.backlog or any(s.state == RECOVERING for s in g.slots)
+                                           for g in self.groups)
 
-    def results(self, methods: Iterable[str] = (), timeout: float = 1.0) -> list[tuple[Call, object]]:
-        """Waits up to `timeout` for the next answer (of a call of `methods`, default any) and checks
-        every deadline. Returns the (call, result) pairs for the driver; lost calls are recovered
-        and re-issued, weight loads bookkept, on the way."""
-        refs = [r for r, c in self.in_flight.items() if not methods or c.method in methods]
-        done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+    def results(self, methods: Iterable[str] | None = None, timeout: float = 1.0) -> list[tuple[Call, object]]:
+        """Waits up to `timeout` for the next answer (of a call of `methods`, default any), checks every
+        deadline and, every check_s, every group's membership. Returns the (call, result) pairs for the
+        driver; probes, weight loads and lost calls are dealt with on the way (whatever `methods` says)."""
+        self.tick()
+        wanted = None if methods is None else set(methods)
+        refs = [r for r, c in self.in_flight.items()
+                if wanted is None or c.method in wanted or c.probe or c.method == c.group.load_method]
+        if any(s.state == RECOVERING for g in self.groups for s in g.slots):
+            timeout = min(timeout, REPROBE_S)
+        if refs:
+            done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        else:
+            time.sleep(timeout)
+            done = []
         self._check_deadlines()
         out = []
         for ref in done:
@@ -113,25 +178,67 @@ class ActorManager:
                 out.append((call, result))
         return out
 
-    def charge_failure(self, group: "ActorGroup", slot: Slot, error: BaseException) -> None:
+    def tick(self) -> None:
+        """Re-probes restarting actors; every check_s, looks for dead nodes and checks each group's size."""
+        for group in self.groups:
+            group.reprobe()
+        now = time.monotonic()
+        if now - self.last_check < self.check_s:
+            return
+        self.last_check = now
+        dead = self.dead_nodes()
+        for group in self.groups:
+            group.check(dead)
+
+    def wait_placed(self) -> None:
+        """Blocks until every group has min_size placed actors (or stops the run after placement_timeout_s)."""
+        while any(g.placed() < g.min_size for g in self.groups):
+            self.results(methods=(), timeout=0.5)
+        self.announce = True
+
+    @staticmethod
+    def dead_nodes() -> set[str]:
+        return {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
+
+    # -- deaths ------------------------------------------------------------------
+    def death(self, group: "ActorGroup", slot: Slot, error: BaseException) -> None:
+        """An actor died: counted as a restart now; charged or counted as a node loss once its node is known."""
         key = restart_counter(group.role)
         self.counters[key] = self.counters.get(key, 0) + 1
-        total = sum(self.counters.get(restart_counter(role), 0) for role in {g.role for g in self.groups})
-        print(f"{group.role} actor {slot.index} failed ({type(error).__name__}); restart {total} "
+        print(f"{group.role} actor {slot.index} lost ({type(error).__name__}); its work is re-issued")
+
+    def settle(self, group: "ActorGroup", slot: Slot, dead: set[str] | None = None) -> None:
+        """Decides what the death of `slot` was: a node loss (its node is dead) or a crash (charged)."""
+        error, slot.death = slot.death, None
+        if error is None:
+            return
+        dead = self.dead_nodes() if dead is None else dead
+        if slot.dead_node is not None and slot.dead_node in dead:
+            key = restart_counter(group.role)
+            self.counters[key] -= 1
+            self.counters["actors_lost_with_node"] += 1
+            if slot.dead_node not in self.lost_nodes:
+                self.lost_nodes.add(slot.dead_node)
+                self.counters["nodes_lost"] += 1
+            print(f"{group.role} actor {slot.index} was lost with its node {slot.dead_node[:8]}, which Ray marked "
+                  f"dead; the run goes on with {group.placed()} placed {group.role} actor(s) while a replacement "
+                  f"waits for a node to run on")
+            return
+        self.charge_failure(group, slot, error)
+
+    def charge_failure(self, group: "ActorGroup", slot: Slot, error: BaseException) -> None:
+        self.crashes += 1
+        slot.failures += 1
+        print(f"{group.role} actor {slot.index} failed ({type(error).__name__}); restart {self.crashes} "
               f"of at most {self.max_failures}")
-        if total > self.max_failures:
-            raise RunError(f"{total} actor failures exceed run.max_worker_failures={self.max_failures}; "
+        if self.crashes > self.max_failures:
+            raise RunError(f"{self.crashes} actor failures exceed run.max_worker_failures={self.max_failures}; "
                            f"last: {group.role} {slot.index}: {error}. Check the actor logs "
                            f"(Ray dashboard or /tmp/ray/session_latest/logs), then resume with --resume")
 
-    def pause(self, seconds: float) -> None:
-        """Calls that waited on a restart were not hung: move their deadlines by the wait."""
-        for call in self.in_flight.values():
-            call.submitted += seconds
-
     def _check_deadlines(self) -> None:
         now, limit = time.perf_counter(), self.timeout_s
-        overdue = [r for r, c in self.in_flight.items() if now - c.submitted > limit]
+        overdue = [r for r, c in self.in_flight.items() if not c.probe and now - c.submitted > limit]
         if not overdue:
             return
         answered, _ = ray.wait(overdue, num_returns=len(overdue), timeout=0)  # done, not yet collected
@@ -140,7 +247,7 @@ class ActorManager:
             if not group.restartable:
                 raise RunError(f"the {group.role} did not finish {group.describe(call.method)} within {limit:.0f} s "
                                f"(run.actor_timeout_s); raise the timeout for large batches, or resume with --resume")
-            if not slot.killed:
+            if not slot.killed and call.epoch == slot.epoch:
                 print(f"{call.method} on {group.role} actor {slot.index} exceeded {limit:.0f} s; killing it for restart")
                 slot.killed = True
                 ray.kill(slot.handle, no_restart=False)
@@ -148,7 +255,7 @@ class ActorManager:
     def close(self) -> None:
         """Cancels what is in flight and stops every actor started so far."""
         for ref, call in self.in_flight.items():
-            if call.group.restartable:  # the learner's call goes with its actor below
+            if call.group.restartable and not call.probe:  # the learner's call goes with its actor below
                 ray.cancel(ref, force=False)
         for group in self.groups:
             for handle in group.handles():
@@ -163,25 +270,30 @@ class ActorGroup:
     restarted      errors a call raises when it reached a restarted incarnation (a death, not a bug)
     load_method    the actor method that loads published weights (it answers {"version", "load_s"})
     call_names     method -> what one call is called in messages ("a step")
+    min_size       fewest placed actors the run goes on with (for longer than run.placement_timeout_s)
+    max_size       most actors the target may ask for
+    needs          what one actor asks of the cluster, for messages ("1 CPU, dgrpo_rollout: 1")
     """
 
     def __init__(self, manager: ActorManager, role: str, factory: Callable[[int], object], restartable: bool = True,
                  on_lost: dict[str, str] | None = None, restarted: tuple[type[BaseException], ...] = (),
-                 load_method: str = "set_weights", call_names: dict[str, str] | None = None):
+                 load_method: str = "set_weights", call_names: dict[str, str] | None = None, min_size: int = 1,
+                 max_size: int = 1, needs: str = ""):
         self.manager, self.role, self.factory = manager, role, factory
         self.restartable, self.on_lost, self.restarted = restartable, on_lost or {}, restarted
         self.load_method, self.call_names = load_method, call_names or {}
+        self.min_size, self.max_size, self.needs = min_size, max_size, needs
+        self.target = 0
         self.restart_timeout_s = manager.timeout_s  # how long a restarting actor may take to answer again
         self.slots: list[Slot] = []
+        self.next_index = 0
         self.weights = None  # the last published weights (an ObjectRef); every slot loads them before work
+        self.recovery_only = False  # the weights are only for recovered slots (keep_for_recovery)
         self.requeued: deque = deque()  # lost work the driver issues again (same id, same seed)
+        self.backlog: deque[Call] = deque()  # calls waiting for their slot (or any slot) to be usable
         self.load_seconds: list[float] = []  # of the weight loads answered since the driver last took them
-
-    def _add_slot(self) -> Slot:
-        slot = Slot(self.role, len(self.slots), None)
-        self.slots.append(slot)
-        slot.handle = self.factory(slot.index)
-        return slot
+        self.nodes_used: set[str] = set()  # every node an actor of this group answered from
+        self.below_min_since: float | None = None
 
     def handles(self) -> list:
         return [s.handle for s in self.slots if s.handle is not None]
@@ -189,22 +301,134 @@ class ActorGroup:
     def describe(self, method: str) -> str:
         return self.call_names.get(method, method)
 
+    def placed(self) -> int:
+        return sum(s.state == READY and not s.retiring for s in self.slots)
+
+    def usable(self, slot: Slot) -> bool:
+        """Placed, not retiring, and holding the published weights (if any were published). A placed slot's
+        calls are sent after its weight load, and an actor answers its calls in order."""
+        return slot.state == READY and not slot.retiring and (self.weights is None or self.recovery_only
+                                                               or slot.version >= 0)
+
+    # -- membership ------------------------------------------------------------------
+    def resize(self, target: int) -> int:
+        """Aims for `target` actors (clamped to min_size..max_size): new slots wait to be placed, surplus
+        ones retire (unplaced first, then idle, then busy ones once answered). Returns the target."""
+        self.target = max(self.min_size, min(self.max_size, target))
+        active = [s for s in self.slots if not s.retiring]
+        while len(active) < self.target:
+            active.append(self._add_slot())
+        surplus = len(active) - self.target
+        if surplus > 0:
+            order = sorted(active, key=lambda s: (s.state == READY, s.in_flight > 0, -s.index))
+            for slot in order[:surplus]:
+                slot.retiring = True
+                if slot.state != READY or slot.in_flight == 0:
+                    self._remove(slot)
+        return self.target
+
+    def _add_slot(self) -> Slot:
+        slot = Slot(self.role, self.next_index, None)
+        self.next_index += 1
+        self.slots.append(slot)
+        slot.handle = self.factory(slot.index)
+        self._probe(slot)
+        return slot
+
+    def _remove(self, slot: Slot) -> None:
+        if slot.death is not None:
+            self.manager.settle(self, slot)
+        slot.removed = True
+        self.slots.remove(slot)
+        ray.kill(slot.handle, no_restart=True)
+        if self.manager.announce:
+            print(f"{self.role} actor {slot.index} retired; {self.placed()} placed, target {self.target}")
+
+    def _probe(self, slot: Slot) -> None:
+        slot.probing = True
+        self._send(slot, PROBE, (), probe=True)
+
+    def reprobe(self) -> None:
+        """Probes restarting actors again; replaces those that do not come back within restart_timeout_s."""
+        now = time.monotonic()
+        for slot in list(self.slots):
+            if slot.state != RECOVERING:
+                continue
+            if now - slot.since > self.restart_timeout_s:
+                self.manager.settle(self, slot)
+                self._replace(slot)
+            elif not slot.probing and now >= slot.next_probe:
+                self._probe(slot)
+
+    def check(self, dead_nodes: set[str]) -> None:
+        """Membership: actors on dead nodes are lost, deaths on dead nodes settled as node losses, retired
+        slots removed, and the run stopped if fewer than min_size are placed for too long."""
+        for slot in list(self.slots):
+            if slot.state == READY and slot.node_id in dead_nodes:
+                self._mark_dead(slot, RuntimeError(f"node {slot.node_id[:8]} is dead"), what="the run")
+            if slot.death is not None and slot.dead_node in dead_nodes:
+                self.manager.settle(self, slot, dead_nodes)
+            if slot.retiring and slot.in_flight == 0 and not slot.removed:
+                self._remove(slot)
+        self._flush_backlog()
+        placed = self.placed()
+        if placed >= self.min_size:
+            self.below_min_since = None
+            return
+        now = time.monotonic()
+        self.below_min_since = self.below_min_since or now
+        waited = now - self.below_min_since
+        if waited > self.manager.placement_timeout_s:
+            lacking = f" ({self.needs} each)" if self.needs else ""
+            raise RunError(f"only {placed} of at least {self.min_size} {self.role} actor(s) could be placed for "
+                           f"{waited:.0f} s (run.placement_timeout_s): the cluster has no room for them{lacking}; "
+                           f"add a node with those resources, lower the role's minimum (resources.{self.role}), or "
+                           f"raise run.placement_timeout_s; then resume with --resume")
+
     # -- calls -------------------------------------------------------------------
-    def submit(self, slot: Slot, method: str, *args, size: int = 0) -> Call:
-        call = Call(self, slot, method, args, size=size, epoch=slot.epoch)
+    def _send(self, slot: Slot, method: str, args: tuple, size: int = 0, probe: bool = False) -> Call:
+        call = Call(self, slot, method, args, size=size, epoch=slot.epoch, probe=probe)
         self.manager.in_flight[getattr(slot.handle, method).remote(*args)] = call
         slot.in_flight += 1
         return call
 
-    def submit_least_loaded(self, method: str, *args, size: int = 0) -> Call:
-        load = Counter(id(c.slot) for c in self.manager.in_flight.values())
-        return self.submit(min(self.slots, key=lambda s: load[id(s)]), method, *args, size=size)
+    def submit(self, slot: Slot, method: str, *args, size: int = 0) -> Call:
+        """Sends a call to `slot`; if the slot is not placed (starting or being recovered), the call waits
+        in the backlog and goes to it once it is (its weights loaded first)."""
+        if slot.state == READY and not slot.removed:
+            return self._send(slot, method, args, size)
+        call = Call(self, slot, method, args, size=size)
+        self.backlog.append(call)
+        return call
 
-    def call(self, slot: Slot, method: str, *args, what: str | None = None,
-             passthrough: tuple[type[BaseException], ...] = ()):
-        """A blocking call, due within run.actor_timeout_s. A dead actor is recovered (ActorLost);
-        errors of `passthrough` types are the caller's to handle; any other error stops the run."""
+    def submit_least_loaded(self, method: str, *args, size: int = 0) -> Call:
+        """To the usable slot with the fewest calls in flight; with none usable, to the backlog."""
+        usable = [s for s in self.slots if self.usable(s)]
+        if not usable:
+            call = Call(self, None, method, args, size=size)
+            self.backlog.append(call)
+            return call
+        load = Counter(id(c.slot) for c in self.manager.in_flight.values())
+        return self._send(min(usable, key=lambda s: load[id(s)]), method, args, size)
+
+    def _flush_backlog(self) -> None:
+        waiting, self.backlog = self.backlog, deque()
+        for call in waiting:
+            if call.slot is None or call.slot.removed:
+                self.submit_least_loaded(call.method, *call.args, size=call.size)
+            else:
+                self.submit(call.slot, call.method, *call.args, size=call.size)
+
+    def waiting_calls(self, *methods: str) -> list[Call]:
+        return [c for c in self.backlog if not methods or c.method in methods]
+
+    def call(self, method: str, *args, what: str | None = None, passthrough: tuple[type[BaseException], ...] = ()):
+        """A blocking call on a usable slot (waiting for one to be placed), due within run.actor_timeout_s.
+        A dead actor is recovered (ActorLost); errors of `passthrough` types are the caller's to handle;
+        any other error stops the run."""
         what = what or f"{self.role}.{method}"
+        slot = self.wait_usable(what)
+        epoch = slot.epoch
         timeout = self.manager.timeout_s
         try:
             return ray.get(getattr(slot.handle, method).remote(*args), timeout=timeout)
@@ -217,19 +441,37 @@ class ActorGroup:
             if not isinstance(e, self.restarted):
                 raise RunError(f"{what} failed: {type(e.cause).__name__}: {e.cause}") from None
             error: BaseException = e
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+        except DEATHS as e:
             error = e
         if not self.restartable:
-            raise self._died(what, error)
-        self.recover(slot, error)
+            raise self._died(what, error, slot)
+        if slot.epoch == epoch:
+            self._mark_dead(slot, error)
         raise ActorLost(f"{what}: {type(error).__name__}")
+
+    def wait_usable(self, what: str) -> Slot:
+        """The least-loaded usable slot, waiting (bounded) for one to be placed or recovered."""
+        limit = self.restart_timeout_s + self.manager.placement_timeout_s
+        deadline = time.monotonic() + limit
+        while True:
+            usable = [s for s in self.slots if self.usable(s)]
+            if usable:
+                load = Counter(id(c.slot) for c in self.manager.in_flight.values())
+                return min(usable, key=lambda s: load[id(s)])
+            if time.monotonic() > deadline:
+                raise RunError(f"no {self.role} actor was ready for {what} within {limit:.0f} s "
+                               f"(restart and placement timeouts)")
+            self.manager.results(methods=(), timeout=0.25)
 
     def _collect(self, ref, call: Call) -> tuple[bool, object]:
         """The answer of a finished call: (True, result) for the driver, or (False, None) when the
-        group dealt with it (a weight load, or a call lost with its actor and re-issued)."""
+        group dealt with it (a probe, a weight load, or a call lost with its actor and re-issued)."""
         slot = call.slot
-        if call.epoch == slot.epoch:
+        current = call.epoch == slot.epoch and not slot.removed
+        if current:
             slot.in_flight -= 1
+            if call.probe:
+                slot.probing = False
         try:
             result = ray.get(ref, timeout=0)
         except ray.exceptions.RayTaskError as e:
@@ -239,34 +481,44 @@ class ActorGroup:
             # the actor is alive but the call raised: bad input or a bug, not a crash; do not retry
             raise RunError(f"{call.method} on {self.role} actor {slot.index} failed: "
                            f"{type(e.cause).__name__}: {e.cause}") from None
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+        except DEATHS as e:
             self._lost(call, e)
             return False, None
+        if call.probe:
+            if current:
+                self._placed(slot, result)
+            return False, None
         if call.method == self.load_method:
-            if call.epoch == slot.epoch:
+            if current:
                 slot.version = result["version"]
             self.load_seconds.append(result["load_s"])
+            if self.backlog:
+                self._flush_backlog()  # calls that waited for a slot holding the weights
             return False, None
+        if slot.retiring and slot.in_flight == 0 and not slot.removed:
+            self._remove(slot)
         return True, result
 
     # -- weights -----------------------------------------------------------------
     def publish(self, weights) -> None:
-        """Every slot loads `weights` (one object in the object store); so does each recovered slot later."""
-        self.weights = weights
+        """Every placed slot loads `weights` (one object in the object store); so does each slot placed or
+        recovered later, before its first call."""
+        self.weights, self.recovery_only = weights, False
         for slot in self.slots:
-            self.submit(slot, self.load_method, weights)
+            if slot.state == READY and not slot.retiring:
+                self._send(slot, self.load_method, (weights,))
 
     def keep_for_recovery(self, weights) -> None:
         """What a recovered slot loads before its next call, not sent to the live slots (a trainer's
         own state, which it holds already)."""
-        self.weights = weights
+        self.weights, self.recovery_only = weights, True
 
     def loading(self) -> bool:
         return any(c.group is self and c.method == self.load_method for c in self.manager.in_flight.values())
 
     def idle_slots(self) -> list[Slot]:
-        """Slots that hold published weights and have no call in flight."""
-        return [s for s in self.slots if s.in_flight == 0 and s.version >= 0]
+        """Slots that are placed, hold published weights and have no call in flight."""
+        return [s for s in self.slots if s.state == READY and not s.retiring and s.in_flight == 0 and s.version >= 0]
 
     def take_load_seconds(self) -> list[float]:
         taken, self.load_seconds = self.load_seconds, []
@@ -280,56 +532,82 @@ class ActorGroup:
         return self.requeued.popleft()
 
     # -- faults ------------------------------------------------------------------
-    def _died(self, what: str, error: BaseException) -> RunError:
+    def _died(self, what: str, error: BaseException, slot: Slot) -> RunError:
+        gone = node_gone(slot.node_id)
+        if gone:
+            return RunError(f"the {self.role} actor was lost with its node {slot.node_id[:8]} during {what} ({gone}); "
+                            f"its state since the last checkpoint is gone: start a node with room for it "
+                            f"(resources.{self.role}) and continue with `dgrpo train --resume`")
         return RunError(f"the {self.role} actor died during {what} ({type(error).__name__}); "
                         f"restart with `dgrpo train --resume` to continue from the last checkpoint")
 
-    def _lost(self, call: Call, error: BaseException) -> None:
-        """The actor of `call` died under it: recover its slot once per incarnation, then re-issue
-        the lost work, which produced nothing."""
+    def _mark_dead(self, slot: Slot, error: BaseException, what: str = "a call") -> None:
+        """The first sign of this incarnation's death: count it, and probe until Ray's restart answers."""
         if not self.restartable:
-            raise self._died(f"{self.role}.{call.method}", error)
-        if call.epoch == call.slot.epoch:
-            self.recover(call.slot, error)
+            raise self._died(what, error, slot)
+        self.manager.death(self, slot, error)
+        slot.epoch += 1
+        slot.version = -1
+        slot.in_flight = 0
+        slot.killed = False
+        slot.probing = False
+        slot.state, slot.since, slot.next_probe = RECOVERING, time.monotonic(), 0.0
+        slot.death, slot.dead_node = error, slot.node_id
+
+    def _replace(self, slot: Slot) -> None:
+        """A brand-new actor for the slot; it is placed when the cluster has room."""
+        ray.kill(slot.handle, no_restart=True)
+        slot.handle = self.factory(slot.index)
+        slot.replacements += 1
+        slot.epoch += 1
+        slot.state, slot.since, slot.version, slot.in_flight = STARTING, time.monotonic(), -1, 0
+        self._probe(slot)
+
+    def _placed(self, slot: Slot, info: dict) -> None:
+        """A probe answered: a new actor is placed, or a restarted one is back; it loads the weights first."""
+        if slot.death is not None:
+            self.manager.settle(self, slot)
+        was = slot.state
+        slot.state, slot.since = READY, time.monotonic()
+        slot.node_id = info.get("node_id") if isinstance(info, dict) else None
+        if slot.node_id:
+            self.nodes_used.add(slot.node_id)
+        if self.manager.announce and was == STARTING:
+            node = f" on node {slot.node_id[:8]}" if slot.node_id else ""
+            print(f"{self.role} actor {slot.index} placed{node}; {self.placed()} placed, target {self.target}")
+        if slot.retiring:
+            self._remove(slot)
+            return
+        if self.weights is not None:
+            self._send(slot, self.load_method, (self.weights,))
+        self._flush_backlog()
+
+    def _lost(self, call: Call, error: BaseException) -> None:
+        """The actor of `call` died under it (or a probe got no answer): recover its slot once per
+        incarnation, then re-issue the lost work, which produced nothing."""
+        slot = call.slot
+        current = call.epoch == slot.epoch and not slot.removed
+        if call.probe and current and slot.state == STARTING and getattr(error, "actor_init_failed", False):
+            raise RunError(f"{self.role} actor {slot.index} could not start: {error}") from None
+        if not self.restartable:
+            raise self._died(f"{self.role}.{call.method}", error, slot)
+        if call.probe:
+            if not current:
+                return
+            if slot.state == RECOVERING and isinstance(error, ray.exceptions.ActorUnavailableError):
+                slot.next_probe = time.monotonic() + REPROBE_S  # Ray is restarting it: ask again
+                return
+            if slot.state == STARTING:  # died before it was ever placed
+                self.manager.death(self, slot, error)
+                slot.death = error
+            self.manager.settle(self, slot)  # dead for good (restarts used up): a new actor
+            self._replace(slot)
+            return
+        if current:
+            self._mark_dead(slot, error)
         policy = self.on_lost.get(call.method)
         if policy == "requeue":
             self.requeued.append(call.payload)
         elif policy == "resubmit":
             self.manager.counters["reissued_requests"] += 1
             self.submit_least_loaded(call.method, *call.args, size=call.size)
-
-    def recover(self, slot: Slot, error: BaseException) -> None:
-        """Charge the failure, then wait for Ray's restart of the slot's actor or give the slot a new
-        one; it holds no weights until it has loaded the published ones (sent here)."""
-        self.manager.charge_failure(self, slot, error)
-        t0 = time.perf_counter()
-        slot.failures += 1
-        slot.epoch += 1
-        slot.version = -1
-        slot.in_flight = 0
-        slot.killed = False
-        if not self._wait_restarted(slot.handle):
-            ray.kill(slot.handle, no_restart=True)
-            slot.handle = self.factory(slot.index)
-            slot.replacements += 1
-        self.manager.pause(time.perf_counter() - t0)
-        if self.weights is not None:
-            self.submit(slot, self.load_method, self.weights)
-
-    def _wait_restarted(self, handle) -> bool:
-        """True once the actor answers again (Ray restarted it) within restart_timeout_s; False if it is gone.
-
-        A call on an actor that Ray is still restarting fails at once with
-        ActorUnavailableError; that means "ask again", not "replace it"."""
-        deadline = time.monotonic() + self.restart_timeout_s
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            try:
-                ray.get(handle.info.remote(), timeout=left)
-                return True
-            except ray.exceptions.ActorUnavailableError:  # restarting (a RayActorError subclass: test it first)
-                time.sleep(min(0.2, max(left, 0.0)))
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                return False

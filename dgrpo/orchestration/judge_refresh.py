@@ -63,7 +63,7 @@ class JudgeRefreshRole:
         """A blocking call on the trainer; a restarted one gets its state back first (groups.py)."""
         for _attempt in range(3):
             try:
-                return self.group.call(self.group.slots[0], method, *args)
+                return self.group.call(method, *args)
             except ActorLost:
                 continue
         raise RunError(f"the judge trainer failed 3 times during {method}; see the actor logs")
@@ -122,7 +122,7 @@ class JudgeRefreshRole:
 
     def wait_for_judges(self) -> None:
         while self.judges.loading():
-            self.actors.results(methods=(self.judges.load_method,))
+            self.actors.results(methods=())
 
     # -- checkpoints -------------------------------------------------------------
     def checkpoint(self) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:

@@ -25,6 +25,10 @@ DRIVER_GAUGES = {
     "dgrpo_kl_seq": "kl_seq",
     "dgrpo_eval_kl_seq": "eval_kl_seq",
     "dgrpo_kl_coef": "kl_coef",
+    "dgrpo_rollout_workers": "rollout_workers",
+    "dgrpo_rollout_workers_target": "rollout_workers_target",
+    "dgrpo_judge_workers": "judge_workers",
+    "dgrpo_nodes_lost": "nodes_lost",
 }
 PHASES = ("starting", "generating", "training", "syncing", "evaluating", "checkpointing", "done")
 

@@ -9,6 +9,7 @@
     RUN/checkpoints/step_N/  the last run.keep_checkpoints checkpoints, written atomically
     RUN/checkpoints/best.json names the best checkpoint on the held-out selection measure (never pruned)
     RUN/summary.json         the summary of the finished (or stopped) run
+    RUN/scale.json           worker targets set by `dgrpo scale` on the live run (orchestration/scale.py)
 
 A fresh run starts only in a new or empty directory, or in a run directory with --overwrite; --resume
 continues the run in it when the config differs only in RESUMABLE_KEYS. Nothing is written before
@@ -41,7 +42,7 @@ RUN_FILE, LOCK_FILE = "run.json", "run.lock"
 # everything a run writes into its directory (a fresh run with --overwrite removes these, and only these)
 RUN_ENTRIES = {RUN_FILE, LOCK_FILE, "config.yaml", "metrics.jsonl", "metrics.tmp", "samples.jsonl", "samples.tmp",
                "rollouts.msgpack", "rollouts.msgpack.tmp", "checkpoints", "summary.json", "tensorboard", "wandb",
-               "report"}
+               "report", "scale.json", ".scale.json.tmp"}
 IN_RAY_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the environment of a submitted job's entrypoint
 
 

@@ -6,8 +6,8 @@ trial's own config (`trial_bundles`):
 
     bundle 0            the trial driver (tune.trial_driver_cpus CPUs)
     bundle 1            the learner          (resources.learner.*)
-    bundles 2 .. N+1    one per rollout worker (resources.rollout.*)
-    then                one per judge          (resources.judge.*)
+    bundles 2 .. N+1    one per rollout worker (resources.rollout.*; elastic: max_workers of them)
+    then                one per judge          (resources.judge.*; elastic: max_workers)
     last                the judge trainer      (resources.judge_trainer.*, with judge_refresh.enabled)
 
 `cluster.role_options` schedules every actor of the run into the current
@@ -196,8 +196,8 @@ def trial_bundles(cfg: TrainConfig, driver_cpus: float = 0.5) -> list[dict]:
     """
     r = cfg.resources
     bundles = [{"CPU": float(driver_cpus)}, _bundle(r.learner)]
-    bundles += [_bundle(r.rollout) for _ in range(r.rollout.num_workers)]
-    bundles += [_bundle(r.judge) for _ in range(r.judge.num_workers)]
+    bundles += [_bundle(r.rollout) for _ in range(r.rollout.bounds[1])]
+    bundles += [_bundle(r.judge) for _ in range(r.judge.bounds[1])]
     if cfg.judge_refresh.enabled:
         bundles.append(_bundle(r.judge_trainer))
     return [b for b in bundles if b]
