@@ -101,10 +101,12 @@ def poll(check, timeout: float = WAIT_S):
         time.sleep(1.0)
 
 
-def wait_for(check, what: str, timeout: float = WAIT_S):
+def wait_for(check, what, timeout: float = WAIT_S):
+    """check()'s first truthy result; `what` (a string, or a function that describes the state at the timeout)
+    names what did not show up."""
     result = poll(check, timeout)
     if result is None:
-        raise AssertionError(f"Prometheus did not show {what} within {timeout:.0f} s")
+        raise AssertionError(f"Prometheus did not show {what() if callable(what) else what} within {timeout:.0f} s")
     return result
 
 
@@ -178,12 +180,28 @@ def test_every_dashboard_panel_query_returns_data_from_a_real_prometheus(
     exprs = {(title, ref): expr for title, ref, expr in targets}
     on = f'SessionName="{session}"'
 
-    def counters() -> dict[str, float]:
-        """The counters the rate panels read, the judge-latency histogram's count among them: each must have
-        risen between two scrapes for its rate (and the quantiles made from it) to be defined."""
-        series = {name: f"ray_dgrpo_{name}_total" for name in ("rollout_samples", "judge_samples")}
-        series["judge_latency"] = "ray_dgrpo_judge_latency_s_count"
-        return {name: prometheus.value(f"sum({metric}{{{on}}})") or 0.0 for name, metric in series.items()}
+    # The counters the rate panels read, the judge-latency histogram's count among them. Ray exports one series
+    # per worker process (label WorkerId) and keeps exporting those of actors that earlier runs of this session
+    # left behind, at their last values; a rate (and the quantiles made from it) is defined only once a series of
+    # this run's actors has risen between two scrapes, so the test follows this run's series one by one.
+    COUNTERS = {"rollout_samples": "ray_dgrpo_rollout_samples_total", "judge_samples": "ray_dgrpo_judge_samples_total",
+                "judge_latency": "ray_dgrpo_judge_latency_s_count"}
+
+    def counter_series() -> dict[str, dict[str, float]]:
+        """{counter: {WorkerId: value}} of every series Prometheus has for this session now."""
+        return {name: {r["metric"].get("WorkerId", ""): r["value"] for r in prometheus.query(f"{metric}{{{on}}}")}
+                for name, metric in COUNTERS.items()}
+
+    wait_for(lambda: prometheus.query("up == 1"), "a first scrape of the cluster")
+    earlier_runs = {name: set(series) for name, series in counter_series().items()}
+
+    def this_run() -> dict[str, dict[str, float]]:
+        return {name: {w: v for w, v in series.items() if w not in earlier_runs[name]}
+                for name, series in counter_series().items()}
+
+    def risen_since(first):
+        now = this_run()
+        return all(any(now[name].get(w, v) > v for w, v in first[name].items()) for name in COUNTERS)
 
     def version_is(v):
         return lambda: prometheus.value(f"max(ray_dgrpo_policy_version{{{on}}})") == v
@@ -207,13 +225,13 @@ def test_every_dashboard_panel_query_returns_data_from_a_real_prometheus(
         step = record["step"]
         if step == 1:
             wait_for(version_is(1), "policy version 1")
-            wait_for(lambda: all(counters().values()), "the rollout and judge counters")
-            seen["first"] = counters()
+            seen["first"] = wait_for(lambda: (lambda c: c if all(c.values()) else None)(this_run()),
+                                     "this run's rollout and judge counters")
             seen["phase_step1"] = (entered[-1], prometheus.query(f"ray_dgrpo_phase{{{on}}} == 1"))
         if step == STEPS:
             wait_for(version_is(STEPS), f"policy version {STEPS}")
-            wait_for(lambda: all(counters()[k] > v for k, v in seen["first"].items()),
-                     "the rollout and judge counters rising after step 1")
+            wait_for(lambda: risen_since(seen["first"]), lambda: "one series of each of this run's counters rising "
+                     f"after step 1 (at step 1: {seen['first']}; now: {this_run()})")
             # the panels asserted below are those of the first evaluation in which every one had finite data
             # (or, if none had within the wait, the last one, and the assertions name what stayed empty)
             seen["panels"] = poll(all_panels_have_finite_data, timeout=2 * WAIT_S) or evaluate(prometheus.window())
@@ -249,8 +267,8 @@ def test_every_dashboard_panel_query_returns_data_from_a_real_prometheus(
     assert not empty, f"panel queries with no data: {empty}"
     not_finite = {k: rows for k, rows in panels.items() if not all(math.isfinite(r["value"]) for r in rows)}
     if not_finite:  # the raw series behind a rate that stayed 0/0, for whoever reads the failure
-        print("judge latency count samples:", prometheus.get(
-            "/api/v1/query", query=f'ray_dgrpo_judge_latency_s_count{{{on}}}[{seen["window"]}]'))
+        print("judge latency count samples:", [(r["metric"].get("WorkerId"), r["values"]) for r in prometheus.get(
+            "/api/v1/query", query=f'ray_dgrpo_judge_latency_s_count{{{on}}}[{seen["window"]}]')["result"]])
     assert not not_finite, f"panel queries with NaN/Inf values: {not_finite}"
     for key, rows in panels.items():
         if re.search(r"\b(rate|increase|irate)\(", exprs[key]):
