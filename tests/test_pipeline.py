@@ -7,7 +7,8 @@ import pytest
 
 from dgrpo.config import PipelineConfig
 from dgrpo.errors import ConfigError
-from dgrpo.orchestration.pipeline import format_headline, headline, matched_best_of_n, run_pipeline, stage_configs
+from dgrpo.orchestration.pipeline import (Pipeline, format_headline, headline, matched_best_of_n, run_pipeline,
+                                          stage_configs)
 
 
 def tiny_pipeline(tmp_path, corpus, **over) -> PipelineConfig:
@@ -67,6 +68,24 @@ def test_pipeline_builds_trains_evaluates_then_reuses(ray_cluster, tmp_path, tin
         changed = tiny_pipeline(tmp_path, tiny_corpus_file)
         changed.generator = {**changed.generator, "lr": 1e-3}
         run_pipeline(changed, echo=lines.append, quiet=True)
+
+
+def test_a_stage_cut_short_by_its_time_limit_is_reported(tmp_path):
+    """Iterations define a stage, its time limit guards it: a stage that reached the limit first says so."""
+    lines = []
+    pipe = Pipeline(tiny_pipeline(tmp_path, "corpus.txt"), echo=lines.append)
+    judge = pipe.stages.proxy_judges[0].model_copy(update={"max_iters": 850, "max_minutes": 12.0})
+    pipe.stage("proxy judge", str(tmp_path / "cut"), judge, lambda resume: {"iter": 300, "auc": 0.7})
+    assert lines[0].endswith("(850 iterations, at most 12.0 min)")
+    assert lines[1].startswith("WARNING: proxy judge stopped at its time limit (12 min) after 300 of 850 iterations")
+    assert "--overwrite" in lines[1]
+    lines.clear()
+    pipe.stage("gold judge", str(tmp_path / "full"), judge, lambda resume: {"iter": 850, "auc": 0.9})
+    assert not any("WARNING" in line for line in lines), lines
+    grpo = pipe.stages.grpo.model_copy(deep=True)
+    grpo.run.steps, grpo.run.max_minutes = 300, 15.0
+    pipe.stage("GRPO", str(tmp_path / "grpo"), grpo, lambda resume: {"steps": 120})
+    assert lines[-1].startswith("WARNING: GRPO stopped at its time limit (15 min) after 120 of 300 steps")
 
 
 def bon_row(n, kl, gold, proxy):

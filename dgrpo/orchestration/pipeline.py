@@ -51,7 +51,7 @@ def _build(cls, section: str, keys: dict, fixed: dict):
 def stage_configs(p: PipelineConfig) -> Stages:
     """Every stage's validated config; the pipeline fixes output directories, corpus and generator."""
     out, corpus = Path(p.out), p.corpus.model_dump()
-    unbounded = {"max_iters": 10_000_000}  # the time budget ends these stages
+    unbounded = {"max_iters": UNBOUNDED_ITERS}  # unless a section sets max_iters, its time budget ends it
     generator = _build(PretrainConfig, "generator", {**unbounded, **p.generator},
                        {"out": str(out / "generator"), "corpus": corpus})
     single = len(p.proxy_judges) == 1
@@ -75,6 +75,18 @@ def stage_configs(p: PipelineConfig) -> Stages:
     grpo = _build(TrainConfig, "grpo", p.grpo, {"run": {"out_dir": str(out / "grpo")}, "corpus": corpus,
                                                  "generator": {"checkpoint": generator.out}, "reward": reward})
     return Stages(generator, proxies, gold, lm, grpo)
+
+
+UNBOUNDED_ITERS = 10_000_000  # the stages' max_iters when a section sets none: its time budget ends it
+
+
+def budget(config) -> tuple[tuple[str, int, str] | None, float | None]:
+    """((unit, count, figure key) of a stage's length, or None when only time ends it; its time limit in minutes)."""
+    run = getattr(config, "run", None)
+    if run is not None:  # GRPO
+        return ("steps", run.steps, "steps"), run.max_minutes
+    iters = config.max_iters if config.max_iters < UNBOUNDED_ITERS else None
+    return (iters and ("iterations", iters, "iter")), config.max_minutes
 
 
 def fingerprint(config: dict) -> str:
@@ -114,12 +126,18 @@ class Pipeline:
             raise ConfigError(f"{directory} holds a finished {name} of another configuration; run the pipeline with "
                               f"the configuration that made it, another `out`, or --overwrite to start afresh")
         resume = (Path(directory) / "config.json").is_file() or (Path(directory) / "checkpoints").is_dir()
-        budget = getattr(config, "max_minutes", None) or getattr(getattr(config, "run", None), "max_minutes", None)
-        self.echo(f"== {name}: {'resuming' if resume else 'training'} in {directory}"
-                  + (f" ({budget:.1f} min budget)" if budget else ""))
+        length, minutes = budget(config)
+        self.echo(f"== {name}: {'resuming' if resume else 'training'} in {directory} ("
+                  + ", ".join(filter(None, [length and f"{length[1]} {length[0]}",
+                                            minutes and f"at most {minutes:.1f} min"])) + ")")
         t0 = time.perf_counter()
         figures = train(resume)
         wall = time.perf_counter() - t0
+        if length and minutes and figures.get(length[2], length[1]) < length[1]:
+            self.echo(f"WARNING: {name} stopped at its time limit ({minutes:g} min) after {figures[length[2]]} of "
+                      f"{length[1]} {length[0]}: this machine ran it slower than the configuration expects (other "
+                      f"jobs on its cores?), so its figures may be weaker than documented; to train it fully, raise "
+                      f"its max_minutes and run again with --overwrite")
         self.timings[name] = wall
         done = {"stage": name, "fingerprint": fp, "wall_time_s": wall, "figures": figures}
         Path(directory).mkdir(parents=True, exist_ok=True)
