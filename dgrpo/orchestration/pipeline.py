@@ -27,6 +27,7 @@ from ..config import (JudgeTrainConfig, LMTrainConfig, PipelineConfig, PretrainC
                       format_errors, to_dict)
 from ..errors import ConfigError
 from ..precision import precision_report
+from ..training.loop import UNBOUNDED_ITERS
 
 STAGE_FILE = "stage.json"
 GOLD_SEED = 1000  # the gold judge's default seed: far from the proxies' 0, 1, 2, ...
@@ -75,9 +76,6 @@ def stage_configs(p: PipelineConfig) -> Stages:
     grpo = _build(TrainConfig, "grpo", p.grpo, {"run": {"out_dir": str(out / "grpo")}, "corpus": corpus,
                                                  "generator": {"checkpoint": generator.out}, "reward": reward})
     return Stages(generator, proxies, gold, lm, grpo)
-
-
-UNBOUNDED_ITERS = 10_000_000  # the stages' max_iters when a section sets none: its time budget ends it
 
 
 def budget(config) -> tuple[tuple[str, int, str] | None, float | None]:

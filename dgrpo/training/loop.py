@@ -19,6 +19,8 @@ from tqdm import tqdm
 
 from ..models.checkpoint import Checkpoint
 
+UNBOUNDED_ITERS = 10_000_000  # max_iters of a run that only its time budget (max_minutes) ends
+
 
 def scheduled_lr(it: int, max_iters: int, lr: float, min_lr: float, warmup: int,
                  time_fraction: float = 0.0, shape: str = "cosine", hold: float = 0.0) -> float:
@@ -76,9 +78,9 @@ class TrainingLoop:
         cfg = self.cfg
         if self._started is None:  # the clock starts now unless the trainer started it earlier
             self._started = time.perf_counter() - self.elapsed
-        # a time budget ends the run long before max_iters: the bar then counts iterations and minutes only
-        total = None if cfg.max_minutes else cfg.max_iters
-        desc = f"{self.desc} ({cfg.max_minutes:g} min budget)" if cfg.max_minutes else self.desc
+        # with only a time budget (max_iters UNBOUNDED_ITERS) the bar counts iterations and minutes only
+        total = None if cfg.max_minutes and cfg.max_iters >= UNBOUNDED_ITERS else cfg.max_iters
+        desc = f"{self.desc} (at most {cfg.max_minutes:g} min)" if cfg.max_minutes else self.desc
         iters = range(self.start_iter, cfg.max_iters)
         bar = tqdm(iter(iters) if total is None else iters, initial=self.start_iter, total=total,
                    disable=not progress, desc=desc, dynamic_ncols=True, mininterval=5.0)
