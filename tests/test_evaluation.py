@@ -115,6 +115,23 @@ def test_gao_fits_recover_known_coefficients(form, a, b):
     assert fit_gao(form, [0.0, 1.0], [0.0, 0.1]) is None  # one point at d > 0 cannot fix two coefficients
 
 
+def test_the_levers_of_a_run_name_its_curve():
+    from dgrpo.evaluation.evaluate import run_levers
+    from dgrpo.evaluation.overoptimization import report_series
+    config = {"reward": {"judge_checkpoints": ["a", "b", "c"], "ensemble": "mean_minus_std",
+                         "ensemble_std_coef": 0.5},
+              "judge_refresh": {"enabled": True, "publish_every": 5}, "grpo": {"reference_reset_every": None}}
+    levers = run_levers(config)
+    assert levers == ["ensemble of 3 (mean_minus_std, lambda=0.5)", "judge refresh every 5 steps"]
+    assert run_levers({"reward": {"judge_checkpoint": "a", "judge_checkpoints": None}}) == []
+    rows = [{"kind": "policy", "name": f"policy {step}", "run": "runs/x", "kl_coef": 0.04, "step": step,
+             "levers": levers, "sqrt_kl": d, "proxy_reward": {"mean": d, "stderr": 0.0},
+             "gold_reward": {"mean": d, "stderr": 0.0}} for step, d in [(1, 1.0), (2, 2.0)]]
+    (series,) = report_series({"rows": rows})
+    assert series["label"] == ("GRPO kl_coef=0.04, ensemble of 3 (mean_minus_std, lambda=0.5), "
+                               "judge refresh every 5 steps (x)")
+
+
 # --- dgrpo evaluate on tiny checkpoints -----------------------------------------------------------
 
 SAMPLER = {"steps": 4, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "order": "random"}
@@ -365,6 +382,7 @@ def test_evaluate_a_run_with_its_own_ensemble_and_reference_resets(tmp_path, che
     manifest = json.loads((Path(path) / "config.json").read_text())
     manifest["config"]["reward"] = {"kind": "judge", "judge_checkpoint": None, "ensemble": "min",
                                     "judge_checkpoints": [c["member_a"], c["member_b"]], "ensemble_std_coef": 1.0}
+    manifest["config"].setdefault("grpo", {})["reference_reset_every"] = 2
     (Path(path) / "config.json").write_text(json.dumps(manifest))
     out = tmp_path / "r.json"
     result = _evaluate("--policy", path, "--out", str(out))
@@ -376,6 +394,7 @@ def test_evaluate_a_run_with_its_own_ensemble_and_reference_resets(tmp_path, che
     assert report["checkpoints"]["proxy_judge"] == [c["member_a"], c["member_b"]]
     row = report["rows"][1]
     assert row["reference"] == "the base generator" and row["reference_resets"] == 2
+    assert row["levers"] == ["ensemble of 2 (min)", "reference reset every 2 steps"]
     assert row["kl_per_sequence"]["mean"] > 0.1
     result = _evaluate("--policy", path, "--generator", c["generator"], "--gold", c["member_a"],
                        "--out", str(out))

@@ -113,6 +113,22 @@ def _load_policy(path: str) -> Policy:
     return Policy(str(path), model, reference, tokenizer, ckpt.config or {}, ckpt.state or {})
 
 
+def run_levers(config: dict) -> list[str]:
+    """The levers against reward exploitation a run's config turned on, each as a short label."""
+    reward, grpo, refresh = (config.get(k) or {} for k in ("reward", "grpo", "judge_refresh"))
+    levers = []
+    members = reward.get("judge_checkpoints") or []
+    if len(members) > 1:
+        combine = reward.get("ensemble", "mean")
+        lam = f", lambda={reward.get('ensemble_std_coef', 1.0):g}" if combine == "mean_minus_std" else ""
+        levers.append(f"ensemble of {len(members)} ({combine}{lam})")
+    if refresh.get("enabled"):
+        levers.append(f"judge refresh every {refresh.get('publish_every')} steps")
+    if grpo.get("reference_reset_every"):
+        levers.append(f"reference reset every {grpo['reference_reset_every']} steps")
+    return levers
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise EvaluationError(message)
@@ -392,7 +408,7 @@ class Evaluator:
             row.update({"checkpoint": p.path, "step": p.state.get("step"),
                         "run": (p.config.get("run") or {}).get("out_dir") or str(Path(p.path).parent.parent),
                         "kl_coef": grpo_cfg.get("kl_coef"), "kl_target": grpo_cfg.get("kl_target"),
-                        "reference_resets": p.reference_resets,
+                        "reference_resets": p.reference_resets, "levers": run_levers(p.config),
                         "reference": "stored in the checkpoint" if own_reference else "the base generator",
                         "run_sampler": run_sampler})
             rows.append((row, pp))

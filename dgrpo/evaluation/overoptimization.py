@@ -97,7 +97,8 @@ def report_series(report: dict, source: str = "") -> list[dict]:
         kl_target = members[0].get("kl_target")
         setting = (f" kl_target={kl_target:g}" if kl_target is not None else
                    f" kl_coef={kl_coef:g}" if kl_coef is not None else "")
-        label = f"GRPO{setting} ({Path(run).name if run else '?'})"
+        levers = "".join(f", {lever}" for lever in members[0].get("levers") or [])
+        label = f"GRPO{setting}{levers} ({Path(run).name if run else '?'})"
         curve = ([base] if base is not None else []) + members
         out.append(_series(label, "rl", curve, base if base is not None else members[0], source=source,
                            run=run, kl_coef=kl_coef))
