@@ -199,6 +199,10 @@ def test_every_dashboard_panel_query_returns_data_from_a_real_prometheus(
         return {name: {w: v for w, v in series.items() if w not in earlier_runs[name]}
                 for name, series in counter_series().items()}
 
+    def this_run_once_every_counter_shows():
+        series = this_run()
+        return series if all(series.values()) else None
+
     def risen_since(first):
         now = this_run()
         return all(any(now[name].get(w, v) > v for w, v in first[name].items()) for name in COUNTERS)
@@ -225,8 +229,7 @@ def test_every_dashboard_panel_query_returns_data_from_a_real_prometheus(
         step = record["step"]
         if step == 1:
             wait_for(version_is(1), "policy version 1")
-            seen["first"] = wait_for(lambda: (lambda c: c if all(c.values()) else None)(this_run()),
-                                     "this run's rollout and judge counters")
+            seen["first"] = wait_for(this_run_once_every_counter_shows, "this run's rollout and judge counters")
             seen["phase_step1"] = (entered[-1], prometheus.query(f"ray_dgrpo_phase{{{on}}} == 1"))
         if step == STEPS:
             wait_for(version_is(STEPS), f"policy version {STEPS}")

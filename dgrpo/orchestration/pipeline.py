@@ -20,6 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from pydantic import ValidationError
 
@@ -78,13 +79,30 @@ def stage_configs(p: PipelineConfig) -> Stages:
     return Stages(generator, proxies, gold, lm, grpo)
 
 
-def budget(config) -> tuple[tuple[str, int, str] | None, float | None]:
-    """((unit, count, figure key) of a stage's length, or None when only time ends it; its time limit in minutes)."""
+class Budget(NamedTuple):
+    """A stage's length (`count` `unit`s, None when only its time limit ends it), the key of the figure that
+    says how far it got, and its time limit in minutes (None: none)."""
+    unit: str
+    count: int | None
+    figure: str
+    minutes: float | None
+
+    def describe(self) -> str:
+        parts = ([f"{self.count} {self.unit}"] if self.count else []) + (
+            [f"at most {self.minutes:.1f} min"] if self.minutes else [])
+        return ", ".join(parts)
+
+    def cut_short(self, figures: dict) -> bool:
+        """Whether the time limit ended the stage before its length."""
+        return bool(self.count and self.minutes) and figures.get(self.figure, self.count) < self.count
+
+
+def budget(config) -> Budget:
     run = getattr(config, "run", None)
     if run is not None:  # GRPO
-        return ("steps", run.steps, "steps"), run.max_minutes
+        return Budget("steps", run.steps, "steps", run.max_minutes)
     iters = config.max_iters if config.max_iters < UNBOUNDED_ITERS else None
-    return (iters and ("iterations", iters, "iter")), config.max_minutes
+    return Budget("iterations", iters, "iter", config.max_minutes)
 
 
 def fingerprint(config: dict) -> str:
@@ -124,16 +142,14 @@ class Pipeline:
             raise ConfigError(f"{directory} holds a finished {name} of another configuration; run the pipeline with "
                               f"the configuration that made it, another `out`, or --overwrite to start afresh")
         resume = (Path(directory) / "config.json").is_file() or (Path(directory) / "checkpoints").is_dir()
-        length, minutes = budget(config)
-        self.echo(f"== {name}: {'resuming' if resume else 'training'} in {directory} ("
-                  + ", ".join(filter(None, [length and f"{length[1]} {length[0]}",
-                                            minutes and f"at most {minutes:.1f} min"])) + ")")
+        b = budget(config)
+        self.echo(f"== {name}: {'resuming' if resume else 'training'} in {directory} ({b.describe()})")
         t0 = time.perf_counter()
         figures = train(resume)
         wall = time.perf_counter() - t0
-        if length and minutes and figures.get(length[2], length[1]) < length[1]:
-            self.echo(f"WARNING: {name} stopped at its time limit ({minutes:g} min) after {figures[length[2]]} of "
-                      f"{length[1]} {length[0]}: this machine ran it slower than the configuration expects (other "
+        if b.cut_short(figures):
+            self.echo(f"WARNING: {name} stopped at its time limit ({b.minutes:g} min) after {figures[b.figure]} of "
+                      f"{b.count} {b.unit}: this machine ran it slower than the configuration expects (other "
                       f"jobs on its cores?), so its figures may be weaker than documented; to train it fully, raise "
                       f"its max_minutes and run again with --overwrite")
         self.timings[name] = wall
