@@ -53,9 +53,9 @@ class PremadeRollout(RolloutWorker):
 
     delay_s = 2.0
 
-    def generate(self, request):
+    def generate(self, request, reference=None):
         if request.request_id < 0:  # the driver's held-out evaluation: really sampled
-            return super().generate(request)
+            return super().generate(request, reference)
         t0 = time.perf_counter()
         if not hasattr(self, "premade"):
             self.premade = super().generate(request)

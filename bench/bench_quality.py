@@ -53,7 +53,7 @@ import torch
 from bench.common import corpus_path, default_out, machine_info, print_table, write_json
 from dgrpo.corpus import CharTokenizer, fixed_windows, load_corpus, make_prompts
 from dgrpo.evaluation.best_of_n import best_of_n_expectation, bon_kl_bound, n_for_kl  # noqa: F401 (n_for_kl: tests)
-from dgrpo.evaluation.evaluate import sample_per_prompt, sequence_kl
+from dgrpo.evaluation.evaluate import sample_per_prompt
 from dgrpo.evaluation.statistics import mean_stderr
 from dgrpo.models.checkpoint import load_checkpoint, save_checkpoint
 from dgrpo.models.diffusion import DiffusionLM
@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # policy samples, their rewards and the measured KL to the reference
     P, m = args.prompts, args.policy_samples
-    p_tokens, p_reveal, p_logp = sample_per_prompt(policy, prompts, m, sampler, seed + 1, args.chunk)
-    kl_measured, kl_measured_se = mean_se(sequence_kl(generator, p_tokens, p_reveal, p_logp, sampler, args.chunk))
+    p_tokens, _, _, p_kl = sample_per_prompt(policy, prompts, m, sampler, seed + 1, args.chunk, reference=generator)
+    kl_measured, kl_measured_se = mean_se(p_kl)
     policy_r = judge_rewards(judge, p_tokens, args.chunk).view(P, m)
 
     # which KL picks N
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     # best-of-N pool from the starting generator
     print(f"sampling {P} x {n_best} from the generator and {P} x {m} from the policy "
           f"(T={length}, S={sampler['steps']})", flush=True)
-    g_tokens, _, _ = sample_per_prompt(generator, prompts, n_best, sampler, seed + 2, args.chunk)
+    g_tokens, _, _, _ = sample_per_prompt(generator, prompts, n_best, sampler, seed + 2, args.chunk)
     pool = judge_rewards(judge, g_tokens, args.chunk).view(P, n_best)
 
     base_mean, base_se = mean_se(pool.mean(1))

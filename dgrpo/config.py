@@ -422,6 +422,17 @@ class TrainConfig(Section):
                              "reward.judge_checkpoint, or judge_refresh.enabled=false")
         return self
 
+    def warnings(self) -> list[str]:
+        """Settings that run but do not do what their names promise; printed at the start of a run."""
+        found = []
+        if self.sampler.order == "confidence" and self.grpo.kl_target is not None:
+            found.append("grpo.kl_target steers the learner's kl_seq, the revealed tokens' log-ratio to the "
+                         "reference, which under sampler.order=confidence is not a KL (the choice of positions is "
+                         "left out; it can be negative): the budget does not hold the KL in nats. Use "
+                         "sampler.order=random for a budget in nats (docs/EVALUATION.md, \"KL from trajectory "
+                         "log-probs\")")
+        return found
+
 
 # Keys a resumed run may change (`dgrpo train --resume`): when and how long it runs, what it logs, where its
 # actors go. Every other key (the optimisation, the model, the sampler, the reward, the data, the seed)

@@ -144,7 +144,7 @@ def faulty_rollout(marker_dir: str, exit_on: int | None = None, slow: tuple = ()
     """A rollout worker whose process exits in the middle of request `exit_on` (once), that takes
     `slow_s` longer on the requests in `slow`, and that hangs forever on request `hang_on` (once)."""
     class FaultyRollout(RolloutWorker):
-        def generate(self, request):
+        def generate(self, request, reference=None):
             rid = request.request_id
             if rid == exit_on and marker_once(os.path.join(marker_dir, "exited")):
                 os._exit(1)
@@ -152,13 +152,13 @@ def faulty_rollout(marker_dir: str, exit_on: int | None = None, slow: tuple = ()
                 time.sleep(3600)
             if rid in slow:
                 time.sleep(slow_s)
-            return super().generate(request)
+            return super().generate(request, reference)
     return FaultyRollout
 
 
 def always_dying_rollout():
     class AlwaysDyingRollout(RolloutWorker):
-        def generate(self, request):
+        def generate(self, request, reference=None):
             os._exit(1)
     return AlwaysDyingRollout
 

@@ -187,3 +187,40 @@ def test_defaults_keep_kl_coef_fixed():
     cfg = GRPOConfig()
     assert cfg.kl_target is None and cfg.reference_reset_every is None
     assert math.isclose(LearnerCore(DiffusionLM(preset_config("tiny", TOK.vocab_size)), cfg).kl_coef, cfg.kl_coef)
+
+
+@pytest.mark.parametrize("order, kl_target, warned", [("confidence", 4, True), ("random", 4, False),
+                                                      ("confidence", None, False)])
+def test_a_kl_budget_under_confidence_order_is_warned_about(order, kl_target, warned):
+    """Under confidence order the learner's kl_seq is not a KL, so a budget in nats would hold something else."""
+    cfg = TrainConfig(sampler=SamplerConfig(order=order), grpo=GRPOConfig(kl_target=kl_target))
+    found = cfg.warnings()
+    assert len(found) == int(warned)
+    assert not warned or ("sampler.order=random" in found[0] and "grpo.kl_target" in found[0])
+
+
+@pytest.mark.parametrize("order", ["random", "confidence"])
+def test_a_rollout_worker_measures_the_kl_to_the_reference_it_is_sent(order):
+    """Held-out evaluations ask the worker to measure each sample's trajectory KL to the starting generator:
+    0 while it holds those weights, positive after an update; the reference comes with the first such request."""
+    torch.manual_seed(0)
+    model = DiffusionLM(preset_config("tiny", TOK.vocab_size, block_size=LENGTH))
+    start = WeightSnapshot.from_module(model, version=0)
+    worker = RolloutWorker(0, model.cfg, SamplerConfig(steps=4, order=order), precision="fp32")
+    worker.set_weights(start)
+    request = RolloutRequest(request_id=-1, prompts=torch.full((8, LENGTH), TOK.mask_id), group_size=2, seed=0,
+                             measure_kl=True)
+    with pytest.raises(ValueError, match="sends no reference weights"):
+        worker.generate(request)
+    assert worker.generate(RolloutRequest(request_id=0, prompts=request.prompts, group_size=2, seed=0)) \
+        .kl_to_reference.numel() == 0  # training requests do not measure it
+    batch = worker.generate(request, start)
+    batch.validate()
+    assert batch.kl_to_reference.shape == (16,) and batch.kl_to_reference.abs().max() == 0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    worker.set_weights(WeightSnapshot.from_module(model, version=1))
+    moved = worker.generate(RolloutRequest(request_id=-2, prompts=request.prompts, group_size=2, seed=0,
+                                           min_version=1, measure_kl=True))  # the reference was kept
+    assert float(moved.kl_to_reference.mean()) > 0

@@ -4,6 +4,7 @@ The key invariant (DESIGN.md, "GRPO, exactly"): with the same weights, the
 learner's replayed per-token log-probs equal the sampler's recorded ones.
 """
 
+import copy
 import math
 
 import pytest
@@ -12,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dgrpo.models.diffusion import DiffusionLM, diffusion_loss, mask_tokens
-from dgrpo.models.sampler import PROMPT_STEP, reveal_schedule, sample, sampling_logprobs, validate_sampling
+from dgrpo.models.sampler import (PROMPT_STEP, confidence_step_logprob, reveal_schedule, sample, sampling_logprobs,
+                                  validate_sampling)
 from dgrpo.models.trajectory import (replay_rows, replay_states, row_logprobs, scatter_rows,
                                      trajectory_logprobs)
 from dgrpo.models.transformer import (PRESETS, ModelConfig, Trunk, count_params,
@@ -381,6 +383,66 @@ def test_confidence_order_reveals_confident_tokens_first():
     # the mean recorded log-prob falls step by step
     by_step = torch.stack([out.logprobs[out.reveal_step == s].mean() for s in range(T)])
     assert float(by_step[: T // 4].mean()) > float(by_step[-T // 4:].mean()) + 0.5
+
+
+def test_confidence_step_probabilities_sum_to_one_over_every_outcome():
+    """Every (set of positions, tokens there) a confidence-order step can reveal, from a state with one
+    position already filled: their probabilities add up to 1."""
+    import itertools
+    torch.manual_seed(0)
+    T, V, m = 5, 3, 2
+    logp = torch.randn(1, T, V).mul(2).log_softmax(-1)
+    masked = torch.tensor([[True, True, False, True, True]])
+    total = 0.0
+    for R in itertools.combinations([0, 1, 3, 4], m):
+        for tokens in itertools.product(range(V), repeat=m):
+            reveal = torch.zeros(1, T, dtype=torch.bool)
+            token = torch.zeros(1, T, dtype=torch.long)
+            reveal[0, list(R)] = True
+            token[0, list(R)] = torch.tensor(tokens)
+            total += float(confidence_step_logprob(logp, token, reveal, masked).exp())
+    assert total == pytest.approx(1.0, abs=1e-5)
+
+
+def test_confidence_step_probability_matches_the_sampler():
+    """The first step of the sampler (one of three positions revealed) lands on each (position, token) as
+    often as confidence_step_logprob says."""
+    torch.manual_seed(1)
+    T, V, n = 3, 2, 20000
+    logits = torch.randn(T, V) * 1.5
+    fixed = FixedLogits(logits)
+    out = sample(fixed, torch.full((n, T), fixed.mask_id), steps=T, order="confidence",
+                 generator=torch.Generator().manual_seed(0))
+    first = (out.reveal_step == 0).float().argmax(1)
+    outcome = first * V + out.tokens.gather(1, first[:, None]).squeeze(1)
+    freq = torch.bincount(outcome, minlength=T * V).double() / n
+    logp = sampling_logprobs(logits[None])
+    for pos in range(T):
+        for tok in range(V):
+            reveal = torch.zeros(1, T, dtype=torch.bool)
+            reveal[0, pos] = True
+            token = torch.full((1, T), tok)
+            p = float(confidence_step_logprob(logp, token, reveal, torch.ones(1, T, dtype=torch.bool)).exp())
+            assert float(freq[pos * V + tok]) == pytest.approx(p, abs=0.012)
+
+
+@pytest.mark.parametrize("order", ["random", "confidence"])
+def test_kl_to_reference_is_zero_for_the_reference_and_positive_for_a_changed_model(model, order):
+    prompt = all_masked(64, 16)
+    same = sample(model, prompt, steps=8, order=order, generator=torch.Generator().manual_seed(0), reference=model)
+    assert same.kl_to_reference.abs().max() == 0
+    assert sample(model, prompt, steps=8, order=order).kl_to_reference is None
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.lm_head.weight.add_(0.3 * torch.randn_like(changed.lm_head.weight))
+    out = sample(changed, prompt, steps=8, order=order, generator=torch.Generator().manual_seed(0),
+                 reference=model)
+    kl = out.kl_to_reference
+    assert float(kl.mean()) > 3 * float(kl.std() / len(kl) ** 0.5) > 0
+    if order == "random":  # positions do not depend on the model: the revealed tokens' log-ratio is the same KL
+        with torch.no_grad():
+            ratio = out.logprobs.sum(1) - trajectory_logprobs(model, out.tokens, out.reveal_step, 8).sum(1)
+        assert float(ratio.mean()) == pytest.approx(float(kl.mean()), abs=4 * float(ratio.std() / 8))
 
 
 # --- exact replay -----------------------------------------------------------------------------

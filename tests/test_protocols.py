@@ -64,11 +64,16 @@ def make_scored(seed: int = 0, members: int = 3, **kw) -> ScoredBatch:
 
 
 def as_schema_1(msg) -> bytes:
-    """`msg` as a build of schema version 1 wrote it: no ScoredBatch.member_rewards or judge_version."""
+    """`msg` as a build of schema version 1 wrote it: no ScoredBatch.member_rewards or judge_version (2), no
+    RolloutBatch.kl_to_reference or RolloutRequest.measure_kl (3)."""
     wire = msgpack.unpackb(encode(msg))
     wire["version"] = 1
     if wire["schema"] == "scored_batch":
-        del wire["data"]["member_rewards"], wire["data"]["judge_version"]
+        del wire["data"]["member_rewards"], wire["data"]["judge_version"], wire["data"]["rollout"]["kl_to_reference"]
+    if wire["schema"] == "rollout_batch":
+        del wire["data"]["kl_to_reference"]
+    if wire["schema"] == "rollout_request":
+        del wire["data"]["measure_kl"]
     return msgpack.packb(wire, use_bin_type=True)
 
 
@@ -111,7 +116,7 @@ def nd(dtype: str, shape: list, data: bytes) -> dict:
 
 
 def request_wire(prompts: object) -> dict:
-    return {"request_id": 1, "prompts": prompts, "group_size": 2, "seed": 3, "min_version": 0}
+    return {"request_id": 1, "prompts": prompts, "group_size": 2, "seed": 3, "min_version": 0, "measure_kl": False}
 
 
 # --------------------------------------------------------------------------- round trips
@@ -385,9 +390,10 @@ def test_scored_batch_judge_version_and_version_1_logs():
     scored.judge_version = 7
     assert_same(decode(encode(scored)), scored)
     wire = msgpack.unpackb(encode(scored))
-    assert wire["version"] == SCHEMA_VERSION == 2 and wire["data"]["judge_version"] == 7
+    assert wire["version"] == SCHEMA_VERSION == 3 and wire["data"]["judge_version"] == 7
     old = dict(wire, version=1, data={k: v for k, v in wire["data"].items()
                                       if k not in ("judge_version", "member_rewards")})
+    old["data"]["rollout"] = {k: v for k, v in old["data"]["rollout"].items() if k != "kl_to_reference"}
     back = decode(msgpack.packb(old, use_bin_type=True), expected=ScoredBatch)
     assert back.judge_version == 0
     assert_same(back.rollout, scored.rollout) and same_bits(back.rewards, scored.rewards)
@@ -395,6 +401,25 @@ def test_scored_batch_judge_version_and_version_1_logs():
         decode(msgpack.packb(dict(wire, version=1), use_bin_type=True))
     with pytest.raises(CodecError, match=r"ScoredBatch: missing fields \['judge_version', "):
         decode(msgpack.packb(dict(old, version=2), use_bin_type=True))  # version 2 must carry it
+
+
+def test_kl_to_reference_and_measure_kl_round_trip_and_default_in_version_2_messages():
+    """Schema 3 added RolloutRequest.measure_kl and RolloutBatch.kl_to_reference: they round-trip, and a
+    version-2 message (without them) reads as a request that does not measure and a batch without KL."""
+    request = RolloutRequest(1, torch.zeros(1, 2, dtype=torch.long), 1, 0, measure_kl=True)
+    assert decode(encode(request)).measure_kl is True
+    batch = make_rollout()
+    batch.kl_to_reference = torch.arange(batch.num_samples, dtype=torch.float64)
+    assert same_bits(decode(encode(batch)).kl_to_reference, batch.kl_to_reference)
+    for msg, field_name in ((request, "measure_kl"), (batch, "kl_to_reference")):
+        wire = msgpack.unpackb(encode(msg))
+        del wire["data"][field_name]
+        back = decode(msgpack.packb(dict(wire, version=2), use_bin_type=True))
+        assert back.measure_kl is False if field_name == "measure_kl" else back.kl_to_reference.numel() == 0
+    wire = msgpack.unpackb(encode(request))
+    wire["data"]["measure_kl"] = 1
+    with pytest.raises(CodecError, match="RolloutRequest.measure_kl must be a bool, got int"):
+        decode(msgpack.packb(wire, use_bin_type=True))
 
 
 def test_unknown_schema_and_wrong_expected_type():

@@ -31,6 +31,8 @@ class RolloutWorker:
         self.device = pick_device()
         self.model = DiffusionLM(model_config).to(self.device).eval()
         self.model.requires_grad_(False)
+        self.model_config = model_config
+        self.reference = None  # the run's starting generator, kept from the first request that measures KL
         self.sampler = sampler
         self.autocast_dtype = resolve_precision(precision, self.device)
         self.precision = describe_precision(precision, self.device)
@@ -46,7 +48,10 @@ class RolloutWorker:
         self.telemetry.gauge("policy_version", self.version)
         return {"worker_id": self.worker_id, "version": self.version, "load_s": load_s}
 
-    def generate(self, request: RolloutRequest) -> RolloutBatch:
+    def generate(self, request: RolloutRequest, reference: WeightSnapshot | None = None) -> RolloutBatch:
+        """Sample `group_size` completions of each prompt with the weights this worker holds. A request with
+        `measure_kl` also measures each sample's KL to `reference` (the run's starting generator: sent with the
+        first such request, kept after)."""
         if self.version < request.min_version:
             raise StaleWorkerError(f"worker {self.worker_id} holds policy v{self.version}, "
                                    f"request {request.request_id} needs >= v{request.min_version}")
@@ -55,7 +60,14 @@ class RolloutWorker:
         prompts = request.prompts.to(self.device).repeat_interleave(k, dim=0)
         g = torch.Generator(device=self.device).manual_seed(request.seed)
         s = self.sampler
-        out = sample(self.model, prompts, generator=g, autocast_dtype=self.autocast_dtype, **s.model_dump())
+        if request.measure_kl and self.reference is None:
+            if reference is None:
+                raise ValueError(f"request {request.request_id} asks rollout worker {self.worker_id} to measure the KL "
+                                 "to the starting generator but sends no reference weights")
+            self.reference = DiffusionLM(self.model_config).to(self.device).eval().requires_grad_(False)
+            reference.load_into(self.reference)
+        out = sample(self.model, prompts, generator=g, autocast_dtype=self.autocast_dtype,
+                     reference=self.reference if request.measure_kl else None, **s.model_dump())
         generate_s = time.perf_counter() - t0
         n_generated = int((out.reveal_step >= 0).sum())
         self.telemetry.observe_rollout(samples=len(prompts), tokens=n_generated, seconds=generate_s)
@@ -65,6 +77,8 @@ class RolloutWorker:
             group_index=torch.arange(request.prompts.shape[0]).repeat_interleave(k),
             policy_version=self.version, worker_id=self.worker_id, steps=s.steps, temperature=s.temperature,
             top_k=s.top_k, top_p=s.top_p,
+            kl_to_reference=(out.kl_to_reference.cpu() if out.kl_to_reference is not None
+                             else torch.zeros(0, dtype=torch.float64)),
             timings={"generate_s": generate_s, "tokens_generated": float(n_generated)})
 
     def info(self) -> dict:

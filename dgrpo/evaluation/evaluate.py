@@ -9,8 +9,8 @@ the driver's evaluation makes them: fixed_windows + make_prompts, the run's prom
   of each N is the unbiased expectation of each measure at the proxy-argmax of N samples
   drawn from the pool (best_of_n.py). KL: the analytic bound log N - (N-1)/N ("bon_bound").
 - policy: each GRPO checkpoint, `samples_per_prompt` per prompt. KL(policy || reference)
-  per sequence measured on its samples: the sampler's recorded log-probs minus the stored
-  reference's, replayed on the same trajectories (trajectory.py) ("measured").
+  per sequence measured on its samples: the sampler runs the stored reference beside the
+  policy and sums the exact KL of every draw the trajectory depends on (sampler.py) ("measured").
 
 Measures per row, each {mean, stderr} over prompts (samples of a prompt averaged first):
 proxy_reward (1 - score of the judge GRPO optimised, or its ensemble's combined reward, with
@@ -39,7 +39,6 @@ from ..models.rewards import ENSEMBLE_MODES, combine_member_rewards, member_std
 from ..training.judge import judge_scores
 from ..models.sampler import sample, validate_sampling
 from ..precision import machine_summary, resolve_precision
-from ..models.trajectory import trajectory_logprobs
 from .best_of_n import best_of_n_expectation, bon_kl_bound
 from .overoptimization import report_series
 from .statistics import mean_stderr, paired_difference, per_prompt_means
@@ -50,12 +49,13 @@ PER_SAMPLE = (("proxy_reward", "proxy_disagreement", "gold_reward", "lm_bits_per
               + tuple(f"distinct_{n}_per_sample" for n in DISTINCT_ORDERS) + tuple(REPEATED))
 DEFAULT_EVAL_SEED = 1234
 KL_DEFINITION = {
-    "random": "policy rows: mean of log pi(trajectory) - log ref(trajectory) over the policy's samples; the revealed "
-              "positions do not depend on the model, so this estimates the trajectory KL without bias. best-of-N "
-              "rows: the bound log N - (N-1)/N",
-    "confidence": "policy rows: mean of the token log-prob differences over the policy's samples, the positions "
-                  "taken as given: the token part of the trajectory KL, not all of it (positions chosen by "
-                  "confidence depend on the model). best-of-N rows: the bound log N - (N-1)/N",
+    "random": "policy rows: the trajectory KL to the reference, measured along the policy's samples (the revealed "
+              "positions do not depend on the model: the exact KL of the two models' token distributions there, "
+              "summed over steps); an upper bound of the text KL. best-of-N rows: the bound log N - (N-1)/N",
+    "confidence": "policy rows: the trajectory KL to the reference, measured along the policy's samples (log "
+                  "policy(trajectory) - log reference(trajectory), the choice of positions by confidence included); "
+                  "an upper bound of the text KL, a loose one: the choice of positions turns on small differences "
+                  "between the models. best-of-N rows: the bound log N - (N-1)/N",
 }
 N_EXAMPLES = 2
 
@@ -169,28 +169,18 @@ def _judge(path: str, what: str, tokenizer: CharTokenizer, length: int):
 
 
 def sample_per_prompt(model: DiffusionLM, prompts: torch.Tensor, repeats: int, sampler: dict, seed: int,
-                      chunk: int = 256, autocast_dtype: torch.dtype | None = None):
-    """(tokens, reveal_step, logprobs) of `repeats` samples per prompt (rows i*repeats ... of prompt i),
-    sampled in chunks of `chunk` rows from one generator seeded with `seed`."""
+                      chunk: int = 256, autocast_dtype: torch.dtype | None = None,
+                      reference: DiffusionLM | None = None):
+    """(tokens, reveal_step, logprobs, kl_to_reference) of `repeats` samples per prompt (rows i*repeats ... of
+    prompt i), sampled in chunks of `chunk` rows from one generator seeded with `seed`; the KL of the sampling
+    process to `reference` per sample (sampler.py), None without a reference."""
     x = prompts.repeat_interleave(repeats, dim=0)
     g = torch.Generator().manual_seed(seed)
-    outs = [sample(model, x[i:i + chunk], generator=g, autocast_dtype=autocast_dtype, **sampler)
-            for i in range(0, len(x), chunk)]
+    outs = [sample(model, x[i:i + chunk], generator=g, autocast_dtype=autocast_dtype, reference=reference,
+                   **sampler) for i in range(0, len(x), chunk)]
+    kl = None if reference is None else torch.cat([o.kl_to_reference for o in outs])
     return (torch.cat([o.tokens for o in outs]), torch.cat([o.reveal_step for o in outs]),
-            torch.cat([o.logprobs for o in outs]))
-
-
-def sequence_kl(reference: DiffusionLM, tokens: torch.Tensor, reveal_step: torch.Tensor, logprobs: torch.Tensor,
-                sampler: dict, chunk: int = 256, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """(B,) float64 log pi(trajectory) - log ref(trajectory) of samples drawn from pi: the sampler's recorded
-    log-probs minus the reference's, replayed on the same (tokens, reveal_step). Its mean over samples
-    estimates KL(pi || ref) per sequence without bias (the token part given the revealed positions)."""
-    with torch.no_grad():
-        ref = torch.cat([trajectory_logprobs(reference, tokens[i:i + chunk], reveal_step[i:i + chunk],
-                                             sampler["steps"], sampler["temperature"], sampler["top_k"],
-                                             sampler["top_p"], autocast_dtype=autocast_dtype)
-                         for i in range(0, len(tokens), chunk)])
-    return logprobs.double().sum(1) - ref.double().sum(1)
+            torch.cat([o.logprobs for o in outs]), kl)
 
 
 class Evaluator:
@@ -200,7 +190,7 @@ class Evaluator:
         self.t_start = time.perf_counter()
         _validate(opts)
         self.opts, self.log = opts, log
-        self.timings: dict[str, float] = {"sample_s": 0.0, "replay_s": 0.0, "proxy_s": 0.0, "gold_s": 0.0,
+        self.timings: dict[str, float] = {"sample_s": 0.0, "proxy_s": 0.0, "gold_s": 0.0,
                                           "lm_s": 0.0, "text_s": 0.0}
         self.policies = [_load_policy(p) for p in opts.policies]
         if opts.generator:
@@ -312,13 +302,9 @@ class Evaluator:
         self.timings[key] += time.perf_counter() - t0
         return out
 
-    def draw(self, model: DiffusionLM, repeats: int, seed: int):
+    def draw(self, model: DiffusionLM, repeats: int, seed: int, reference: DiffusionLM | None = None):
         return self._timed("sample_s", lambda: sample_per_prompt(
-            model, self.prompts, repeats, self.sampler, seed, self.opts.chunk, self.autocast_dtype))
-
-    def sequence_kl(self, reference: DiffusionLM, tokens, reveal_step, logprobs) -> torch.Tensor:
-        return self._timed("replay_s", lambda: sequence_kl(
-            reference, tokens, reveal_step, logprobs, self.sampler, self.opts.chunk, self.autocast_dtype))
+            model, self.prompts, repeats, self.sampler, seed, self.opts.chunk, self.autocast_dtype, reference))
 
     def measure(self, tokens: torch.Tensor) -> tuple[dict[str, torch.Tensor | None], TextStats, list[str]]:
         """Per-sample measures of (B, T) samples: PER_SAMPLE name -> (B,) float64 (None when not measured)."""
@@ -353,13 +339,12 @@ class Evaluator:
         """(row, per-prompt values) of a model sampled `samples_per_prompt` times per prompt; with a reference,
         the KL to it is measured on those samples."""
         P, m = self.opts.prompts, self.opts.samples_per_prompt
-        tokens, reveal_step, logprobs = self.draw(model, m, self.seed + 1)
+        tokens, _, _, kl_samples = self.draw(model, m, self.seed + 1, reference)
         values, stats, texts = self.measure(tokens)
         per_prompt = {k: None if v is None else per_prompt_means(v.view(P, m)) for k, v in values.items()}
         if reference is None:
             kl, kl_kind = {"mean": 0.0, "stderr": 0.0}, "base"
         else:
-            kl_samples = self.sequence_kl(reference, tokens, reveal_step, logprobs)
             kl, kl_kind = mean_stderr(per_prompt_means(kl_samples.view(P, m))), "measured"
         sets = [[i * m + j for i in range(P)] for j in range(m)]  # sample j of every prompt
         row = self.row(name, kind, per_prompt, stats, sets, kl, kl_kind, texts, n=1 if kind == "base" else None,
@@ -370,7 +355,7 @@ class Evaluator:
         """(row, per-prompt values) of best-of-N for every N, all from one pool per prompt."""
         P = self.opts.prompts
         pool = self.opts.pool or max(self.opts.best_of)
-        tokens, _, _ = self.draw(self.base, pool, self.seed + 2)
+        tokens, _, _, _ = self.draw(self.base, pool, self.seed + 2)
         values, stats, texts = self.measure(tokens)
         proxy = values["proxy_reward"].view(P, pool)
         rows = []

@@ -9,8 +9,9 @@ One `train(batches)` call is one GRPO step:
 3. Without gradients: the reference policy's log-probs on those tokens, and, if
    `old_logprob = "recompute"`, the current policy's (then the rollout's
    behaviour log-probs only enter through a truncated importance weight).
-   From them the KL per sequence of the step's samples (`kl_seq`, all groups),
-   which the KL budget (`kl_target`, kl_control.py) steers kl_coef by.
+   From them the KL per sequence of the step's samples (`kl_seq`, all groups; a KL
+   estimate under random order only, docs/LEVERS.md), which the KL budget
+   (`kl_target`, kl_control.py) steers kl_coef by.
 4. For `epochs` passes over shuffled minibatches of the samples of groups with
    signal: replay the rows with gradients, per-token ratio exp(logp - logp_old),
    PPO-clip surrogate, KL(policy || reference) on the same tokens, weights fixed

@@ -42,12 +42,10 @@ from ..config import TrainConfig, to_dict
 from ..corpus import (CharTokenizer, PromptStream, VocabularyError, check_length, fixed_windows, load_corpus,
                       make_prompts)
 from ..errors import RunError, TrainingHalted
-from ..evaluation.evaluate import sequence_kl
 from ..models.checkpoint import CheckpointError, load_checkpoint
 from ..models.diffusion import DiffusionLM, load_generator
 from ..models.rewards import JudgeReward, compute_rewards, member_std
 from ..models.transformer import preset_config
-from ..precision import resolve_precision
 from ..protocols import RolloutRequest, ScoredBatch, WeightSnapshot
 from ..protocols.rollout_log import RolloutLogWriter
 from .cluster import connect, describe_needs, make_actor
@@ -116,6 +114,8 @@ class Driver:
         report: optional callback(step record) (Ray Tune); quiet: no progress line per step."""
         self.cfg = cfg
         self.report = report
+        for warning in cfg.warnings():
+            print(f"WARNING: {warning}", flush=True)
         self.out = Path(cfg.run.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         run = cfg.run
@@ -129,9 +129,6 @@ class Driver:
         check_judge_vocabulary(cfg, tokenizer, self.length)
         check_judge_refresh(cfg)
         self.selection_judge = load_selection_judge(cfg, tokenizer, self.length)
-        # the starting generator: the evaluations measure the KL of their samples to it
-        self.base_model = model.eval().requires_grad_(False)
-        self.eval_autocast = resolve_precision(cfg.resources.rollout.precision, "cpu")
         self.prompts = PromptStream(corpus.train, self.length, tokenizer.mask_id, cfg.prompts.kind,
                                     cfg.prompts.mask_fraction, seed=run.seed)
         eval_windows = fixed_windows(corpus.val, run.eval_prompts, self.length, seed=run.eval_seed)
@@ -156,6 +153,7 @@ class Driver:
                                    placement_timeout_s=run.placement_timeout_s, check_s=run.membership_check_s)
         vocab, metrics_on = tokenizer.to_dict(), run.metrics_export
         init = ray.put(WeightSnapshot.from_module(model, version=0))
+        self.reference = init  # the starting generator: held-out evaluations measure the KL to it
         self.learner = self.actors.group(
             "learner", 1, lambda _: make_actor(self.learner_cls, res.learner, cfg.grpo, model.cfg, vocab, init,
                                                seed=run.seed, precision=res.learner.precision,
@@ -432,10 +430,10 @@ class Driver:
         """Reward of held-out prompts, fixed seed, one sample each, at the current version."""
         self.logger.phase("evaluating")
         request = RolloutRequest(request_id=-1, prompts=self.eval_prompts, group_size=1,
-                                 seed=self.cfg.run.eval_seed, min_version=self.version)
+                                 seed=self.cfg.run.eval_seed, min_version=self.version, measure_kl=True)
         for _attempt in range(3):
             try:  # a dead worker or judge is recovered (and charged) by its group; then try again
-                batch = self.workers.call("generate", request, what="rollout.generate (eval)")
+                batch = self.workers.call("generate", request, self.reference, what="rollout.generate (eval)")
                 scored = self.judges.call("score", batch, what="judge.score (eval)")
                 break
             except ActorLost:
@@ -445,9 +443,7 @@ class Driver:
         r = scored.rewards
         result = {"step": self.step, "eval_reward_mean": float(r.mean()),
                   "eval_reward_stderr": float(r.std() / len(r) ** 0.5), "policy_version": self.version}
-        sampler = {"steps": batch.steps, "temperature": batch.temperature, "top_k": batch.top_k, "top_p": batch.top_p}
-        kl = sequence_kl(self.base_model, batch.tokens, batch.reveal_step, batch.logprobs, sampler,
-                         autocast_dtype=self.eval_autocast)
+        kl = batch.kl_to_reference
         result.update(eval_kl_seq=float(kl.mean()), eval_kl_seq_stderr=float(kl.std() / len(kl) ** 0.5))
         result.update({f"eval_{k}": v for k, v in judge_disagreement([scored]).items()})
         if self.selection_judge is not None:

@@ -111,6 +111,10 @@ def _encode_tensor(t: object, where: str, budget: _Budget) -> dict:
 
 
 def _encode_value(hint: object, value: object, where: str, budget: _Budget) -> object:
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise CodecError(f"{where} must be a bool, got {_kind(value)}")
+        return value
     if hint is int:
         if isinstance(value, bool):
             raise CodecError(f"{where} must be an int, got bool")
@@ -208,6 +212,10 @@ def _decode_array(wire: object, where: str, budget: _Budget) -> np.ndarray:
 
 
 def _decode_value(hint: object, wire: object, where: str, budget: _Budget, version: int) -> object:
+    if hint is bool:
+        if not isinstance(wire, bool):
+            raise CodecError(f"{where} must be a bool, got {_kind(wire)}")
+        return wire
     if hint is int:
         if isinstance(wire, bool) or not isinstance(wire, int):
             raise CodecError(f"{where} must be an int, got {_kind(wire)}")

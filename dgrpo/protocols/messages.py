@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The wire version this build writes. It reads every version from 1 up: a field added by a later
 version carries `metadata={"since": version}` and takes its default in messages of older versions.
 
     2: ScoredBatch.member_rewards (the rewards of each judge of an ensemble) and
        ScoredBatch.judge_version (the judge weights that scored it: 0 = the judge checkpoint, n = n-th refresh)
+    3: RolloutRequest.measure_kl and RolloutBatch.kl_to_reference (the KL of each sample's sampling process to
+       the run's starting generator, measured by the sampler for held-out evaluations)
 """
 
 
@@ -54,6 +56,8 @@ class RolloutRequest:
     group_size: int  # k samples per prompt
     seed: int  # sampler seed for this request
     min_version: int = 0  # worker must hold at least this policy version
+    # also measure each sample's KL to the run's starting generator (held-out evaluations)
+    measure_kl: bool = field(default=False, metadata={"since": 3})
 
 
 @dataclass(eq=False)
@@ -74,6 +78,10 @@ class RolloutBatch:
     top_k: int
     top_p: float
     timings: dict[str, float] = field(default_factory=dict)  # e.g. {"generate_s": ...}
+    # (G*k,) float64 KL(policy || starting generator) of each sample's sampling process (sampler.py), when the
+    # request asked for it; empty otherwise
+    kl_to_reference: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64),
+                                          metadata={"since": 3})
 
     @property
     def num_samples(self) -> int:
@@ -99,6 +107,8 @@ class RolloutBatch:
         bad = ~torch.isfinite(self.logprobs).all(dim=1)
         if bool(bad.any()):
             raise ValueError(f"RolloutBatch.logprobs has NaN/inf at rows {_fmt_rows(bad.nonzero())}")
+        if self.kl_to_reference.numel():
+            _check_tensor("RolloutBatch.kl_to_reference", self.kl_to_reference, torch.float64, (shape[0],))
         if self.num_samples == 0:
             return
         g = self.group_index
