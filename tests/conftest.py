@@ -59,6 +59,20 @@ def tiny_generator(tmp_path_factory, tiny_corpus_file):
 
 
 @pytest.fixture(scope="session")
+def tiny_judge(tmp_path_factory, tiny_generator, tiny_corpus_file):
+    """A tiny judge (block 32) trained 20 iterations against tiny_generator, with a refill pool of 16."""
+    from dgrpo.config import JudgeTrainConfig, to_dict
+    from dgrpo.training.judge import train_judge
+
+    out = tmp_path_factory.mktemp("tiny_judge") / "judge"
+    cfg = JudgeTrainConfig(generator=tiny_generator, preset="tiny", out=str(out), max_iters=20, batch_size=8,
+                           warmup_iters=2, lr=1e-3, refill_pool=16, refill_every=5, eval_every=20, eval_windows=8,
+                           precision="fp32", sampler={"steps": 4}, corpus={"path": tiny_corpus_file})
+    train_judge(cfg, to_dict(cfg), progress=False, log=lambda *a: None)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole test session (starting one takes ~5 s here)."""
     import ray

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from bench import bench_pretrain, bench_sampler, roofline
+from bench import bench_kl_drift, bench_pretrain, bench_sampler, roofline
 
 
 def _positive(x) -> bool:
@@ -104,3 +104,24 @@ def test_compare_forward_against_a_baseline_file(tmp_path):
     assert data == json.loads(json.dumps(report)) and data["masked_rows"] is True
     assert all(_positive(data[name][k]) for name in ("baseline", "current") for k in ("forward_s", "train_s"))
     assert _positive(data["forward_speedup"]) and _positive(data["train_speedup"])
+
+
+@pytest.mark.parametrize("order", ["random", "confidence"])
+def test_bench_kl_drift(tmp_path, tiny_generator, tiny_judge, order):
+    """Judge and shuffled rewards from the same start: KL 0 there, then measured at every evaluation; under random
+    order the revealed tokens' log-ratio estimates the same KL."""
+    out = tmp_path / "drift.json"
+    report = bench_kl_drift.main(["--generator", tiny_generator, "--judge", tiny_judge, "--steps", "2",
+                                  "--eval-every", "1", "--eval-samples", "32", "--sampler-steps", "4", "--order", order,
+                                  "--threads", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["table"] == json.loads(json.dumps(report["table"]))
+    rows = report["rows"]
+    assert [(r["reward_kind"], r["step"]) for r in rows] == [(k, s) for k in ("judge", "shuffled") for s in (0, 1, 2)]
+    assert all(r["kl_seq"] == 0 for r in rows if r["step"] == 0)
+    assert all(_positive(r["kl_seq"]) for r in rows if r["step"] > 0)
+    assert [(t["step"], t["kl_shuffled"]) for t in report["table"]] == [(s, r["kl_seq"]) for r in rows
+                                                                        if r["reward_kind"] == "shuffled" and r["step"]
+                                                                        for s in [r["step"]]]
+    if order == "random":
+        for r in rows[1:3]:
+            assert abs(r["revealed_log_ratio"] - r["kl_seq"]) < 4 * r["revealed_log_ratio_se"] + 0.05

@@ -43,17 +43,6 @@ STEPS = 4
 PUBLISH_EVERY = 2
 
 
-@pytest.fixture(scope="module")
-def tiny_judge(tmp_path_factory, tiny_generator, tiny_corpus_file):
-    """A tiny judge (block 32) trained 20 iterations against tiny_generator, with a refill pool of 16."""
-    out = tmp_path_factory.mktemp("refresh_judge") / "judge"
-    cfg = JudgeTrainConfig(generator=tiny_generator, preset="tiny", out=str(out), max_iters=20, batch_size=8,
-                           warmup_iters=2, lr=1e-3, refill_pool=16, refill_every=5, eval_every=20, eval_windows=8,
-                           precision="fp32", sampler={"steps": 4}, corpus={"path": tiny_corpus_file})
-    train_judge(cfg, to_dict(cfg), progress=False, log=lambda *a: None)
-    return str(out)
-
-
 def refresh_cfg(**kw) -> JudgeRefreshConfig:
     base = dict(enabled=True, publish_every=PUBLISH_EVERY, iters_per_publish=3, lr=1e-3, batch_size=8, p_real=0.5,
                 p_policy=0.25, policy_buffer=24, eval_windows=8)
