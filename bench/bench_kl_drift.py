@@ -22,48 +22,44 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 
 import torch
 
-from bench.bench_precision import scored
+from bench.bench_precision import rollouts, scored
 from bench.common import default_out, machine_info, print_table, write_json
 from dgrpo.config import GRPOConfig
+from dgrpo.evaluation.statistics import mean_stderr
 from dgrpo.learner.core import LearnerCore
 from dgrpo.models.diffusion import load_generator
 from dgrpo.models.judge import load_judge
-from dgrpo.models.sampler import sample
 from dgrpo.models.trajectory import trajectory_logprobs
 from dgrpo.precision import machine_summary, resolve_precision
+from dgrpo.training.judge import judge_scores
 
 REWARD_KINDS = ("judge", "shuffled")
 
 
-def mean_se(x: torch.Tensor) -> tuple[float, float]:
-    x = x.double()
-    return float(x.mean()), float(x.std() / math.sqrt(len(x)))
-
-
 def draw(model, n: int, sampler: dict, seed: int, dtype, reference=None):
-    prompts = torch.full((n, model.cfg.block_size), model.mask_id, dtype=torch.long)
-    with torch.no_grad():
-        return sample(model, prompts, generator=torch.Generator().manual_seed(seed), autocast_dtype=dtype,
-                      reference=reference, **sampler)
+    """n unconditional samples in eval mode (the learner trains the same module)."""
+    model.eval()
+    try:
+        return rollouts(model, n, sampler["steps"], dtype, seed, sampler["order"], reference)
+    finally:
+        model.train()
 
 
 def held_out(policy, reference, judge, n: int, sampler: dict, seed: int, dtype) -> dict:
-    policy.eval()
     out = draw(policy, n, sampler, seed, dtype, reference)
-    policy.train()
     with torch.no_grad():
-        reward = 1.0 - judge.score(out.tokens, autocast_dtype=dtype)
         ref_revealed = trajectory_logprobs(reference, out.tokens, out.reveal_step, sampler["steps"],
                                            autocast_dtype=dtype)
-    revealed_log_ratio = out.logprobs.double().sum(1) - ref_revealed.double().sum(1)
-    (kl_mean, kl_se), (r_mean, r_se) = mean_se(out.kl_to_reference), mean_se(reward)
-    lr_mean, lr_se = mean_se(revealed_log_ratio)
-    return {"kl_seq": kl_mean, "kl_seq_se": kl_se, "reward": r_mean, "reward_se": r_se,
-            "revealed_log_ratio": lr_mean, "revealed_log_ratio_se": lr_se}
+    measured = {"kl_seq": out.kl_to_reference, "reward": 1.0 - judge_scores(judge, out.tokens, dtype),
+                "revealed_log_ratio": out.logprobs.double().sum(1) - ref_revealed.double().sum(1)}
+    row = {}
+    for name, values in measured.items():
+        summary = mean_stderr(values)
+        row.update({name: summary["mean"], f"{name}_se": summary["stderr"]})
+    return row
 
 
 def run(args, reward_kind: str, lr: float, dtype) -> list[dict]:
@@ -81,11 +77,8 @@ def run(args, reward_kind: str, lr: float, dtype) -> list[dict]:
     rows = [{"reward_kind": reward_kind, "lr": lr, "step": 0,
              **held_out(policy, reference, judge, args.eval_samples, sampler, args.seed + 99, dtype)}]
     for step in range(1, args.steps + 1):
-        policy.eval()
         out = draw(policy, n, sampler, args.seed * 100_000 + step, dtype)
-        policy.train()
-        with torch.no_grad():
-            rewards = 1.0 - judge.score(out.tokens, autocast_dtype=dtype)
+        rewards = 1.0 - judge_scores(judge, out.tokens, dtype)
         if reward_kind == "shuffled":
             rewards = rewards[torch.randperm(n, generator=shuffle)]
         core.train([scored(out, args.sampler_steps, args.group_size, rewards)])

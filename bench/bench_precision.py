@@ -36,10 +36,11 @@ from dgrpo.protocols import RolloutBatch, ScoredBatch
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def rollouts(model, n: int, steps: int, dtype, seed: int, order: str):
+def rollouts(model, n: int, steps: int, dtype, seed: int, order: str, reference=None):
+    """n unconditional samples (every position masked); with a reference, their trajectory KL terms to it."""
     prompts = torch.full((n, model.cfg.block_size), model.mask_id, dtype=torch.long)
     return sample(model, prompts, steps=steps, order=order, generator=torch.Generator().manual_seed(seed),
-                  autocast_dtype=dtype)
+                  autocast_dtype=dtype, reference=reference)
 
 
 def scored(out, steps: int, group_size: int, rewards: torch.Tensor) -> ScoredBatch:

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # policy samples, their rewards and the measured KL to the reference
     P, m = args.prompts, args.policy_samples
-    p_tokens, _, _, p_kl = sample_per_prompt(policy, prompts, m, sampler, seed + 1, args.chunk, reference=generator)
+    p_tokens, p_kl = sample_per_prompt(policy, prompts, m, sampler, seed + 1, args.chunk, reference=generator)
     kl_measured, kl_measured_se = mean_se(p_kl)
     policy_r = judge_rewards(judge, p_tokens, args.chunk).view(P, m)
 
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     # best-of-N pool from the starting generator
     print(f"sampling {P} x {n_best} from the generator and {P} x {m} from the policy "
           f"(T={length}, S={sampler['steps']})", flush=True)
-    g_tokens, _, _, _ = sample_per_prompt(generator, prompts, n_best, sampler, seed + 2, args.chunk)
+    g_tokens, _ = sample_per_prompt(generator, prompts, n_best, sampler, seed + 2, args.chunk)
     pool = judge_rewards(judge, g_tokens, args.chunk).view(P, n_best)
 
     base_mean, base_se = mean_se(pool.mean(1))

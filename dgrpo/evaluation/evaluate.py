@@ -171,16 +171,15 @@ def _judge(path: str, what: str, tokenizer: CharTokenizer, length: int):
 def sample_per_prompt(model: DiffusionLM, prompts: torch.Tensor, repeats: int, sampler: dict, seed: int,
                       chunk: int = 256, autocast_dtype: torch.dtype | None = None,
                       reference: DiffusionLM | None = None):
-    """(tokens, reveal_step, logprobs, kl_to_reference) of `repeats` samples per prompt (rows i*repeats ... of
-    prompt i), sampled in chunks of `chunk` rows from one generator seeded with `seed`; the KL of the sampling
-    process to `reference` per sample (sampler.py), None without a reference."""
+    """(tokens, kl_to_reference) of `repeats` samples per prompt (rows i*repeats ... of prompt i), sampled in
+    chunks of `chunk` rows from one generator seeded with `seed`; each sample's trajectory KL term to
+    `reference` (sampler.py), None without a reference."""
     x = prompts.repeat_interleave(repeats, dim=0)
     g = torch.Generator().manual_seed(seed)
     outs = [sample(model, x[i:i + chunk], generator=g, autocast_dtype=autocast_dtype, reference=reference,
                    **sampler) for i in range(0, len(x), chunk)]
     kl = None if reference is None else torch.cat([o.kl_to_reference for o in outs])
-    return (torch.cat([o.tokens for o in outs]), torch.cat([o.reveal_step for o in outs]),
-            torch.cat([o.logprobs for o in outs]), kl)
+    return torch.cat([o.tokens for o in outs]), kl
 
 
 class Evaluator:
@@ -339,7 +338,7 @@ class Evaluator:
         """(row, per-prompt values) of a model sampled `samples_per_prompt` times per prompt; with a reference,
         the KL to it is measured on those samples."""
         P, m = self.opts.prompts, self.opts.samples_per_prompt
-        tokens, _, _, kl_samples = self.draw(model, m, self.seed + 1, reference)
+        tokens, kl_samples = self.draw(model, m, self.seed + 1, reference)
         values, stats, texts = self.measure(tokens)
         per_prompt = {k: None if v is None else per_prompt_means(v.view(P, m)) for k, v in values.items()}
         if reference is None:
@@ -355,7 +354,7 @@ class Evaluator:
         """(row, per-prompt values) of best-of-N for every N, all from one pool per prompt."""
         P = self.opts.prompts
         pool = self.opts.pool or max(self.opts.best_of)
-        tokens, _, _, _ = self.draw(self.base, pool, self.seed + 2)
+        tokens, _ = self.draw(self.base, pool, self.seed + 2)
         values, stats, texts = self.measure(tokens)
         proxy = values["proxy_reward"].view(P, pool)
         rows = []
