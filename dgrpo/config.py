@@ -8,8 +8,9 @@ allowed range (pydantic, extra="forbid").
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
@@ -139,7 +140,16 @@ class GeneratorConfig(Section):
 
 
 class RewardConfig(Section):
-    kind: Literal["judge", "char_frequency", "regex"] = "judge"
+    kind: Literal["judge", "char_frequency", "regex", "python"] = "judge"
+    function: Optional[str] = Field(None, description=(
+        "python: the reward as package.module:name, importable in the driver and the judge actors: a function "
+        "fn(texts, prompts) -> one float per text, or a class whose instances are such functions (one instance "
+        "per judge actor, built with reward.kwargs)"))
+    kwargs: dict[str, Any] = Field(default_factory=dict, description=(
+        "python: keyword arguments of the class, or of every call of the function"))
+    python_path: list[str] = Field(default_factory=list, description=(
+        "python: directories put first on sys.path (driver and judge actors) before importing reward.function; "
+        "the driver's working directory, $PYTHONPATH and a Ray job's working_dir reach the actors already"))
     judge_checkpoint: Optional[str] = Field(None, description="the judge (a `dgrpo judge train --out` directory)")
     judge_checkpoints: Optional[list[str]] = Field(None, description=(
         "an ensemble instead of judge_checkpoint: two or more judges (trained with different seeds), "
@@ -172,6 +182,13 @@ class RewardConfig(Section):
                              "reward.judge_checkpoints; set that list (two or more judges) or drop them")
         if self.kind == "char_frequency" and not self.chars:
             raise ValueError("reward.chars must name at least one character")
+        if self.kind == "python":
+            if not self.function or not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", self.function):
+                raise ValueError(f"reward.kind 'python' needs reward.function as package.module:name (e.g. "
+                                 f"examples.rewards:vowel_share), got {self.function!r}")
+        elif self.function or self.kwargs or self.python_path:
+            raise ValueError(f"reward.function, reward.kwargs and reward.python_path name a Python reward; set "
+                             f"reward.kind=python (it is {self.kind!r}) or drop them")
         return self
 
     @property
