@@ -81,7 +81,7 @@ def run(args, reward_kind: str, lr: float, dtype) -> list[dict]:
         rewards = 1.0 - judge_scores(judge, out.tokens, dtype)
         if reward_kind == "shuffled":
             rewards = rewards[torch.randperm(n, generator=shuffle)]
-        core.train([scored(out, args.sampler_steps, args.group_size, rewards)])
+        core.train([scored(out, args.sampler_steps, args.group_size, rewards, args.order)])
         if step % args.eval_every == 0:
             rows.append({"reward_kind": reward_kind, "lr": lr, "step": step,
                          **held_out(policy, reference, judge, args.eval_samples, sampler, args.seed + 99, dtype)})

@@ -3,8 +3,9 @@
 For a generator checkpoint (and optionally a judge), on real sampler trajectories:
 
 * replay mismatch: mean and max |log-prob recorded by the sampler - log-prob replayed by
-  the learner| over every revealed token, for each (rollout, learner) precision pair,
-  and the first PPO ratio's largest deviation from 1 (what `first_step_ratio_dev` logs);
+  the learner| over every revealed token (each token's share of its trajectory: its own
+  log-prob and its part of its step's selection term), for each (rollout, learner) precision
+  pair, and the first PPO ratio's largest deviation from 1 (what `first_step_ratio_dev` logs);
 * judge: mean |reward in bf16 - reward in fp32| against the spread of rewards within a
   GRPO group (the signal the advantages are made of);
 * speed: seconds per sampler call, per learner step and per judge batch in each precision.
@@ -24,30 +25,34 @@ import time
 import torch
 
 from bench.common import default_out, machine_info, print_table, write_json
-from dgrpo.config import GRPOConfig
+from dgrpo.config import GRPOConfig, SamplerConfig
 from dgrpo.learner.core import LearnerCore
 from dgrpo.models.diffusion import load_generator
 from dgrpo.models.judge import load_judge
 from dgrpo.models.sampler import sample
-from dgrpo.models.trajectory import trajectory_logprobs
+from dgrpo.models.trajectory import token_shares, trajectory_step_logprobs
 from dgrpo.precision import machine_summary
 from dgrpo.protocols import RolloutBatch, ScoredBatch
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
+RANDOM_REVEAL = SamplerConfig().random_reveal
+
+
 def rollouts(model, n: int, steps: int, dtype, seed: int, order: str, reference=None):
     """n unconditional samples (every position masked); with a reference, their trajectory KL terms to it."""
     prompts = torch.full((n, model.cfg.block_size), model.mask_id, dtype=torch.long)
-    return sample(model, prompts, steps=steps, order=order, generator=torch.Generator().manual_seed(seed),
-                  autocast_dtype=dtype, reference=reference)
+    return sample(model, prompts, steps=steps, order=order, random_reveal=RANDOM_REVEAL,
+                  generator=torch.Generator().manual_seed(seed), autocast_dtype=dtype, reference=reference)
 
 
-def scored(out, steps: int, group_size: int, rewards: torch.Tensor) -> ScoredBatch:
+def scored(out, steps: int, group_size: int, rewards: torch.Tensor, order: str) -> ScoredBatch:
     n = out.tokens.shape[0]
     batch = RolloutBatch(request_id=0, tokens=out.tokens, reveal_step=out.reveal_step, logprobs=out.logprobs,
                          group_index=torch.arange(n // group_size).repeat_interleave(group_size), policy_version=0,
-                         worker_id=0, steps=steps, temperature=1.0, top_k=0, top_p=1.0)
+                         worker_id=0, steps=steps, temperature=1.0, top_k=0, top_p=1.0, order=order,
+                         random_reveal=RANDOM_REVEAL, selection=out.selection)
     return ScoredBatch(rollout=batch, rewards=rewards, judge_id=0)
 
 
@@ -72,9 +77,13 @@ def main(argv: list[str] | None = None) -> dict:
     for rollout_p, learner_p in [("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32")]:
         out = rollouts(model, n, S, DTYPES[rollout_p], 0, args.order)
         with torch.no_grad():
-            replay = trajectory_logprobs(model, out.tokens, out.reveal_step, S, autocast_dtype=DTYPES[learner_p])
+            tokens_lp, selection = trajectory_step_logprobs(model, out.tokens, out.reveal_step, S, order=args.order,
+                                                            random_reveal=RANDOM_REVEAL,
+                                                            autocast_dtype=DTYPES[learner_p])
+        replay = token_shares(tokens_lp, selection, out.reveal_step)  # what the learner's ratio compares
+        recorded = token_shares(out.logprobs, out.selection, out.reveal_step)
         revealed = out.reveal_step >= 0
-        diff = (replay - out.logprobs).abs()[revealed]
+        diff = (replay - recorded).abs()[revealed]
         mismatch.append({"rollout": rollout_p, "learner": learner_p, "mean_abs_dlogp": float(diff.mean()),
                          "max_abs_dlogp": float(diff.max()), "first_ratio_dev": float(diff.max().exp() - 1)})
     print_table(mismatch, [("rollout", "rollout"), ("learner", "learner"),
@@ -93,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         print_table([judge_row], [(k, k.replace("_", " "), ".4f") for k in judge_row], title="judge reward, bf16 vs fp32")
 
     rewards = torch.rand(n, generator=torch.Generator().manual_seed(2))
-    batch = scored(out32, S, args.group_size, rewards)
+    batch = scored(out32, S, args.group_size, rewards, args.order)
     cfg = GRPOConfig(group_size=args.group_size, prompts_per_step=n // args.group_size, minibatch_size=n,
                      replay_steps=4, lr=1e-12)
     times = {f"{role}_{p}": [] for role in ("sampler", "learner", "judge") for p in DTYPES}

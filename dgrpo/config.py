@@ -18,6 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationErro
 from .errors import ConfigError
 
 
+RevealOrder = Literal["random", "confidence"]
+AdvantageMode = Literal["zscore", "center", "loo"]
+KLEstimator = Literal["k1", "k2", "k3"]
+LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -29,11 +35,16 @@ class CorpusConfig(Section):
 
 
 class SamplerConfig(Section):
-    steps: int = Field(32, ge=1)
+    """The one sampler of every command (training rollouts, evaluation, `dgrpo sample`, judge refills)."""
+    steps: int = Field(16, ge=1, description="denoising steps; the masked positions are revealed evenly over them")
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(0, ge=0, description="0 = off")
     top_p: float = Field(1.0, gt=0, le=1)
-    order: Literal["random", "confidence"] = "random"
+    order: RevealOrder = Field("confidence", description=(
+        "which drawn tokens a step reveals: the most likely ones (confidence) or positions chosen at random"))
+    random_reveal: float = Field(0.01, ge=0, lt=1, description=(
+        "confidence order: the share of steps that reveal positions chosen at random instead; above 0 every "
+        "trajectory stays possible under any model, so the KL to the reference and its penalty stay finite"))
 
 
 class PretrainConfig(Section):
@@ -208,14 +219,19 @@ class PromptConfig(Section):
 class GRPOConfig(Section):
     group_size: int = Field(8, ge=2)
     prompts_per_step: int = Field(8, ge=1)
-    advantage: Literal["zscore", "center", "loo"] = "zscore"
+    advantage: AdvantageMode = "zscore"
     adv_eps: float = Field(1e-6, gt=0)
+    diversity_coef: float = Field(0.0, ge=0, description=(
+        "each sample's reward is lowered by this times its mean similarity to the other samples of its group (the "
+        "share of its distinct token n-grams they also hold) before the advantages: a reward for diversity that "
+        "per-sample judges cannot give; 0 = off"))
+    diversity_ngram: int = Field(8, ge=2, le=16, description="n of the token n-grams of diversity_coef")
     skip_zero_std_groups: bool = True
     clip_eps: float = Field(0.2, gt=0)
     clip_eps_high: Optional[float] = Field(None, gt=0, description="asymmetric upper clip; None = clip_eps")
     kl_coef: float = Field(0.04, ge=0, description="beta of the KL penalty (the start value when kl_target is set)")
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    kl_estimator: KLEstimator = "k3"
+    loss_agg: LossAggregation = "token-mean"
     epochs: int = Field(1, ge=1, description="inner epochs (mu) over each batch")
     minibatch_size: int = Field(32, ge=1, description="samples per optimizer step")
     lr: float = Field(3e-5, gt=0)
@@ -434,6 +450,10 @@ class TrainConfig(Section):
             raise ValueError(f"judge_refresh.enabled trains a learned judge, but reward.kind is "
                              f"{self.reward.kind!r}; set reward.kind=judge with reward.judge_checkpoint, "
                              f"or judge_refresh.enabled=false")
+        if self.sampler.order == "confidence" and self.sampler.random_reveal == 0:
+            raise ValueError("sampler.random_reveal must be > 0 under confidence order for training: without a share "
+                             "of steps revealing random positions a trajectory can be impossible under the "
+                             "reference, its KL infinite (docs/EVALUATION.md); e.g. sampler.random_reveal=0.01")
         if self.judge_refresh.enabled and self.reward.judge_checkpoints:
             raise ValueError("judge_refresh trains one judge, but reward.judge_checkpoints is an ensemble; use "
                              "reward.judge_checkpoint, or judge_refresh.enabled=false")
@@ -442,12 +462,11 @@ class TrainConfig(Section):
     def warnings(self) -> list[str]:
         """Settings that run but do not do what their names promise; printed at the start of a run."""
         found = []
-        if self.sampler.order == "confidence" and self.grpo.kl_target is not None:
-            found.append("grpo.kl_target steers the learner's kl_seq, the revealed tokens' log-ratio to the "
-                         "reference, which under sampler.order=confidence is not a KL (the choice of positions is "
-                         "left out; it can be negative): the budget does not hold the KL in nats. Use "
-                         "sampler.order=random for a budget in nats (docs/EVALUATION.md, \"KL from trajectory "
-                         "log-probs\")")
+        s, g = self.sampler, self.grpo
+        if (s.top_k or s.top_p < 1) and (g.kl_coef > 0 or g.kl_target is not None):
+            found.append("sampler.top_k/top_p truncate the sampling distribution: a token the reference's truncation "
+                         "excludes is impossible under it, its log-ratio is clamped at 20 nats, so kl_seq, the KL "
+                         "penalty and grpo.kl_target undercount the KL; sample without truncation for a KL in nats")
         return found
 
 

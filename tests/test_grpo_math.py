@@ -340,3 +340,16 @@ def test_masked_moments():
     assert mom["min"] == 1.0 and mom["max"] == 4.0
     assert masked_moments(x, torch.zeros(2, 2, dtype=torch.bool)) == {
         "mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0}
+
+
+def test_group_similarity_counts_shared_ngrams_within_groups():
+    from dgrpo.learner.grpo import group_similarity
+    t = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1], [1, 1, 1, 1, 1, 1]])
+    # groups of 2: two identical samples share every 3-gram; the other pair shares none
+    assert group_similarity(t, 2, 3, 10).tolist() == [1.0, 1.0, 0.0, 0.0]
+    # one group of 4: sample 0 shares all 4 of its 3-grams with sample 1, none with 2 and 3
+    assert group_similarity(t, 4, 3, 10).tolist() == pytest.approx([1 / 3, 1 / 3, 0.0, 0.0])
+    with pytest.raises(ValueError, match="do not split into groups"):
+        group_similarity(t, 3, 3, 10)
+    with pytest.raises(ValueError, match="64-bit hash"):
+        group_similarity(t, 2, 16, 66)

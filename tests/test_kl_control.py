@@ -23,10 +23,10 @@ from dgrpo.config import GRPOConfig, RewardConfig, SamplerConfig, TrainConfig, l
 from dgrpo.corpus import CharTokenizer
 from dgrpo.errors import ConfigError
 from dgrpo.learner.core import LearnerCore, revealed_mask, stack_batches
-from dgrpo.learner.grpo import sequence_kl_k1
+from dgrpo.learner.grpo import sequence_kl
 from dgrpo.learner.kl_control import AdaptiveKLController
 from dgrpo.models.diffusion import DiffusionLM
-from dgrpo.models.trajectory import replay_rows, trajectory_logprobs
+from dgrpo.models.trajectory import replay_rows, subsample_scale, token_shares, trajectory_step_logprobs
 from dgrpo.models.transformer import preset_config
 from dgrpo.protocols import RolloutRequest, WeightSnapshot
 
@@ -76,20 +76,19 @@ def test_sequence_kl_by_hand():
     logp = torch.tensor([[-1.0, -2.0, 0.0, -0.5], [-1.0, -1.0, -1.0, -1.0]])
     ref = torch.tensor([[-1.5, -1.0, -3.0, -1.5], [-2.0, -2.0, -2.0, -2.0]])
     full = torch.tensor([[True, True, False, True], [True, True, True, True]])
-    revealed = full.sum(1)
     # sample 0: 0.5 - 1.0 + 1.0 (position 2 is a prompt position); sample 1: 4 x 1.0
-    assert sequence_kl_k1(logp, ref, full, revealed).tolist() == pytest.approx([0.5, 4.0])
-    # half the tokens replayed: the sum over them scaled by revealed / replayed
+    assert sequence_kl(logp, ref, full).tolist() == pytest.approx([0.5, 4.0])
+    # part of the steps replayed: the sum over their tokens times steps with tokens / steps replayed
     half = torch.tensor([[True, False, False, False], [True, True, False, False]])
-    assert sequence_kl_k1(logp, ref, half, revealed).tolist() == pytest.approx([0.5 * 3, 2.0 * 2])
-    assert sequence_kl_k1(logp, ref, torch.zeros_like(full), revealed).tolist() == [0.0, 0.0]
+    assert sequence_kl(logp, ref, half, torch.tensor([3.0, 2.0])).tolist() == pytest.approx([0.5 * 3, 2.0 * 2])
+    assert sequence_kl(logp, ref, torch.zeros_like(full)).tolist() == [0.0, 0.0]
 
 
-def make_loop(seed: int, **grpo):
+def make_loop(seed: int, order: str = "confidence", **grpo):
     """(learner, one_step) of a tiny GRPO loop without Ray: unconditional prompts, reward = share of 'e'."""
     torch.manual_seed(seed)
     model = DiffusionLM(preset_config("tiny", TOK.vocab_size, block_size=LENGTH))
-    worker = RolloutWorker(0, model.cfg, SamplerConfig(steps=4), precision="fp32")
+    worker = RolloutWorker(0, model.cfg, SamplerConfig(steps=4, order=order), precision="fp32")
     judge = JudgeWorker(0, RewardConfig(kind="char_frequency", chars="e"), TOK.to_dict())
     cfg = GRPOConfig(**{"group_size": 8, "prompts_per_step": 4, "minibatch_size": 32, "lr": 1e-3, **grpo})
     learner = LearnerCore(model, cfg, seed=seed)
@@ -104,11 +103,14 @@ def make_loop(seed: int, **grpo):
     return learner, one_step
 
 
-def test_kl_controller_holds_the_target_in_a_tiny_grpo_run():
+@pytest.mark.parametrize("order", ["random", "confidence"])
+def test_kl_controller_holds_the_target_in_a_tiny_grpo_run(order):
+    """The budget holds the learner's kl_seq, the exact trajectory KL in both orders (under confidence order
+    with the choice of positions)."""
     target, steps = 4.0, 200
-    _, fixed_step = make_loop(0, kl_coef=0.2)
+    _, fixed_step = make_loop(0, order, kl_coef=0.2)
     fixed = [fixed_step(i)["kl_seq"] for i in range(steps)]
-    learner, step = make_loop(0, kl_coef=0.2, kl_target=target, kl_horizon=10)
+    learner, step = make_loop(0, order, kl_coef=0.2, kl_target=target, kl_horizon=10)
     rows = [step(i) for i in range(steps)]
     held = [r["kl_seq"] for r in rows]
     assert statistics.mean(fixed[steps // 2:]) > 2 * target  # without the controller the KL settles far above
@@ -120,30 +122,33 @@ def test_kl_controller_holds_the_target_in_a_tiny_grpo_run():
     assert rows[0]["kl_seq"] == pytest.approx(0.0, abs=1e-4)  # the first batch comes from the reference itself
 
 
-def test_replay_subsample_gives_an_estimate_of_the_kl():
-    """With replay_steps, kl_seq scales each sample's replayed tokens up to all of them: on the same batches
+@pytest.mark.parametrize("order", ["random", "confidence"])
+def test_replay_subsample_gives_an_estimate_of_the_kl(order):
+    """With replay_steps, kl_seq scales each sample's replayed steps up to all of them: on the same batches
     it agrees with the full replay on average."""
-    learner, step = make_loop(1, kl_coef=0.01)
+    learner, step = make_loop(1, order, kl_coef=0.01)
     for i in range(15):
         step(i)  # move away from the reference
-    worker = RolloutWorker(0, learner.policy.cfg, SamplerConfig(steps=4), precision="fp32")
+    worker = RolloutWorker(0, learner.policy.cfg, SamplerConfig(steps=4, order=order), precision="fp32")
     worker.set_weights(learner.snapshot())
     judge = JudgeWorker(0, RewardConfig(kind="char_frequency", chars="e"), TOK.to_dict())
     batch = judge.score(worker.generate(RolloutRequest(request_id=99, prompts=torch.full((4, LENGTH), TOK.mask_id),
                                                        group_size=8, seed=5)))
     data = stack_batches([batch], 0)
-    revealed = (data.reveal_step >= 0).sum(1)
-    sampling = dict(temperature=data.temperature, top_k=data.top_k, top_p=data.top_p)
     with torch.no_grad():
-        full_ref = trajectory_logprobs(learner.reference, data.tokens, data.reveal_step, data.steps, **sampling)
-    exact = sequence_kl_k1(data.behaviour, full_ref, data.reveal_step >= 0, revealed)
+        ref_tokens, ref_selection = trajectory_step_logprobs(learner.reference, data.tokens, data.reveal_step,
+                                                             data.steps, **data.sampling)
+    ref = token_shares(ref_tokens, ref_selection, data.reveal_step)
+    behaviour = token_shares(data.behaviour, data.selection, data.reveal_step)
+    exact = sequence_kl(behaviour, ref, data.reveal_step >= 0)
     assert float(exact.mean()) > 1.0
     estimates = []
     g = torch.Generator().manual_seed(0)
     for _ in range(40):
         rows = replay_rows(data.reveal_step, data.steps, 1, g)
         mask = revealed_mask(data.reveal_step, rows, data.steps)
-        estimates.append(float(sequence_kl_k1(data.behaviour, full_ref, mask, revealed).mean()))
+        scale = subsample_scale(data.reveal_step, rows, data.steps)
+        estimates.append(float(sequence_kl(behaviour, ref, mask, scale).mean()))
     assert statistics.mean(estimates) == pytest.approx(float(exact.mean()), rel=0.1)
     assert statistics.pstdev(estimates) > 0  # an estimate, not the exact value
 
@@ -189,14 +194,20 @@ def test_defaults_keep_kl_coef_fixed():
     assert math.isclose(LearnerCore(DiffusionLM(preset_config("tiny", TOK.vocab_size)), cfg).kl_coef, cfg.kl_coef)
 
 
-@pytest.mark.parametrize("order, kl_target, warned", [("confidence", 4, True), ("random", 4, False),
-                                                      ("confidence", None, False)])
-def test_a_kl_budget_under_confidence_order_is_warned_about(order, kl_target, warned):
-    """Under confidence order the learner's kl_seq is not a KL, so a budget in nats would hold something else."""
-    cfg = TrainConfig(sampler=SamplerConfig(order=order), grpo=GRPOConfig(kl_target=kl_target))
+@pytest.mark.parametrize("sampler, kl_target, warned", [({"top_k": 5}, 4, True), ({"top_p": 0.9}, None, True),
+                                                        ({}, 4, False), ({"order": "random"}, 4, False)])
+def test_truncated_sampling_with_a_kl_penalty_is_warned_about(sampler, kl_target, warned):
+    """Tokens outside the reference's top-k/top-p make the KL infinite; the learner clamps their log-ratios."""
+    cfg = TrainConfig(sampler=SamplerConfig(**sampler), grpo=GRPOConfig(kl_target=kl_target))
     found = cfg.warnings()
     assert len(found) == int(warned)
-    assert not warned or ("sampler.order=random" in found[0] and "grpo.kl_target" in found[0])
+    assert not warned or "undercount the KL" in found[0]
+
+
+def test_confidence_order_training_needs_a_random_share():
+    with pytest.raises(ConfigError, match="sampler.random_reveal must be > 0 under confidence order"):
+        load_config(TrainConfig, overrides=["sampler.random_reveal=0"])
+    assert load_config(TrainConfig, overrides=["sampler.random_reveal=0", "sampler.order=random"])
 
 
 @pytest.mark.parametrize("order", ["random", "confidence"])

@@ -102,21 +102,58 @@ def test_best_of_n_is_matched_at_the_policy_kl():
     assert beyond["beyond_measured"] and beyond["n"] == 16 and beyond["gold"] == 0.7
 
 
-def test_the_verdict_warns_when_proxy_rose_and_gold_fell():
-    def metric(m):
-        return {"mean": m, "stderr": 0.01}
-    base = {"kind": "base", "proxy_reward": metric(0.3), "gold_reward": metric(0.4), "distinct_4": metric(0.9),
-            "examples": ["a"], "kl_per_sequence": metric(0.0)}
-    policy = {"kind": "policy", "checkpoint": "run/step_3", "proxy_reward": metric(0.8), "gold_reward": metric(0.3),
-              "distinct_4": metric(0.45), "examples": ["b"], "kl_per_sequence": metric(20.0),
-              "paired_vs_base": {"proxy_reward": metric(0.5), "gold_reward": metric(-0.1)}}
-    report = {"rows": [base, bon_row(1, 0.0, 0.4, 0.3), policy],
-              "sampler": {"steps": 16, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "order": "random"}}
-    r = headline(report)
-    assert r["proxy_rose_gold_fell"] and r["gold_gain_in_stderr"] == pytest.approx(-10.0)
-    assert r["distinct_4_relative"] == pytest.approx(0.5)
-    r.update(build_minutes=1.0, reused_stages=[], total_minutes=2.0, out="x")
-    assert any(line.startswith("WARNING") for line in format_headline(r))
+def metric(m, se=0.01):
+    return {"mean": m, "stderr": se}
+
+
+def verdict_rows(base_over=None, policy_over=None, paired=None):
+    """A report with a base row and one policy row; measures of a good policy unless overridden."""
+    base = {"kind": "base", "proxy_reward": metric(0.3), "gold_reward": metric(0.4), "lm_bits_per_char": metric(3.0),
+            "distinct_2": metric(0.7), "repeated_word_2grams": metric(0.05), "examples": ["a"],
+            "kl_per_sequence": metric(0.0), **(base_over or {})}
+    policy = {"kind": "policy", "checkpoint": "run/step_3", "proxy_reward": metric(0.5), "gold_reward": metric(0.5),
+              "lm_bits_per_char": metric(2.9), "distinct_2": metric(0.69), "repeated_word_2grams": metric(0.05),
+              "examples": ["b"], "kl_per_sequence": metric(20.0), **(policy_over or {}),
+              "paired_vs_base": {"proxy_reward": metric(0.2), "gold_reward": metric(0.1),
+                                 "lm_bits_per_char": metric(-0.1), "repeated_word_2grams": metric(0.0),
+                                 **(paired or {})}}
+    return {"rows": [base, bon_row(1, 0.0, 0.4, 0.3), policy],
+            "sampler": {"steps": 16, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "order": "confidence",
+                        "random_reveal": 0.01}}
+
+
+def printed(r):
+    return format_headline({**r, "build_minutes": 1.0, "reused_stages": [], "total_minutes": 2.0, "out": "x"})
+
+
+def test_the_verdict_is_silent_on_a_good_policy():
+    r = headline(verdict_rows())
+    assert r["warnings"] == [] and not r["proxy_rose_gold_fell"]
+    assert r["gold_gain_in_stderr"] == pytest.approx(10.0)
+    assert r["distinct_2_relative"] == pytest.approx(0.69 / 0.7)
+    lines = printed(r)
+    assert not any(line.startswith("WARNING") for line in lines)
+    assert any(line.startswith("LM bits/char") for line in lines) and any("distinct-2" in line for line in lines)
+    assert any(line.startswith("rep. word 2-grams") for line in lines)
+
+
+@pytest.mark.parametrize("case, paired, policy, phrase", [
+    ("proxy up, gold down", {"proxy_reward": metric(0.5), "gold_reward": metric(-0.1)}, {},
+     "the proxy reward rose"),
+    ("judges up, LM worse", {"lm_bits_per_char": metric(0.2)}, {}, "language model finds the text less likely"),
+    ("diversity down", {}, {"distinct_2": metric(0.6)}, "diversity fell: distinct-2"),
+    ("repetition up", {"repeated_word_2grams": metric(0.05)}, {}, "repetition rose"),
+])
+def test_the_verdict_warns_about_the_text(case, paired, policy, phrase):
+    r = headline(verdict_rows(policy_over=policy, paired=paired))
+    assert len(r["warnings"]) == 1 and phrase in r["warnings"][0], (case, r["warnings"])
+    assert sum(line.startswith("WARNING") for line in printed(r)) == 1
+
+
+def test_changes_within_noise_are_not_warned_about():
+    """An LM change of one standard error, or repetition within noise, is no finding."""
+    r = headline(verdict_rows(paired={"lm_bits_per_char": metric(0.01), "repeated_word_2grams": metric(0.01)}))
+    assert r["warnings"] == []
 
 
 def test_the_verdict_is_about_the_selected_checkpoint():

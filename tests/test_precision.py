@@ -161,7 +161,7 @@ def test_bf16_judge_training_ends_where_fp32_does(tmp_path, tiny_generator, tiny
     for prec in ("fp32", "bf16"):
         cfg = JudgeTrainConfig(generator=tiny_generator, preset="tiny", out=str(tmp_path / prec), max_iters=40,
                                batch_size=16, warmup_iters=2, lr=5e-4, refill_pool=32, refill_every=10,
-                               eval_every=40, eval_windows=16, precision=prec, sampler={"steps": 4},
+                               eval_every=40, eval_windows=16, precision=prec, sampler={"steps": 4, "order": "random"},
                                corpus={"path": tiny_corpus_file})
         train_judge(cfg, to_dict(cfg), progress=False, log=lambda *a: None)
         scores[prec] = load_judge(tmp_path / prec)[0].score(windows)

@@ -63,15 +63,25 @@ def make_scored(seed: int = 0, members: int = 3, **kw) -> ScoredBatch:
                        member_rewards=member_rewards)
 
 
+V4_ROLLOUT_FIELDS = ("order", "random_reveal", "selection")
+
+
+def strip_rollout_fields_after_2(rollout: dict) -> None:
+    for name in ("kl_to_reference",) + V4_ROLLOUT_FIELDS:
+        del rollout[name]
+
+
 def as_schema_1(msg) -> bytes:
     """`msg` as a build of schema version 1 wrote it: no ScoredBatch.member_rewards or judge_version (2), no
-    RolloutBatch.kl_to_reference or RolloutRequest.measure_kl (3)."""
+    RolloutBatch.kl_to_reference or RolloutRequest.measure_kl (3), no RolloutBatch.order, random_reveal or
+    selection (4)."""
     wire = msgpack.unpackb(encode(msg))
     wire["version"] = 1
     if wire["schema"] == "scored_batch":
-        del wire["data"]["member_rewards"], wire["data"]["judge_version"], wire["data"]["rollout"]["kl_to_reference"]
+        del wire["data"]["member_rewards"], wire["data"]["judge_version"]
+        strip_rollout_fields_after_2(wire["data"]["rollout"])
     if wire["schema"] == "rollout_batch":
-        del wire["data"]["kl_to_reference"]
+        strip_rollout_fields_after_2(wire["data"])
     if wire["schema"] == "rollout_request":
         del wire["data"]["measure_kl"]
     return msgpack.packb(wire, use_bin_type=True)
@@ -390,10 +400,11 @@ def test_scored_batch_judge_version_and_version_1_logs():
     scored.judge_version = 7
     assert_same(decode(encode(scored)), scored)
     wire = msgpack.unpackb(encode(scored))
-    assert wire["version"] == SCHEMA_VERSION == 3 and wire["data"]["judge_version"] == 7
+    assert wire["version"] == SCHEMA_VERSION == 4 and wire["data"]["judge_version"] == 7
     old = dict(wire, version=1, data={k: v for k, v in wire["data"].items()
                                       if k not in ("judge_version", "member_rewards")})
-    old["data"]["rollout"] = {k: v for k, v in old["data"]["rollout"].items() if k != "kl_to_reference"}
+    old["data"]["rollout"] = {k: v for k, v in old["data"]["rollout"].items()
+                              if k not in ("kl_to_reference",) + V4_ROLLOUT_FIELDS}
     back = decode(msgpack.packb(old, use_bin_type=True), expected=ScoredBatch)
     assert back.judge_version == 0
     assert_same(back.rollout, scored.rollout) and same_bits(back.rewards, scored.rewards)
@@ -414,11 +425,47 @@ def test_kl_to_reference_and_measure_kl_round_trip_and_default_in_version_2_mess
     for msg, field_name in ((request, "measure_kl"), (batch, "kl_to_reference")):
         wire = msgpack.unpackb(encode(msg))
         del wire["data"][field_name]
+        if field_name == "kl_to_reference":
+            for name in V4_ROLLOUT_FIELDS:
+                del wire["data"][name]
         back = decode(msgpack.packb(dict(wire, version=2), use_bin_type=True))
         assert back.measure_kl is False if field_name == "measure_kl" else back.kl_to_reference.numel() == 0
     wire = msgpack.unpackb(encode(request))
     wire["data"]["measure_kl"] = 1
     with pytest.raises(CodecError, match="RolloutRequest.measure_kl must be a bool, got int"):
+        decode(msgpack.packb(wire, use_bin_type=True))
+
+
+def test_reveal_rule_and_selection_round_trip_and_default_in_version_3_messages():
+    """Schema 4 added the reveal rule and each step's selection log-prob: they round-trip; a version-3 batch
+    reads as random order without selection terms (what the learner replayed then); a confidence-order batch
+    must carry finite selection terms of shape (samples, steps)."""
+    batch = make_rollout()
+    batch.order, batch.random_reveal = "confidence", 0.01
+    batch.selection = -torch.rand(batch.num_samples, batch.steps)
+    back = decode(encode(batch))
+    assert back.order == "confidence" and back.random_reveal == 0.01 and same_bits(back.selection, batch.selection)
+    back.validate()
+    wire = msgpack.unpackb(encode(batch))
+    for name in V4_ROLLOUT_FIELDS:
+        del wire["data"][name]
+    old = decode(msgpack.packb(dict(wire, version=3), use_bin_type=True))
+    assert old.order == "random" and old.random_reveal == 0.0 and old.selection.numel() == 0
+    old.validate()
+    bad = decode(encode(batch))
+    bad.selection = torch.zeros(batch.num_samples, batch.steps + 1)
+    with pytest.raises(ValueError, match="RolloutBatch.selection has shape"):
+        bad.validate()
+    bad.selection = batch.selection.clone()
+    bad.selection[1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"RolloutBatch.selection has NaN/inf at rows \[1\]"):
+        bad.validate()
+    bad.selection, bad.order = batch.selection, "lifo"
+    with pytest.raises(ValueError, match="RolloutBatch.order must be one of"):
+        bad.validate()
+    wire = msgpack.unpackb(encode(batch))
+    wire["data"]["order"] = 3
+    with pytest.raises(CodecError, match="RolloutBatch.order must be a str, got int"):
         decode(msgpack.packb(wire, use_bin_type=True))
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import SamplerConfig
 from ..corpus import CharTokenizer, check_length, fixed_windows, load_corpus, make_prompts
 from ..models.char_lm import bits_per_char, load_char_lm
 from ..models.diffusion import DiffusionLM
@@ -44,7 +45,7 @@ from .overoptimization import report_series
 from .statistics import mean_stderr, paired_difference, per_prompt_means
 from .text_stats import DISTINCT_ORDERS, REPEATED, TextStats, distinct_over_sets
 
-SAMPLER_DEFAULTS = {"steps": 32, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "order": "random"}
+SAMPLER_DEFAULTS = SamplerConfig().model_dump()
 PER_SAMPLE = (("proxy_reward", "proxy_disagreement", "gold_reward", "lm_bits_per_char")
               + tuple(f"distinct_{n}_per_sample" for n in DISTINCT_ORDERS) + tuple(REPEATED))
 DEFAULT_EVAL_SEED = 1234
@@ -53,9 +54,10 @@ KL_DEFINITION = {
               "positions do not depend on the model: the exact KL of the two models' token distributions there, "
               "summed over steps); an upper bound of the text KL. best-of-N rows: the bound log N - (N-1)/N",
     "confidence": "policy rows: the trajectory KL to the reference, measured along the policy's samples (log "
-                  "policy(trajectory) - log reference(trajectory), the choice of positions by confidence included); "
-                  "an upper bound of the text KL, a loose one: the choice of positions turns on small differences "
-                  "between the models. best-of-N rows: the bound log N - (N-1)/N",
+                  "policy(trajectory) - log reference(trajectory), the choice of positions by confidence included: "
+                  "the KL the learner's kl_seq and its budget hold); an upper bound of the text KL, a loose one: "
+                  "the choice of positions turns on small differences between the models. best-of-N rows: the "
+                  "bound log N - (N-1)/N",
 }
 N_EXAMPLES = 2
 

@@ -1,25 +1,28 @@
 """The GRPO learner: policy, frozen reference, AdamW, and one update per call (pure torch).
 
-One `train(batches)` call is one GRPO step:
+One `train(batches)` call is one GRPO step, in four named parts:
 
-1. Stack the scored rollouts; per group of k samples compute advantages and
-   drop groups whose rewards are all equal (they carry no signal).
-2. Choose the replay rows: every (sample, denoising step) that revealed tokens,
-   or `replay_steps` random steps per sample (exact log-probs, estimated loss).
-3. Without gradients: the reference policy's log-probs on those tokens, and, if
-   `old_logprob = "recompute"`, the current policy's (then the rollout's
-   behaviour log-probs only enter through a truncated importance weight).
-   From them the KL per sequence of the step's samples (`kl_seq`, all groups; a KL
-   estimate under random order only, docs/LEVERS.md), which the KL budget
-   (`kl_target`, kl_control.py) steers kl_coef by.
-4. For `epochs` passes over shuffled minibatches of the samples of groups with
-   signal: replay the rows with gradients, per-token ratio exp(logp - logp_old),
-   PPO-clip surrogate, KL(policy || reference) on the same tokens, weights fixed
-   by the loss aggregation, backward chunk by chunk, clip the gradient norm,
-   AdamW step (skipped, and counted in `nonfinite_updates`, when the loss or
-   gradient is not finite).
-5. The weights are now version v + 1 (unless no update was applied); every
+1. `prepare`: stack the scored rollouts; per group of k samples compute advantages and mark the groups whose
+   rewards are all equal (no signal); choose the replay rows: every (sample, denoising step) that revealed tokens,
+   or `replay_steps` random steps per sample; turn the rollouts' recorded log-probs into per-token shares of each
+   trajectory (a token's own log-prob plus an equal part of its step's selection term, models/trajectory.py).
+2. `reference_pass`: without gradients, the reference policy's shares on those rows and, if
+   `old_logprob = "recompute"`, the current policy's (the rollout's then enter only through a truncated
+   importance weight). From them `kl_seq`, the KL of the step's trajectories to the reference per sequence:
+   exact in both reveal orders (under confidence order it holds the choice of positions), an unbiased estimate
+   when steps are subsampled. The KL budget (`kl_target`, kl_control.py) steers kl_coef by it, so the budget
+   holds the same KL that `dgrpo evaluate` measures.
+3. `update`: for `epochs` passes over shuffled minibatches of the samples of groups with signal, replay the rows
+   with gradients and backpropagate `grpo.token_loss` chunk by chunk (PPO-clip surrogate on the ratio of shares,
+   KL penalty on the same shares, weights fixed by the loss aggregation); clip the gradient norm; AdamW step
+   (skipped, and counted in `nonfinite_updates`, when the loss or gradient is not finite).
+4. `statistics`: the step's metrics. The weights are now version v + 1 (unless no update was applied); every
    `reference_reset_every` steps the reference becomes a copy of them.
+
+Why shares: the selection term belongs to a step, the surrogate to tokens. Spreading it evenly over the step's
+tokens keeps the token-level PPO machinery (clip, aggregation options) while the shares of a trajectory sum to
+its log-likelihood: per-token log-ratios sum to the trajectory's log-ratio (so `kl_seq` with k1 is the exact
+trajectory KL estimate), and at ratio 1 the surrogate's gradient is the exact policy gradient of the trajectory.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..models.trajectory import ReplayRows, replay_rows, row_logprobs, trajectory_logprobs
+from ..models.trajectory import (ReplayRows, replay_rows, row_logprobs, subsample_scale, token_shares,
+                                 trajectory_step_logprobs)
 from ..protocols import ScoredBatch, WeightSnapshot
 from . import grpo
 from .kl_control import AdaptiveKLController
@@ -41,25 +45,27 @@ from .kl_control import AdaptiveKLController
 class StackedBatch:
     tokens: torch.Tensor  # (N, T)
     reveal_step: torch.Tensor  # (N, T)
-    behaviour: torch.Tensor  # (N, T) recorded sampler log-probs
+    behaviour: torch.Tensor  # (N, T) recorded sampler log-probs of the revealed tokens
+    selection: torch.Tensor  # (N, S) recorded log-probs of each step's choice of positions
     rewards: torch.Tensor  # (N,)
     group: torch.Tensor  # (N,) global group id, rows of a group contiguous
     staleness: torch.Tensor  # (N,) learner version - generating version
     steps: int
-    temperature: float
-    top_k: int
-    top_p: float
+    sampling: dict  # temperature, top_k, top_p, order, random_reveal: what the replay must reproduce
+
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "order", "random_reveal")
 
 
 def stack_batches(batches: list[ScoredBatch], learner_version: int) -> StackedBatch:
     if not batches:
         raise ValueError("train() needs at least one scored batch")
     first = batches[0].rollout
+    settings = lambda r: (r.steps,) + tuple(getattr(r, k) for k in SAMPLING_KEYS)  # noqa: E731
     for b in batches:
-        r = b.rollout
-        if (r.steps, r.temperature, r.top_k, r.top_p) != (first.steps, first.temperature, first.top_k, first.top_p):
-            raise ValueError("scored batches were sampled with different sampler settings; "
-                             "one GRPO step must use one sampling distribution")
+        if settings(b.rollout) != settings(first):
+            raise ValueError(f"scored batches were sampled with different sampler settings ({settings(b.rollout)} "
+                             f"and {settings(first)}); one GRPO step must use one sampling distribution")
         b.validate()
     groups, total = [], 0
     for b in batches:
@@ -68,12 +74,17 @@ def stack_batches(batches: list[ScoredBatch], learner_version: int) -> StackedBa
     group = torch.cat(groups)
     order = torch.argsort(group, stable=True)
     cat = lambda f: torch.cat([f(b) for b in batches])[order]  # noqa: E731
+
+    def selection(b: ScoredBatch) -> torch.Tensor:  # older messages carry none: 0, exact under random order
+        r = b.rollout
+        return r.selection if r.selection.numel() else torch.zeros(r.num_samples, r.steps)
+
     return StackedBatch(
         tokens=cat(lambda b: b.rollout.tokens), reveal_step=cat(lambda b: b.rollout.reveal_step),
-        behaviour=cat(lambda b: b.rollout.logprobs), rewards=cat(lambda b: b.rewards.float()),
-        group=group[order],
+        behaviour=cat(lambda b: b.rollout.logprobs), selection=cat(selection),
+        rewards=cat(lambda b: b.rewards.float()), group=group[order],
         staleness=cat(lambda b: torch.full((b.num_samples,), learner_version - b.rollout.policy_version)),
-        steps=first.steps, temperature=first.temperature, top_k=first.top_k, top_p=first.top_p)
+        steps=first.steps, sampling={k: getattr(first, k) for k in SAMPLING_KEYS})
 
 
 def revealed_mask(reveal_step: torch.Tensor, rows: ReplayRows, steps: int) -> torch.Tensor:
@@ -81,6 +92,82 @@ def revealed_mask(reveal_step: torch.Tensor, rows: ReplayRows, steps: int) -> to
     selected = torch.zeros(reveal_step.shape[0], steps, dtype=torch.bool, device=reveal_step.device)
     selected[rows.sample_idx, rows.step_idx] = True
     return (reveal_step >= 0) & selected.gather(1, reveal_step.clamp_min(0))
+
+
+@dataclass
+class StepData:
+    """One GRPO step's tensors on the learner's device; `reference_pass` fills ref, old and importance."""
+    tokens: torch.Tensor  # (N, T)
+    reveal: torch.Tensor  # (N, T) reveal steps
+    rows: ReplayRows  # the (sample, step) rows replayed
+    mask: torch.Tensor  # (N, T) tokens of those rows
+    scale: torch.Tensor  # (N,) steps with tokens / steps replayed (trajectory.subsample_scale)
+    behaviour: torch.Tensor  # (N, T) the rollouts' shares
+    behaviour_selection: torch.Tensor  # (N, S)
+    advantages: torch.Tensor  # (N,)
+    keep: torch.Tensor  # (N,) bool: in a group with signal
+    fresh: torch.Tensor  # (N,) bool: sampled by the weights being trained
+    steps: int
+    sampling: dict
+    ref: torch.Tensor | None = None  # (N, T) the reference's shares
+    old: torch.Tensor | None = None  # (N, T) PPO's old shares
+    importance: torch.Tensor | None = None  # (N, T) truncated importance weight (recompute mode)
+
+    def subset(self, keep: torch.Tensor) -> "StepData":
+        """The samples where `keep` holds, with their rows renumbered."""
+        kept = keep.nonzero().flatten()
+        position = torch.full((len(keep),), -1, dtype=torch.long, device=keep.device)
+        position[kept] = torch.arange(len(kept), device=keep.device)
+        row_kept = keep[self.rows.sample_idx]
+        rows = ReplayRows(position[self.rows.sample_idx[row_kept]], self.rows.step_idx[row_kept])
+        pick = lambda t: None if t is None else t[kept]  # noqa: E731
+        return StepData(self.tokens[kept], self.reveal[kept], rows, self.mask[kept], self.scale[kept],
+                        self.behaviour[kept], self.behaviour_selection[kept], self.advantages[kept], self.keep[kept],
+                        self.fresh[kept], self.steps, self.sampling, pick(self.ref), pick(self.old),
+                        pick(self.importance))
+
+
+@dataclass
+class UpdateSums:
+    """Running sums of one step's update, over the replayed tokens of every minibatch and epoch."""
+    loss: float = 0.0
+    pg_loss: float = 0.0
+    kl: float = 0.0
+    entropy: float = 0.0
+    ratio: float = 0.0
+    clipped: float = 0.0
+    tokens: float = 0.0
+    ratio_max: float = 0.0
+    grad_norms: list = field(default_factory=list)
+    nonfinite: int = 0
+    # the first minibatch, before any update: new shares against the sampler's, on fresh samples and on all
+    first_ratio_dev: float = 0.0
+    first_gap: dict = field(default_factory=lambda: {"fresh": 0.0, "fresh_tokens": 0.0, "all": 0.0,
+                                                     "all_tokens": 0.0})
+
+    @torch.no_grad()
+    def add(self, out, tl: grpo.TokenLoss, weights: torch.Tensor, targets: torch.Tensor) -> None:
+        t = targets.float()
+        self.loss += float(tl.loss.detach())
+        self.pg_loss += float((weights * tl.pg * t).sum())
+        self.kl += float((tl.kl * t).sum())
+        self.entropy += float((out.entropy * t).sum())
+        self.ratio += float((tl.ratio * t).sum())
+        self.clipped += float((tl.clipped.float() * t).sum())
+        self.tokens += float(t.sum())
+        self.ratio_max = max(self.ratio_max, float((tl.ratio * t).max()))
+
+    @torch.no_grad()
+    def add_first(self, tl: grpo.TokenLoss, new: torch.Tensor, behaviour: torch.Tensor, targets: torch.Tensor,
+                  fresh: torch.Tensor) -> None:
+        t = targets.float()
+        t_fresh = t * fresh[:, None]
+        self.first_ratio_dev = max(self.first_ratio_dev, float(((tl.ratio - 1).abs() * t_fresh).max()))
+        gap = (new - behaviour).abs()
+        self.first_gap["fresh"] += float((gap * t_fresh).sum())
+        self.first_gap["fresh_tokens"] += float(t_fresh.sum())
+        self.first_gap["all"] += float((gap * t).sum())
+        self.first_gap["all_tokens"] += float(t.sum())
 
 
 class LearnerCore:
@@ -102,6 +189,10 @@ class LearnerCore:
         self.reference_resets = 0
 
     @property
+    def vocab_size(self) -> int:
+        return self.policy.mask_id + 1
+
+    @property
     def kl_coef(self) -> float:
         return self.kl_controller.coef if self.kl_controller is not None else self.cfg.kl_coef
 
@@ -112,147 +203,152 @@ class LearnerCore:
     # -- one GRPO step ---------------------------------------------------
     def train(self, batches: list[ScoredBatch]) -> dict[str, float]:
         t0 = time.perf_counter()
-        cfg = self.cfg
-        data = stack_batches(batches, self.version)
-        k = int(torch.bincount(data.group)[0])
-        rewards_gk = data.rewards.view(-1, k)
-        advantages = grpo.group_advantages(rewards_gk, cfg.advantage, cfg.adv_eps).flatten()
-        zero_std = grpo.zero_std_groups(rewards_gk)
-        keep_groups = ~zero_std if cfg.skip_zero_std_groups else torch.ones_like(zero_std)
-        keep = keep_groups.repeat_interleave(k)
-        metrics = {
-            "reward_mean": float(data.rewards.mean()), "reward_std": float(data.rewards.std(unbiased=False)),
-            "reward_min": float(data.rewards.min()), "reward_max": float(data.rewards.max()),
-            "zero_std_ratio": float(zero_std.float().mean()), "num_samples": float(len(data.rewards)),
-            "num_groups": float(len(zero_std)), "group_size": float(k),
-            "staleness_mean": float(data.staleness.float().mean()), "staleness_max": float(data.staleness.max()),
-        }
-        dev = self.device
-        tokens, reveal, behaviour = data.tokens.to(dev), data.reveal_step.to(dev), data.behaviour.to(dev)
-        fresh = (data.staleness == 0).to(dev)  # generated by the weights being trained: no policy lag
-        rows = replay_rows(reveal, data.steps, cfg.replay_steps, self.generator)
-        mask = revealed_mask(reveal, rows, data.steps)
-        sampling = dict(temperature=data.temperature, top_k=data.top_k, top_p=data.top_p)
+        data, metrics = self.prepare(batches)
         t_ref = time.perf_counter()
-        with torch.no_grad():
-            ref_lp = trajectory_logprobs(self.reference, tokens, reveal, data.steps, rows=rows,
-                                         rows_per_chunk=cfg.replay_rows_per_chunk,
-                                         autocast_dtype=self.autocast_dtype, **sampling)
-            if cfg.old_logprob == "recompute":
-                self.policy.eval()
-                old_lp = trajectory_logprobs(self.policy, tokens, reveal, data.steps, rows=rows,
-                                             rows_per_chunk=cfg.replay_rows_per_chunk,
-                                             autocast_dtype=self.autocast_dtype, **sampling)
-                self.policy.train()
-                tis = grpo.truncated_importance_weight(old_lp, behaviour, cfg.tis_cap)
-                gap = (old_lp - behaviour).abs()
-                metrics["logp_lag"] = float(grpo.masked_mean(gap, mask))
-                if bool(fresh.any()):
-                    metrics["logp_mismatch"] = float(grpo.masked_mean(gap, mask & fresh[:, None]))
-                metrics["tis_mean"] = float(grpo.masked_mean(tis, mask))
-            else:
-                old_lp, tis = behaviour, torch.ones_like(behaviour)
-            # pi_old's KL to the reference on every sample of the step, before the update
-            kl_seq = grpo.sequence_kl_k1(old_lp, ref_lp, mask, (reveal >= 0).sum(dim=1))
+        metrics.update(self.reference_pass(data))
         metrics["ref_replay_s"] = time.perf_counter() - t_ref
         kl_coef = self.kl_coef
-        metrics.update(kl_seq=float(kl_seq.mean()), kl_coef=kl_coef)
+        metrics["kl_coef"] = kl_coef
         if self.kl_controller is not None:
             self.kl_controller.update(metrics["kl_seq"], self.step)
-        if not bool(keep.any()):
-            metrics.update(skipped_update=1.0)
-            self.end_step(metrics)
-            metrics["learn_s"] = time.perf_counter() - t0
-            return metrics
-
-        # the update sees only the groups with signal
-        kept = keep.nonzero().flatten().to(dev)
-        position = torch.full((len(keep),), -1, dtype=torch.long, device=dev)
-        position[kept] = torch.arange(len(kept), device=dev)
-        rows_kept = keep.to(dev)[rows.sample_idx]
-        rows = ReplayRows(position[rows.sample_idx[rows_kept]], rows.step_idx[rows_kept])
-        tokens, reveal, behaviour, mask = tokens[kept], reveal[kept], behaviour[kept], mask[kept]
-        ref_lp, old_lp, tis, fresh = ref_lp[kept], old_lp[kept], tis[kept], fresh[kept]
-        adv = advantages.to(dev)[kept]
-        n = tokens.shape[0]
-        metrics.update({f"adv_{k_}": v for k_, v in
-                        grpo.masked_moments(adv, torch.ones_like(adv, dtype=torch.bool)).items()})
-
-        sums = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "ratio": 0.0, "clipped": 0.0, "tokens": 0.0}
-        ratio_max, grad_norms, first_ratio_dev, nonfinite = 0.0, [], 0.0, 0
-        first_gap = {"fresh": 0.0, "fresh_tokens": 0.0, "all": 0.0, "all_tokens": 0.0}
-        for epoch in range(cfg.epochs):
-            perm = torch.randperm(n, generator=self.generator)
-            for start in range(0, n, cfg.minibatch_size):
-                mb = perm[start:start + cfg.minibatch_size].to(dev)
-                in_mb = torch.isin(rows.sample_idx, mb)
-                mb_rows = ReplayRows(rows.sample_idx[in_mb], rows.step_idx[in_mb])
-                first_minibatch = epoch == 0 and start == 0
-                weights = torch.zeros_like(behaviour)
-                weights[mb] = grpo.aggregation_weights(mask[mb], cfg.loss_agg)
-                self.optimizer.zero_grad(set_to_none=True)
-                mb_loss = 0.0
-                for chunk in mb_rows.chunks(cfg.replay_rows_per_chunk):
-                    out = row_logprobs(self.policy, tokens, reveal, chunk, autocast_dtype=self.autocast_dtype,
-                                       with_entropy=True, **sampling)
-                    sel = chunk.sample_idx
-                    targets = out.targets
-                    new_lp = out.logprobs
-                    ratio = grpo.token_ratio(new_lp, old_lp[sel])
-                    pg, clipped = grpo.clipped_surrogate(ratio, adv[sel][:, None], cfg.clip_eps, cfg.clip_eps_high)
-                    kl = grpo.kl_penalty(new_lp, ref_lp[sel], cfg.kl_estimator)
-                    per_token = tis[sel] * pg + kl_coef * kl
-                    w = weights[sel] * targets
-                    loss = torch.where(targets, w * per_token, torch.zeros_like(per_token)).sum()
-                    loss.backward()
-                    with torch.no_grad():
-                        t = targets.float()
-                        mb_loss += float(loss)
-                        sums["loss"] += float(loss)
-                        sums["pg_loss"] += float((w * pg * tis[sel]).sum())
-                        sums["kl"] += float((kl * t).sum())
-                        sums["entropy"] += float((out.entropy * t).sum())
-                        sums["ratio"] += float((ratio * t).sum())
-                        sums["clipped"] += float((clipped.float() * t).sum())
-                        sums["tokens"] += float(t.sum())
-                        ratio_max = max(ratio_max, float((ratio * t).max()))
-                        if first_minibatch:  # new == old on fresh rollouts, up to the precision mismatch
-                            t_fresh = t * fresh[sel, None]
-                            first_ratio_dev = max(first_ratio_dev, float(((ratio - 1).abs() * t_fresh).max()))
-                            gap = (new_lp - behaviour[sel]).abs()
-                            first_gap["fresh"] += float((gap * t_fresh).sum())
-                            first_gap["fresh_tokens"] += float(t_fresh.sum())
-                            first_gap["all"] += float((gap * t).sum())
-                            first_gap["all_tokens"] += float(t.sum())
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip))
-                if not (math.isfinite(grad_norm) and math.isfinite(mb_loss)):
-                    nonfinite += 1  # an update of NaN/inf would ruin the weights: skip it, the driver stops the run
-                    continue
-                grad_norms.append(grad_norm)
-                self.optimizer.step()
-        if cfg.old_logprob == "behaviour":
-            metrics["logp_lag"] = first_gap["all"] / max(first_gap["all_tokens"], 1.0)
-            if first_gap["fresh_tokens"]:
-                metrics["logp_mismatch"] = first_gap["fresh"] / first_gap["fresh_tokens"]
-        n_tok = max(sums["tokens"], 1.0)
-        n_updates = max(len(grad_norms), 1)
-        metrics.update({
-            "loss": sums["loss"] / n_updates, "pg_loss": sums["pg_loss"] / n_updates,
-            "kl": sums["kl"] / n_tok, "entropy": sums["entropy"] / n_tok, "ratio_mean": sums["ratio"] / n_tok,
-            "ratio_max": ratio_max, "clip_frac": sums["clipped"] / n_tok,
-            # the learner's log-probs of the sampled tokens before any update of this step against the
-            # sampler's: on fresh samples the precision/implementation mismatch alone (first_step_ratio_dev,
-            # logp_mismatch), on all samples with the policy lag of stale ones (logp_lag)
-            "first_step_ratio_dev": first_ratio_dev,
-            "grad_norm": sum(grad_norms) / n_updates, "optimizer_steps": float(len(grad_norms)),
-            "nonfinite_updates": float(nonfinite),
-            "replay_rows": float(len(rows)), "tokens_trained": float(mask.sum()),
-            "skipped_update": 0.0 if grad_norms else 1.0,
-        })
-        if grad_norms:
+        if bool(data.keep.any()):
+            sums = self.update(data.subset(data.keep), kl_coef)
+            metrics.update(self.statistics(sums, data))
+        else:
+            metrics["skipped_update"] = 1.0
+        if metrics["skipped_update"] == 0.0:
             self.version += 1
         self.end_step(metrics)
         metrics["learn_s"] = time.perf_counter() - t0
+        return metrics
+
+    def prepare(self, batches: list[ScoredBatch]) -> tuple[StepData, dict]:
+        """Stack the batches; advantages, the groups with signal, the replay rows and the behaviour shares."""
+        cfg, dev = self.cfg, self.device
+        stacked = stack_batches(batches, self.version)
+        k = int(torch.bincount(stacked.group)[0])
+        rewards = stacked.rewards
+        if cfg.diversity_coef > 0:
+            similarity = grpo.group_similarity(stacked.tokens, k, cfg.diversity_ngram, self.vocab_size)
+            rewards = rewards - cfg.diversity_coef * similarity
+        rewards_gk = rewards.view(-1, k)
+        advantages = grpo.group_advantages(rewards_gk, cfg.advantage, cfg.adv_eps).flatten()
+        zero_std = grpo.zero_std_groups(rewards_gk)
+        keep_groups = ~zero_std if cfg.skip_zero_std_groups else torch.ones_like(zero_std)
+        r = stacked.rewards
+        metrics = {
+            "reward_mean": float(r.mean()), "reward_std": float(r.std(unbiased=False)),
+            "reward_min": float(r.min()), "reward_max": float(r.max()),
+            "zero_std_ratio": float(zero_std.float().mean()), "num_samples": float(len(r)),
+            "num_groups": float(len(zero_std)), "group_size": float(k),
+            "staleness_mean": float(stacked.staleness.float().mean()),
+            "staleness_max": float(stacked.staleness.max()),
+        }
+        if cfg.diversity_coef > 0:
+            metrics.update(group_similarity=float(similarity.mean()), shaped_reward_mean=float(rewards.mean()))
+        tokens, reveal = stacked.tokens.to(dev), stacked.reveal_step.to(dev)
+        selection = stacked.selection.to(dev)
+        rows = replay_rows(reveal, stacked.steps, cfg.replay_steps, self.generator)
+        data = StepData(
+            tokens=tokens, reveal=reveal, rows=rows, mask=revealed_mask(reveal, rows, stacked.steps),
+            scale=subsample_scale(reveal, rows, stacked.steps),
+            behaviour=token_shares(stacked.behaviour.to(dev), selection, reveal), behaviour_selection=selection,
+            advantages=advantages.to(dev), keep=keep_groups.repeat_interleave(k).to(dev),
+            fresh=(stacked.staleness == 0).to(dev), steps=stacked.steps, sampling=stacked.sampling)
+        return data, metrics
+
+    @torch.no_grad()
+    def reference_pass(self, data: StepData) -> dict:
+        """The reference's shares (and in recompute mode the current policy's) on the replay rows; `kl_seq`."""
+        cfg, metrics = self.cfg, {}
+        replay = lambda model: trajectory_step_logprobs(  # noqa: E731
+            model, data.tokens, data.reveal, data.steps, rows=data.rows, rows_per_chunk=cfg.replay_rows_per_chunk,
+            autocast_dtype=self.autocast_dtype, **data.sampling)
+        ref_tokens, ref_selection = replay(self.reference)
+        data.ref = token_shares(ref_tokens, ref_selection, data.reveal)
+        if cfg.old_logprob == "recompute":
+            self.policy.eval()
+            old_tokens, old_selection = replay(self.policy)
+            self.policy.train()
+            data.old = token_shares(old_tokens, old_selection, data.reveal)
+            data.importance = grpo.truncated_importance_weight(data.old, data.behaviour, cfg.tis_cap)
+            gap = (data.old - data.behaviour).abs()
+            metrics["logp_lag"] = float(grpo.masked_mean(gap, data.mask))
+            if bool(data.fresh.any()):
+                metrics["logp_mismatch"] = float(grpo.masked_mean(gap, data.mask & data.fresh[:, None]))
+            metrics["tis_mean"] = float(grpo.masked_mean(data.importance, data.mask))
+        else:
+            data.old, old_selection = data.behaviour, data.behaviour_selection
+        # pi_old's KL to the reference on every sample of the step, before the update
+        kl_seq = grpo.sequence_kl(data.old, data.ref, data.mask, data.scale)
+        replayed = torch.zeros_like(ref_selection, dtype=torch.bool)
+        replayed[data.rows.sample_idx, data.rows.step_idx] = True
+        kl_selection = torch.where(replayed, old_selection - ref_selection, 0.0).sum(1) * data.scale
+        metrics.update(kl_seq=float(kl_seq.mean()), kl_seq_selection=float(kl_selection.mean()))
+        return metrics
+
+    def update(self, data: StepData, kl_coef: float) -> UpdateSums:
+        """`epochs` passes of minibatch updates over the samples of `data` (the groups with signal)."""
+        cfg, sums = self.cfg, UpdateSums()
+        n = data.tokens.shape[0]
+        for epoch in range(cfg.epochs):
+            perm = torch.randperm(n, generator=self.generator)
+            for start in range(0, n, cfg.minibatch_size):
+                mb = perm[start:start + cfg.minibatch_size].to(self.device)
+                in_mb = torch.isin(data.rows.sample_idx, mb)
+                mb_rows = ReplayRows(data.rows.sample_idx[in_mb], data.rows.step_idx[in_mb])
+                weights = torch.zeros_like(data.behaviour)
+                weights[mb] = grpo.aggregation_weights(data.mask[mb], cfg.loss_agg)
+                self.optimizer.zero_grad(set_to_none=True)
+                mb_loss = 0.0
+                for chunk in mb_rows.chunks(cfg.replay_rows_per_chunk):
+                    out = row_logprobs(self.policy, data.tokens, data.reveal, chunk,
+                                       autocast_dtype=self.autocast_dtype, with_entropy=True, **data.sampling)
+                    new = out.shares()
+                    sel = chunk.sample_idx
+                    tl = grpo.token_loss(
+                        new, data.old[sel], data.ref[sel], data.advantages[sel][:, None], weights[sel], out.targets,
+                        clip_low=cfg.clip_eps, clip_high=cfg.clip_eps_high, kl_coef=kl_coef,
+                        kl_estimator=cfg.kl_estimator,
+                        importance=None if data.importance is None else data.importance[sel])
+                    tl.loss.backward()
+                    mb_loss += float(tl.loss.detach())
+                    sums.add(out, tl, weights[sel], out.targets)
+                    if epoch == 0 and start == 0:  # new == old on fresh rollouts, up to the precision mismatch
+                        sums.add_first(tl, new, data.behaviour[sel], out.targets, data.fresh[sel])
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip))
+                if not (math.isfinite(grad_norm) and math.isfinite(mb_loss)):
+                    sums.nonfinite += 1  # an update of NaN/inf would ruin the weights: skip it, the driver stops
+                    continue
+                sums.grad_norms.append(grad_norm)
+                self.optimizer.step()
+        return sums
+
+    def statistics(self, sums: UpdateSums, data: StepData) -> dict:
+        kept_adv = data.advantages[data.keep]
+        metrics = {f"adv_{k}": v for k, v in
+                   grpo.masked_moments(kept_adv, torch.ones_like(kept_adv, dtype=torch.bool)).items()}
+        if self.cfg.old_logprob == "behaviour":
+            gap = sums.first_gap
+            metrics["logp_lag"] = gap["all"] / max(gap["all_tokens"], 1.0)
+            if gap["fresh_tokens"]:
+                metrics["logp_mismatch"] = gap["fresh"] / gap["fresh_tokens"]
+        n_tok = max(sums.tokens, 1.0)
+        n_updates = max(len(sums.grad_norms), 1)
+        metrics.update({
+            "loss": sums.loss / n_updates, "pg_loss": sums.pg_loss / n_updates,
+            "kl": sums.kl / n_tok, "entropy": sums.entropy / n_tok, "ratio_mean": sums.ratio / n_tok,
+            "ratio_max": sums.ratio_max, "clip_frac": sums.clipped / n_tok,
+            # the learner's shares of the sampled trajectories before any update of this step against the
+            # sampler's: on fresh samples the precision/implementation mismatch alone (first_step_ratio_dev,
+            # logp_mismatch), on all samples with the policy lag of stale ones (logp_lag)
+            "first_step_ratio_dev": sums.first_ratio_dev,
+            "grad_norm": sum(sums.grad_norms) / n_updates, "optimizer_steps": float(len(sums.grad_norms)),
+            "nonfinite_updates": float(sums.nonfinite),
+            "replay_rows": float(int(data.keep[data.rows.sample_idx].sum())),
+            "tokens_trained": float(data.mask[data.keep].sum()),
+            "skipped_update": 0.0 if sums.grad_norms else 1.0,
+        })
         return metrics
 
     def end_step(self, metrics: dict) -> None:

@@ -3,7 +3,9 @@
 No Ray and no model code here. Conventions:
 
 * per-token tensors are (B, T), with a boolean ``mask`` (B, T) marking the tokens
-  that count (the tokens revealed along a diffusion trajectory);
+  that count (the tokens revealed along a diffusion trajectory); a token's log-prob is its
+  share of the trajectory's (its own log-prob plus an equal part of its step's selection
+  term, models/trajectory.py), so per-token log-ratios sum to the trajectory's;
 * per-sequence tensors are (B,);
 * group rewards are (G, k): G prompts, k completions each.
 
@@ -18,14 +20,20 @@ chunk losses ``(w[rows] * per_token[rows]).sum()`` add up exactly to the full lo
 
 from __future__ import annotations
 
+import math
+import typing
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-ADVANTAGE_MODES = ("zscore", "center", "loo")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+from ..config import AdvantageMode, KLEstimator, LossAggregation
 
-# |ref_logp - logp| is clamped to this before the exponential of the k3 estimator.
+ADVANTAGE_MODES = typing.get_args(AdvantageMode)
+KL_ESTIMATORS = typing.get_args(KLEstimator)
+LOSS_AGGREGATIONS = typing.get_args(LossAggregation)
+
+# log-ratios are clamped to +- this before an exponential (the PPO ratio, the k3 estimator) or a KL penalty.
 KL_LOG_RATIO_CLAMP = 20.0
 
 
@@ -66,6 +74,30 @@ def group_advantages(rewards: Tensor, mode: str = "zscore", eps: float = 1e-6) -
         return centred * (k / (k - 1))
     std = r.std(dim=1, unbiased=False, keepdim=True)
     return centred / (std + eps)
+
+
+def group_similarity(tokens: Tensor, group_size: int, ngram: int, vocab_size: int) -> Tensor:
+    """(N,) for each sample, the mean over the other samples of its group of the share of its distinct
+    token n-grams that also occur in the other sample. tokens (N, T) long, groups of ``group_size`` contiguous
+    rows. 1 for a sample whose every n-gram its group-mates repeat, 0 for one that shares none."""
+    N, T = tokens.shape
+    if N % group_size:
+        raise ValueError(f"{N} samples do not split into groups of {group_size}")
+    if ngram * math.log2(vocab_size) >= 63:
+        raise ValueError(f"{ngram}-grams of a {vocab_size}-token vocabulary do not fit a 64-bit hash; "
+                         f"use a shorter n-gram")
+    if T < ngram:
+        return torch.zeros(N, dtype=torch.float32, device=tokens.device)
+    powers = vocab_size ** torch.arange(ngram, device=tokens.device, dtype=torch.int64)
+    hashes = (tokens.unfold(1, ngram, 1).to(torch.int64) * powers).sum(-1)  # (N, T - n + 1)
+    grams = [torch.unique(h) for h in hashes]
+    sim = torch.zeros(N, dtype=torch.float32, device=tokens.device)
+    for start in range(0, N, group_size):
+        members = range(start, start + group_size)
+        for i in members:
+            shared = [torch.isin(grams[i], grams[j]).float().mean() for j in members if j != i]
+            sim[i] = torch.stack(shared).mean()
+    return sim
 
 
 def zero_std_groups(rewards: Tensor, tol: float = 0.0) -> Tensor:
@@ -125,19 +157,18 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
     * ``k2 = 0.5 * d**2`` (biased, >= 0);
     * ``k3 = exp(d) - d - 1`` (unbiased, >= 0).
 
-    For k3, ``d`` is clamped to [-20, 20] first (both in the exponential and in the
-    linear term) so that a wild log-ratio cannot overflow ``exp``; clamping the whole
-    expression keeps ``exp(x) - x - 1 >= 0`` exactly. Outside the clamp the estimate
-    is constant and its gradient is zero.
+    ``d`` is clamped to [-20, 20] first (for k3 both in the exponential and in the
+    linear term) so that a wild log-ratio, e.g. a token the reference's top-k excludes,
+    cannot overflow; clamping the whole expression keeps ``exp(x) - x - 1 >= 0`` exactly.
+    Outside the clamp the estimate is constant and its gradient is zero.
     """
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
-    d = ref_logp - logp
+    d = torch.clamp(ref_logp - logp, -KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
     if estimator == "k1":
         return -d
     if estimator == "k2":
         return 0.5 * d * d
-    d = torch.clamp(d, -KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
     return torch.exp(d) - d - 1.0
 
 
@@ -197,18 +228,48 @@ def aggregate(per_token: Tensor, mask: Tensor, mode: str = "token-mean") -> Tens
     return torch.where(mask != 0, w * per_token, torch.zeros((), dtype=w.dtype, device=w.device)).sum()
 
 
-def sequence_kl_k1(logp: Tensor, ref_logp: Tensor, mask: Tensor, revealed: Tensor) -> Tensor:
-    """(B,) KL(pi || pi_ref) per sequence, k1 on a trajectory: the sum over a sample's tokens of
-    logp - ref_logp, for samples drawn from pi (its mean over samples estimates the KL without bias).
+def sequence_kl(logp: Tensor, ref_logp: Tensor, mask: Tensor, scale: Tensor | None = None) -> Tensor:
+    """(B,) KL(pi || pi_ref) per sequence, k1 on a trajectory: the sum over a sample's masked tokens of
+    logp - ref_logp (their shares, trajectory.py: token and selection terms), for samples drawn from pi; its
+    mean over samples estimates the trajectory KL without bias.
 
-    ``mask`` (B, T) marks the tokens whose log-probs were computed and ``revealed`` (B,) counts each
-    sample's revealed tokens; when the mask covers only some of them (a subsample of the steps was
-    replayed), the sum is scaled by revealed / masked tokens: a ratio estimate of the full sum, not the
-    sum itself. A sample without masked tokens counts 0.
+    ``scale`` (B,) multiplies each sum: when only some of a sample's steps were replayed, the steps with tokens
+    over the steps replayed (trajectory.subsample_scale) makes the sum an unbiased estimate of the whole
+    trajectory's. A sample without masked tokens counts 0.
     """
     m = mask != 0
     per_sample = torch.where(m, logp - ref_logp, torch.zeros((), dtype=logp.dtype, device=logp.device)).sum(dim=1)
-    return per_sample * revealed.to(per_sample.dtype) / m.sum(dim=1).clamp_min(1).to(per_sample.dtype)
+    return per_sample if scale is None else per_sample * scale.to(per_sample.dtype)
+
+
+@dataclass
+class TokenLoss:
+    loss: Tensor  # scalar: (weights * per-token loss).sum(), to backpropagate
+    pg: Tensor  # (P, T) importance-weighted clipped surrogate per token
+    kl: Tensor  # (P, T) KL penalty per token (before kl_coef)
+    ratio: Tensor  # (P, T)
+    clipped: Tensor  # (P, T) bool
+
+
+def token_loss(new_logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, weights: Tensor,
+               targets: Tensor, *, clip_low: float, clip_high: float | None, kl_coef: float, kl_estimator: str,
+               importance: Tensor | None = None) -> TokenLoss:
+    """The GRPO loss of a chunk of replayed rows: per token, ``importance * clip-surrogate(ratio, A) + kl_coef *
+    KL-penalty(new, ref)``, summed with the aggregation ``weights`` over ``targets``.
+
+    All log-probs are (P, T) per-token shares of their trajectory (trajectory.token_shares), ``advantages`` is
+    (P, 1); ``importance`` (P, T), the truncated importance weight of recompute mode, defaults to 1. The
+    log-ratio in the ratio is clamped to +-KL_LOG_RATIO_CLAMP, so a far-off token cannot overflow it.
+    """
+    d = torch.clamp(new_logp - old_logp, -KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
+    ratio = torch.exp(d)
+    pg, clipped = clipped_surrogate(ratio, advantages, clip_low, clip_high)
+    if importance is not None:
+        pg = importance * pg
+    kl = kl_penalty(new_logp, ref_logp, kl_estimator)
+    zero = torch.zeros((), dtype=pg.dtype, device=pg.device)
+    loss = torch.where(targets, weights * (pg + kl_coef * kl), zero).sum()
+    return TokenLoss(loss, pg, kl, ratio, clipped)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

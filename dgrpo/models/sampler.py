@@ -1,52 +1,75 @@
-"""Diffusion sampler that records its own trajectory.
+"""Diffusion sampler that records its own trajectory, and the exact probability of each step.
 
-Start from a prompt in which some positions are [MASK] (all of them for
-unconditional generation). At each of S steps the model predicts every
-masked position, a token is drawn at every masked position from the
-sampling distribution (temperature, optional top-k / top-p), and a scheduled
-number of those positions is revealed, chosen at random or by confidence
-(probability of the drawn token). The sampler records, per position, the step
-at which it was revealed (`reveal_step`, -1 for prompt positions) and the
-log-probability of the revealed token under the sampling distribution. That
-is all the learner needs to rebuild every intermediate state exactly
-(see trajectory.py).
+Start from a prompt in which some positions are [MASK] (all of them for unconditional generation). At each of
+S steps the model predicts every masked position, a token is drawn at every masked position from the sampling
+distribution (temperature, optional top-k / top-p), and a scheduled number n of those positions is revealed:
 
-Given a reference model, the sampler also measures KL(model || reference) between the two
-trajectory distributions, along each trajectory it draws (`kl_to_reference`; its mean over samples
-is the KL, an upper bound of the KL between the final texts). Under random order the positions do
-not depend on the model, so a step's term is the exact KL of the two token distributions at the
-revealed positions. Under confidence order the positions do: a step reveals the set R with tokens
-x_R exactly when the draws there are x_R and every other masked position draws a token less likely
-than tau = min_R p(x_j); that probability is the product over R of p(x_j) times, for each other masked
-position, the mass of its tokens below tau. The step's term is the log of that probability under the
-model minus under the reference (`confidence_step_logprob`). The revealed tokens' log-probs alone
-leave out the choice of positions and are not a KL estimate under confidence order (their
-log-ratio can be negative on average).
+- `random` order: n positions chosen uniformly at random;
+- `confidence` order: the n positions whose drawn tokens are most likely; with probability `random_reveal`
+  a step reveals n positions chosen at random instead (see "Support" below).
+
+The sampler records, per position, the step that revealed it (`reveal_step`, -1 for prompt positions) and the
+log-probability of the revealed token (`logprobs`), and, per step, the log-probability of the choice of
+positions given the drawn tokens (`selection`). A step's probability is the product of the two:
+
+    P(step reveals R with tokens x_R) = prod_{j in R} p_j(x_j) * Sel(R | x_R)
+
+Random order: Sel = 1 / C(m, n) for m masked positions, the same for every model, so it is recorded as 0
+(only ratios between models matter: the learner's, the KL's). Confidence order: the step
+reveals R exactly when the draws there are x_R and every other masked position draws a token less likely than
+tau = min_{j in R} p_j(x_j) (or exactly as likely, for a position after the last revealed one at tau: ties go to
+the lower position), so with the random share eps
+
+    Sel = (1 - eps) * prod_{i masked, not in R} p_i(tokens less likely than tau) + eps / C(m, n)
+
+(`selection_logprob`). Summed over steps, token and selection terms give the log-likelihood of the trajectory
+(up to the model-independent constant of random order), which is all the learner needs to replay it exactly
+(trajectory.py).
+
+Support: without the random share, a confidence step is impossible under a model for which some hidden position
+has no token less likely than tau (a model very sure of a position the trajectory left hidden): its probability
+is 0, and the KL of a policy that takes such steps to that model is infinite. With eps > 0 every step keeps at
+least the probability eps / C(m, n) times its tokens' under every model, so log-ratios and the KL stay finite.
+
+Given a reference model, the sampler also measures KL(model || reference) between the two trajectory
+distributions along each trajectory it draws (`kl_to_reference`; its mean over samples is the KL, an upper bound
+of the KL between the final texts): under random order the exact KL of the two token distributions at the
+revealed positions (positions do not depend on the model); under confidence order the log of the whole step
+probability under the model minus under the reference.
 """
 
 from __future__ import annotations
 
+import math
+import typing
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..config import RevealOrder, SamplerConfig
 from ..precision import autocast_context
 
 PROMPT_STEP = -1
-REVEAL_ORDERS = ("random", "confidence")
+REVEAL_ORDERS = typing.get_args(RevealOrder)
+DEFAULTS = SamplerConfig()
+# log 0 as a finite number: the mass of a hidden position that has no token below tau (exp of it is 0, and
+# unlike -inf it passes no NaN gradient through logsumexp)
+LOG_ZERO = -1e30
 
 
 @dataclass
 class SampleOutput:
     tokens: torch.Tensor  # (B, T) long, no [MASK] left
     reveal_step: torch.Tensor  # (B, T) long, -1 for prompt positions
-    logprobs: torch.Tensor  # (B, T) float32, 0 at prompt positions
+    logprobs: torch.Tensor  # (B, T) float32 log-prob of each revealed token, 0 at prompt positions
+    selection: torch.Tensor  # (B, S) float32 log-prob of each step's choice of positions, 0 where none revealed
     # (B,) float64 nats, when sampled with a reference: this trajectory's term of KL(model || reference)
     kl_to_reference: torch.Tensor | None = None
 
 
-def validate_sampling(steps: int, temperature: float, top_k: int, top_p: float, order: str) -> None:
+def validate_sampling(steps: int, temperature: float, top_k: int, top_p: float, order: str,
+                      random_reveal: float = 0.0) -> None:
     if steps < 1:
         raise ValueError(f"sampler steps must be >= 1, got {steps}")
     if not temperature > 0:
@@ -57,6 +80,8 @@ def validate_sampling(steps: int, temperature: float, top_k: int, top_p: float, 
         raise ValueError(f"sampler top_p must be in (0, 1], got {top_p}")
     if order not in REVEAL_ORDERS:
         raise ValueError(f"sampler order must be one of {REVEAL_ORDERS}, got {order!r}")
+    if not 0 <= random_reveal < 1:
+        raise ValueError(f"sampler random_reveal must be in [0, 1), got {random_reveal}")
 
 
 def sampling_logprobs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
@@ -86,17 +111,45 @@ def position_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (logp - ref_logp), 0.0).sum(-1)
 
 
-def confidence_step_logprob(logp: torch.Tensor, token: torch.Tensor, reveal: torch.Tensor,
-                            masked: torch.Tensor) -> torch.Tensor:
-    """(B,) log-probability that one confidence-order step, from a state whose masked positions are `masked`
-    and whose token log-probs are `logp` (B, T, V), reveals exactly the positions `reveal` with `token` there:
-    sum over revealed j of log p_j(token_j) plus, for each other masked position, the log of the mass of its
-    tokens below tau = min over revealed j of p_j(token_j). A row that reveals nothing scores 0."""
+def log_choose(n: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """log C(n, k) elementwise, float32 (computed in float64)."""
+    n, k = n.double(), k.double()
+    return (torch.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)).float()
+
+
+def selection_logprob(logp: torch.Tensor, token: torch.Tensor, reveal: torch.Tensor, masked: torch.Tensor,
+                      order: str, random_reveal: float = 0.0) -> torch.Tensor:
+    """(B,) log-probability that a step, from a state whose masked positions are `masked` (B, T) and whose
+    sampling log-probs are `logp` (B, T, V), chooses exactly the positions `reveal` given the tokens `token`
+    drawn there (see the module docstring). Differentiable in `logp`. A row that reveals nothing scores 0."""
+    n_masked, n_reveal = masked.sum(1), reveal.sum(1)
+    if order == "random":  # 1 / C(m, n) for every model: only ratios between models matter, so 0
+        return torch.zeros(logp.shape[0], dtype=torch.float32, device=logp.device)
+    uniform = -log_choose(n_masked, n_reveal)
     token_logp = logp.gather(-1, token[..., None]).squeeze(-1)
-    revealed = torch.where(reveal, token_logp, 0.0).sum(1)
     tau = torch.where(reveal, token_logp, float("inf")).amin(1)
-    below = torch.logsumexp(logp.masked_fill(logp >= tau[:, None, None], float("-inf")), dim=-1)
-    return revealed + torch.where(masked & ~reveal, below, 0.0).sum(1)
+    # ties go to the lower position (the sampler's stable sort): a hidden position after the last revealed one
+    # at tau may also have drawn a token exactly at tau
+    positions = torch.arange(reveal.shape[1], device=reveal.device)
+    last_at_tau = torch.where(reveal & (token_logp == tau[:, None]), positions, -1).amax(1)
+    after = positions[None, :] > last_at_tau[:, None]
+    less_likely = (logp < tau[:, None, None]) | ((logp == tau[:, None, None]) & after[..., None])
+    below = torch.logsumexp(logp.masked_fill(~less_likely, LOG_ZERO), dim=-1)
+    below = torch.where(less_likely.any(-1), below, LOG_ZERO)
+    by_confidence = torch.where(masked & ~reveal, below, 0.0).sum(1).clamp_min(LOG_ZERO)
+    if random_reveal > 0:
+        by_confidence = torch.logaddexp(by_confidence + math.log1p(-random_reveal),
+                                        uniform + math.log(random_reveal))
+    return torch.where(n_reveal > 0, by_confidence, 0.0)
+
+
+def confidence_step_logprob(logp: torch.Tensor, token: torch.Tensor, reveal: torch.Tensor,
+                            masked: torch.Tensor, random_reveal: float = 0.0) -> torch.Tensor:
+    """(B,) log-probability that one confidence-order step reveals exactly the positions `reveal` with `token`
+    there: its tokens' log-probs plus the selection term. A row that reveals nothing scores 0."""
+    token_logp = logp.gather(-1, token[..., None]).squeeze(-1)
+    return (torch.where(reveal, token_logp, 0.0).sum(1)
+            + selection_logprob(logp, token, reveal, masked, "confidence", random_reveal))
 
 
 def reveal_schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -107,20 +160,24 @@ def reveal_schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(model, prompt: torch.Tensor, steps: int = 32, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0, order: str = "random", generator: torch.Generator | None = None,
-           autocast_dtype: torch.dtype | None = None, reference=None) -> SampleOutput:
+def sample(model, prompt: torch.Tensor, steps: int = DEFAULTS.steps, temperature: float = DEFAULTS.temperature,
+           top_k: int = DEFAULTS.top_k, top_p: float = DEFAULTS.top_p, order: str = DEFAULTS.order,
+           random_reveal: float = DEFAULTS.random_reveal,
+           generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
+           reference=None) -> SampleOutput:
     """Fill every [MASK] of `prompt` (B, T) in `steps` denoising steps, batched over B. With a `reference`
     model, also log model(trajectory) - log reference(trajectory) of each trajectory (`kl_to_reference`)."""
-    validate_sampling(steps, temperature, top_k, top_p, order)
+    validate_sampling(steps, temperature, top_k, top_p, order, random_reveal)
     mask_id = model.mask_id
     x = prompt.clone()
+    B, T = x.shape
     masked = x == mask_id
     reveal_step = torch.full_like(x, PROMPT_STEP)
     logprobs = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    selection = torch.zeros((B, steps), dtype=torch.float32, device=x.device)
     counts = reveal_schedule(masked.sum(1), steps)
-    positions = torch.arange(x.shape[1], device=x.device).expand_as(x)
-    kl = None if reference is None else torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    positions = torch.arange(T, device=x.device).expand_as(x)
+    kl = None if reference is None else torch.zeros(B, dtype=torch.float64, device=x.device)
     for s in range(steps):
         n_reveal = counts[:, s]
         if not bool(n_reveal.any()):
@@ -136,22 +193,32 @@ def sample(model, prompt: torch.Tensor, steps: int = 32, temperature: float = 1.
             score = torch.rand(x.shape, generator=generator, device=x.device)
         else:
             score = token_logp.clone()
+            if random_reveal > 0:
+                at_random = torch.rand(B, generator=generator, device=x.device) < random_reveal
+                if bool(at_random.any()):
+                    noise = torch.rand(x.shape, generator=generator, device=x.device)
+                    score = torch.where(at_random[:, None], noise, score)
         score = score.masked_fill(~masked, float("-inf"))
-        ranked = score.argsort(dim=1, descending=True)
+        ranked = score.argsort(dim=1, descending=True, stable=True)  # ties: the lower position first
         rank = torch.empty_like(ranked).scatter_(1, ranked, positions)
         reveal = masked & (rank < n_reveal[:, None])
+        step_selection = selection_logprob(logp, token, reveal, masked, order, random_reveal)
         if reference is not None:
             with autocast_context(x.device, autocast_dtype):
                 ref_logits = reference(x)
             ref_logp = sampling_logprobs(ref_logits, temperature, top_k, top_p)
             if order == "confidence":
-                kl += (confidence_step_logprob(logp, token, reveal, masked)
-                       - confidence_step_logprob(ref_logp, token, reveal, masked)).double()
+                ref_token_logp = ref_logp.gather(-1, token[..., None]).squeeze(-1)
+                ref_selection = selection_logprob(ref_logp, token, reveal, masked, order, random_reveal)
+                kl += (torch.where(reveal, token_logp - ref_token_logp, 0.0).sum(1)
+                       + step_selection - ref_selection).double()
             else:
                 kl += torch.where(reveal, position_kl(logp, ref_logp), 0.0).sum(1, dtype=torch.float64)
         x = torch.where(reveal, token, x)
         reveal_step = torch.where(reveal, torch.full_like(x, s), reveal_step)
         logprobs = torch.where(reveal, token_logp, logprobs)
+        selection[:, s] = step_selection
         masked &= ~reveal
     assert not bool(masked.any()), "reveal schedule left masked positions"
-    return SampleOutput(tokens=x, reveal_step=reveal_step, logprobs=logprobs, kl_to_reference=kl)
+    return SampleOutput(tokens=x, reveal_step=reveal_step, logprobs=logprobs, selection=selection,
+                        kl_to_reference=kl)

@@ -1,16 +1,20 @@
 """Exact log-probabilities of a sampler trajectory, replayed from (tokens, reveal_step).
 
-The state before step s is rebuilt exactly: position p is visible iff
-reveal_step[p] < s (prompt positions have reveal_step -1, so always). The
-tokens revealed at step s are scored under the sampling distribution of that
-state. Summed over steps this is the true log-likelihood of what the sampler
-drew, given the positions it chose: no one-step or ELBO approximation.
+The state before step s is rebuilt exactly: position p is visible iff reveal_step[p] < s (prompt positions
+have reveal_step -1, so always). From that state's sampling distribution the replay scores the tokens
+revealed at step s and the choice of positions (`selection`, sampler.py: under confidence order it depends
+on the model). Summed over steps this is the true log-likelihood of what the sampler did: no one-step or
+ELBO approximation, in either reveal order.
 
-Every (sample, step) pair that revealed at least one token becomes one row of
-a replay batch, so a trajectory of S steps costs at most S forward rows; rows
-are processed in chunks to bound memory. Subsampling steps (`steps_per_sample`)
-keeps each chosen token's log-prob exact and makes the token-mean loss an
-unbiased estimate of the full one.
+A token-level loss needs per-token quantities: a token's *share* is its own log-prob plus an equal part of its
+step's selection term (`token_shares`). The shares of a trajectory sum to its log-likelihood, so their
+log-ratios sum to the trajectory's log-ratio and, at ratio 1, a per-token surrogate's gradient is the
+trajectory's exact policy gradient.
+
+Every (sample, step) pair that revealed at least one token becomes one row of a replay batch, so a
+trajectory of S steps costs at most S forward rows; rows are processed in chunks to bound memory.
+Subsampling steps (`steps_per_sample`) keeps each chosen step's log-probs exact and makes sums over a
+trajectory estimates (`subsample_scale`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..precision import autocast_context
-from .sampler import sampling_logprobs
+from .sampler import DEFAULTS, selection_logprob, sampling_logprobs
 
 
 @dataclass
@@ -67,25 +71,35 @@ def replay_states(tokens: torch.Tensor, reveal_step: torch.Tensor, rows: ReplayR
 class RowLogprobs:
     logprobs: torch.Tensor  # (P, T) log-prob of the revealed token, 0 where not a target
     targets: torch.Tensor  # (P, T) bool
+    selection: torch.Tensor  # (P,) log-prob of the row's choice of positions
     entropy: torch.Tensor | None  # (P, T) entropy of the sampling distribution at targets
+
+    def shares(self) -> torch.Tensor:
+        """(P, T) each target's log-prob plus an equal share of its row's selection term, 0 elsewhere."""
+        per_token = self.selection / self.targets.sum(1).clamp_min(1)
+        return torch.where(self.targets, self.logprobs + per_token[:, None], 0.0)
 
 
 def row_logprobs(model, tokens: torch.Tensor, reveal_step: torch.Tensor, rows: ReplayRows,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 autocast_dtype: torch.dtype | None = None, with_entropy: bool = False) -> RowLogprobs:
+                 temperature: float = DEFAULTS.temperature, top_k: int = DEFAULTS.top_k,
+                 top_p: float = DEFAULTS.top_p, order: str = DEFAULTS.order,
+                 random_reveal: float = DEFAULTS.random_reveal, autocast_dtype: torch.dtype | None = None,
+                 with_entropy: bool = False) -> RowLogprobs:
     """Replay a chunk of rows through `model` (with gradients if enabled)."""
     inputs, targets = replay_states(tokens, reveal_step, rows, model.mask_id)
     with autocast_context(tokens.device, autocast_dtype):
         logits = model(inputs)
     logp_all = sampling_logprobs(logits, temperature, top_k, top_p)
-    logp = logp_all.gather(-1, tokens[rows.sample_idx][..., None]).squeeze(-1)
+    row_tokens = tokens[rows.sample_idx]
+    logp = logp_all.gather(-1, row_tokens[..., None]).squeeze(-1)
     logp = torch.where(targets, logp, torch.zeros_like(logp))
+    selection = selection_logprob(logp_all, row_tokens, targets, inputs == model.mask_id, order, random_reveal)
     entropy = None
     if with_entropy:
         p = logp_all.exp()
         ent = -(p * logp_all.masked_fill(p == 0, 0.0)).sum(-1)
         entropy = torch.where(targets, ent, torch.zeros_like(ent))
-    return RowLogprobs(logp, targets, entropy)
+    return RowLogprobs(logp, targets, selection, entropy)
 
 
 def scatter_rows(values: torch.Tensor, rows: ReplayRows, batch_size: int) -> torch.Tensor:
@@ -94,14 +108,49 @@ def scatter_rows(values: torch.Tensor, rows: ReplayRows, batch_size: int) -> tor
     return out.index_add(0, rows.sample_idx, values)
 
 
-def trajectory_logprobs(model, tokens: torch.Tensor, reveal_step: torch.Tensor, steps: int,
-                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                        rows_per_chunk: int = 256, autocast_dtype: torch.dtype | None = None,
-                        rows: ReplayRows | None = None) -> torch.Tensor:
-    """(B, T) per-token log-probs of every revealed token (0 at prompt positions)."""
+def token_shares(logprobs: torch.Tensor, selection: torch.Tensor, reveal_step: torch.Tensor) -> torch.Tensor:
+    """(B, T) each revealed token's log-prob plus an equal share of its step's selection term (B, S); 0 at prompt
+    positions. A trajectory's shares sum to its log-likelihood."""
+    step = reveal_step.clamp_min(0)
+    revealed = reveal_step >= 0
+    counts = torch.zeros_like(selection).scatter_add(1, step, revealed.to(selection.dtype))
+    per_token = (selection / counts.clamp_min(1)).gather(1, step)
+    return torch.where(revealed, logprobs + per_token, 0.0)
+
+
+def subsample_scale(reveal_step: torch.Tensor, rows: ReplayRows, steps: int) -> torch.Tensor:
+    """(B,) steps that revealed tokens / steps replayed, per sample: a sum over the replayed steps times this
+    estimates the sum over the whole trajectory without bias (each step is replayed with the same chance);
+    1 when every step is replayed."""
+    s_range = torch.arange(steps, device=reveal_step.device)
+    with_tokens = (reveal_step[:, None, :] == s_range[None, :, None]).any(-1).sum(1)
+    replayed = torch.bincount(rows.sample_idx, minlength=reveal_step.shape[0])
+    return with_tokens.float() / replayed.clamp_min(1).float()
+
+
+def trajectory_step_logprobs(model, tokens: torch.Tensor, reveal_step: torch.Tensor, steps: int,
+                             temperature: float = DEFAULTS.temperature, top_k: int = DEFAULTS.top_k,
+                             top_p: float = DEFAULTS.top_p, order: str = DEFAULTS.order,
+                             random_reveal: float = DEFAULTS.random_reveal, rows_per_chunk: int = 256,
+                             autocast_dtype: torch.dtype | None = None,
+                             rows: ReplayRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) log-probs of every revealed token (0 at prompt positions) and (B, S) the selection term of every
+    step, replayed (0 for steps not replayed or that revealed nothing)."""
     rows = replay_rows(reveal_step, steps) if rows is None else rows
     out = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+    selection = torch.zeros((tokens.shape[0], steps), dtype=torch.float32, device=tokens.device)
     for chunk in rows.chunks(rows_per_chunk):
-        r = row_logprobs(model, tokens, reveal_step, chunk, temperature, top_k, top_p, autocast_dtype)
+        r = row_logprobs(model, tokens, reveal_step, chunk, temperature, top_k, top_p, order, random_reveal,
+                         autocast_dtype)
         out = out + scatter_rows(r.logprobs, chunk, tokens.shape[0])
-    return out
+        selection = selection.index_put((chunk.sample_idx, chunk.step_idx), r.selection)
+    return out, selection
+
+
+def trajectory_logprobs(model, tokens: torch.Tensor, reveal_step: torch.Tensor, steps: int,
+                        temperature: float = DEFAULTS.temperature, top_k: int = DEFAULTS.top_k,
+                        top_p: float = DEFAULTS.top_p, rows_per_chunk: int = 256,
+                        autocast_dtype: torch.dtype | None = None, rows: ReplayRows | None = None) -> torch.Tensor:
+    """(B, T) log-probs of every revealed token (0 at prompt positions); the selection terms left out."""
+    return trajectory_step_logprobs(model, tokens, reveal_step, steps, temperature, top_k, top_p,
+                                    rows_per_chunk=rows_per_chunk, autocast_dtype=autocast_dtype, rows=rows)[0]

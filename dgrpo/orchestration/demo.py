@@ -1,41 +1,47 @@
 """`dgrpo demo`: the whole chain at a small size on an embedded local Ray cluster.
 
-pretrain the generator -> a proxy judge and an independent gold judge against it -> GRPO
-against the proxy -> the gold evaluation of the generator and the policy on held-out prompts.
-It is the pipeline (pipeline.py) with short budgets: each stage gets a share of `minutes`. The GRPO
-stage starts Ray's dashboard on 127.0.0.1 (run.dashboard) and prints its URL.
+pretrain the generator -> a proxy judge and an independent gold judge against it -> a small character LM
+-> GRPO against the proxy, under the default sampler (confidence order) with a KL budget -> the evaluation of
+the generator and the policy on held-out prompts by both judges, the LM and the diversity measures, with
+warnings when the judges' gains are not gains of the text (evaluation/verdict.py).
+It is the pipeline (pipeline.py) with short budgets: each stage gets a share of `minutes`. `seed` moves every
+stage's seed (the gold judge's stays apart from the proxy's). The GRPO stage starts Ray's dashboard on
+127.0.0.1 (run.dashboard) and prints its URL.
 """
 
 from __future__ import annotations
 
 from ..config import PipelineConfig
+from .pipeline import GOLD_SEED
 
-SHARES = {"generator": 0.30, "proxy_judge": 0.20, "gold_judge": 0.20, "grpo": 0.25}
+SHARES = {"generator": 0.30, "proxy_judge": 0.17, "gold_judge": 0.17, "lm": 0.08, "grpo": 0.28}
+# the KL budget of the GRPO stage, nats per sequence of the exact trajectory KL (the one `dgrpo evaluate` reports)
+KL_TARGET = 12.0
 
 
-def demo_config(out: str, corpus: str | None, minutes: float, threads: int) -> PipelineConfig:
+def demo_config(out: str, corpus: str | None, minutes: float, threads: int, seed: int = 0) -> PipelineConfig:
     judge = {"preset": "small", "eval_every": 200, "eval_windows": 64}
     return PipelineConfig.model_validate({
         "out": out, "corpus": {"path": corpus}, "threads": 2,
-        "generator": {"preset": "small", "max_minutes": SHARES["generator"] * minutes, "eval_every": 200},
-        "proxy_judges": [{**judge, "max_minutes": SHARES["proxy_judge"] * minutes}],
-        "gold_judge": {**judge, "max_minutes": SHARES["gold_judge"] * minutes},
-        "lm": None,
+        "generator": {"preset": "small", "seed": seed, "max_minutes": SHARES["generator"] * minutes,
+                      "eval_every": 200},
+        "proxy_judges": [{**judge, "seed": seed, "max_minutes": SHARES["proxy_judge"] * minutes}],
+        "gold_judge": {**judge, "seed": GOLD_SEED + seed, "max_minutes": SHARES["gold_judge"] * minutes},
+        "lm": {"preset": "small", "seed": seed, "max_minutes": SHARES["lm"] * minutes, "eval_every": 200},
         "grpo": {
-            "run": {"steps": 1_000, "mode": "async", "eval_every": 10, "eval_prompts": 64, "checkpoint_every": 20,
-                    "max_minutes": SHARES["grpo"] * minutes, "dashboard": True},
-            "sampler": {"steps": 16, "order": "confidence"},
-            "grpo": {"group_size": 8, "prompts_per_step": 4, "minibatch_size": 32, "lr": 1e-4, "kl_coef": 0.04,
-                     "replay_steps": 4},
+            "run": {"seed": seed, "steps": 1_000, "mode": "async", "eval_every": 10, "eval_prompts": 64,
+                    "checkpoint_every": 20, "max_minutes": SHARES["grpo"] * minutes, "dashboard": True},
+            "grpo": {"group_size": 8, "prompts_per_step": 4, "minibatch_size": 32, "lr": 1e-4, "kl_coef": 0.1,
+                     "kl_target": KL_TARGET, "kl_horizon": 5, "replay_steps": 4},
             "resources": {"rollout": {"num_workers": 2, "num_cpus": 0.5}, "torch_threads": threads}},
-        "evaluate": {"prompts": 64, "samples_per_prompt": 2, "best_of": [], "samples_shown": 1},
+        "evaluate": {"prompts": 64, "samples_per_prompt": 2, "best_of": [], "samples_shown": 2},
     })
 
 
 def run_demo(out: str, corpus: str | None, minutes: float = 12.0, threads: int = 1, echo=print,
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False, seed: int = 0) -> dict:
     from .pipeline import run_pipeline, stage_configs
-    cfg = demo_config(out, corpus, minutes, threads)
+    cfg = demo_config(out, corpus, minutes, threads, seed)
     port = stage_configs(cfg).grpo.run.dashboard_port
     echo(f"Watch the GRPO stage in Ray's dashboard: http://127.0.0.1:{port} (up while the stage runs; Ray takes the "
          f"next free port if that one is taken, and the stage's 'Ray dashboard:' line says which; sign in with the "

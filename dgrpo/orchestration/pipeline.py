@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from ..config import (JudgeTrainConfig, LMTrainConfig, PipelineConfig, PretrainConfig, TrainConfig, deep_merge,
                       format_errors, to_dict)
 from ..errors import ConfigError
+from ..evaluation.verdict import MEASURES, format_measures, text_verdict
 from ..precision import precision_report
 from ..training.loop import UNBOUNDED_ITERS
 
@@ -238,6 +239,7 @@ class Pipeline:
         summary = self.train()
         report = self.evaluate()
         result = headline(report, summary, self.verdict_checkpoint)
+        result["grpo"]["kl_target"] = self.stages.grpo.grpo.kl_target
         result.update({"build_minutes": build_s / 60, "stage_minutes": {k: v / 60 for k, v in self.timings.items()},
                        "reused_stages": self.reused, "total_minutes": (time.perf_counter() - t0) / 60,
                        "out": str(self.out)})
@@ -288,8 +290,8 @@ def _mean(row: dict, key: str) -> float | None:
 
 def headline(report: dict, grpo_summary: dict | None = None, checkpoint: str | None = None) -> dict:
     """Before (the base generator) and after (the policy row of `checkpoint`, by default the last policy row)
-    on every measure, the gold gain in standard errors, distinct-4 relative to the base, and best-of-N at the
-    policy's KL."""
+    on every measure (evaluation/verdict.py), the gold gain in standard errors, the warnings about the text, and
+    best-of-N at the policy's KL."""
     base = _row(report, "base")
     policies = [r for r in report["rows"] if r["kind"] == "policy"]
     matching = [r for r in policies
@@ -298,52 +300,44 @@ def headline(report: dict, grpo_summary: dict | None = None, checkpoint: str | N
     paired = policy.get("paired_vs_base", {})
     gold = paired.get("gold_reward")
     kl = policy["kl_per_sequence"]["mean"]
-    d4_base, d4_policy = _mean(base, "distinct_4"), _mean(policy, "distinct_4")
+    keys = [key for key, _ in MEASURES]
+    before, after = {k: base.get(k) for k in keys}, {k: policy.get(k) for k in keys}
     result = {
         "policy_checkpoint": policy["checkpoint"], "sampler": report["sampler"],
-        "before": {k: base.get(k) for k in ("proxy_reward", "gold_reward", "lm_bits_per_char", "distinct_4")},
-        "after": {k: policy.get(k) for k in ("proxy_reward", "gold_reward", "lm_bits_per_char", "distinct_4")},
-        "paired_gain": paired, "kl_per_sequence": policy["kl_per_sequence"],
+        "before": before, "after": after, "paired_gain": paired, "kl_per_sequence": policy["kl_per_sequence"],
         "gold_gain_in_stderr": (gold["mean"] / gold["stderr"]) if gold and gold["stderr"] > 0 else None,
-        "distinct_4_relative": (d4_policy / d4_base) if d4_base else None,
+        **text_verdict(before, after, paired),
         "best_of_n_at_policy_kl": matched_best_of_n(report, kl),
         "examples_before": base.get("examples", []), "examples_after": policy.get("examples", []),
         "grpo": {k: (grpo_summary or {}).get(k) for k in ("steps", "wall_time_s", "eval_reward_before",
                                                           "eval_reward_after")},
     }
-    proxy = paired.get("proxy_reward")
-    result["proxy_rose_gold_fell"] = bool(proxy and gold and proxy["mean"] > 0 and gold["mean"] < 0)
     return result
-
-
-def _fmt(metric: dict | None) -> str:
-    return "-" if metric is None else f"{metric['mean']:.4f} ± {metric['stderr']:.4f}"
 
 
 def format_headline(r: dict) -> list[str]:
     s = r["sampler"]
     lines = ["== result",
              f"policy: {r['policy_checkpoint']}",
-             f"sampled with: steps={s['steps']} temperature={s['temperature']} top_k={s['top_k']} "
-             f"top_p={s['top_p']} order={s['order']}",
-             f"{'':18}{'before (base)':>22}{'after (policy)':>22}{'paired gain':>22}"]
-    for key, title in [("proxy_reward", "proxy reward"), ("gold_reward", "gold reward"),
-                       ("lm_bits_per_char", "LM bits/char"), ("distinct_4", "distinct-4")]:
-        lines.append(f"{title:18}{_fmt(r['before'].get(key)):>22}{_fmt(r['after'].get(key)):>22}"
-                     f"{_fmt(r['paired_gain'].get(key)):>22}")
-    lines.append(f"KL(policy || reference): {_fmt(r['kl_per_sequence'])} nats per sequence")
+             "sampled with: " + " ".join(f"{k}={v}" for k, v in s.items())]
+    lines += format_measures(r["before"], r["after"], r["paired_gain"])
+    budget = (r.get("grpo") or {}).get("kl_target")
+    kl = r["kl_per_sequence"]
+    lines.append(f"KL(policy || reference): {kl['mean']:.4f} ± {kl['stderr']:.4f} nats per sequence"
+                 + (f" (budget {budget:g})" if budget else ""))
     if r["gold_gain_in_stderr"] is not None:
         lines.append(f"gold gain: {r['gold_gain_in_stderr']:.1f} standard errors")
-    if r["distinct_4_relative"] is not None:
-        lines.append(f"distinct-4: {100 * r['distinct_4_relative']:.1f}% of the base generator's")
+    if r.get("distinct_2_relative") is not None:
+        lines.append(f"distinct-2: {100 * r['distinct_2_relative']:.1f}% of the base generator's")
     bon = r["best_of_n_at_policy_kl"]
     if bon and bon.get("gold") is not None:
         how = ("interpolated between N = {}".format(bon["n"]) if bon["interpolated"] else
                f"N = {bon['n']}, the largest measured (its KL bound {bon['kl']:.2f} is below the policy's)")
         lines.append(f"best-of-N at the policy's KL: gold {bon['gold']:.4f}, proxy {bon['proxy']:.4f} ({how})")
-    if r["proxy_rose_gold_fell"]:
-        lines.append("WARNING: the proxy reward rose while the gold reward fell: GRPO optimised the judge, "
-                     "not the text")
+    for warning in r.get("warnings", []):
+        lines.append(f"WARNING: {warning}")
+    if not r.get("warnings"):
+        lines.append("no warnings: the language model and the diversity measures agree with the judges")
     for title, texts in [("before", r["examples_before"]), ("after", r["examples_after"])]:
         for i, text in enumerate(texts):
             lines.append(f"--- {title} {i + 1}:\n{text}")

@@ -129,6 +129,12 @@ def _encode_value(hint: object, value: object, where: str, budget: _Budget) -> o
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise CodecError(f"{where} must be a float, got {_kind(value)}")
         return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise CodecError(f"{where} must be a str, got {_kind(value)}")
+        if len(value) > MAX_STR_LEN:
+            raise CodecError(f"{where} is a string of {len(value)} characters, more than {MAX_STR_LEN}")
+        return value
     if hint is torch.Tensor:
         return _encode_tensor(value, where, budget)
     if hint in _REGISTRY.values():
@@ -224,6 +230,10 @@ def _decode_value(hint: object, wire: object, where: str, budget: _Budget, versi
         if isinstance(wire, bool) or not isinstance(wire, (int, float)):
             raise CodecError(f"{where} must be a float, got {_kind(wire)}")
         return float(wire)
+    if hint is str:
+        if not isinstance(wire, str):
+            raise CodecError(f"{where} must be a str, got {_kind(wire)}")
+        return wire
     if hint is torch.Tensor:
         return torch.from_numpy(_decode_array(wire, where, budget))
     if hint in _REGISTRY.values():

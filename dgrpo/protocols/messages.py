@@ -10,13 +10,18 @@ and `validate()` is what a receiver calls before trusting a batch.
 
 from __future__ import annotations
 
+import typing
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-SCHEMA_VERSION = 3
+from ..config import RevealOrder
+
+REVEAL_ORDERS = typing.get_args(RevealOrder)
+
+SCHEMA_VERSION = 4
 """The wire version this build writes. It reads every version from 1 up: a field added by a later
 version carries `metadata={"since": version}` and takes its default in messages of older versions.
 
@@ -24,6 +29,8 @@ version carries `metadata={"since": version}` and takes its default in messages 
        ScoredBatch.judge_version (the judge weights that scored it: 0 = the judge checkpoint, n = n-th refresh)
     3: RolloutRequest.measure_kl and RolloutBatch.kl_to_reference (the KL of each sample's sampling process to
        the run's starting generator, measured by the sampler for held-out evaluations)
+    4: RolloutBatch.order, .random_reveal and .selection (the reveal rule and each step's log-probability of its
+       choice of positions, which the learner's replay needs to be exact under confidence order)
 """
 
 
@@ -82,6 +89,13 @@ class RolloutBatch:
     # request asked for it; empty otherwise
     kl_to_reference: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64),
                                           metadata={"since": 3})
+    # the reveal rule (sampler.py); older messages were replayed without selection terms, as random order is
+    order: str = field(default="random", metadata={"since": 4})
+    random_reveal: float = field(default=0.0, metadata={"since": 4})
+    # (G*k, steps) float32 log-probability of each step's choice of positions given its tokens; empty in older
+    # messages (then 0: exact under random order, where it does not depend on the model)
+    selection: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.float32),
+                                    metadata={"since": 4})
 
     @property
     def num_samples(self) -> int:
@@ -109,6 +123,15 @@ class RolloutBatch:
             raise ValueError(f"RolloutBatch.logprobs has NaN/inf at rows {_fmt_rows(bad.nonzero())}")
         if self.kl_to_reference.numel():
             _check_tensor("RolloutBatch.kl_to_reference", self.kl_to_reference, torch.float64, (shape[0],))
+        if self.order not in REVEAL_ORDERS:
+            raise ValueError(f"RolloutBatch.order must be one of {REVEAL_ORDERS}, got {self.order!r}")
+        if not 0 <= self.random_reveal < 1:
+            raise ValueError(f"RolloutBatch.random_reveal must be in [0, 1), got {self.random_reveal}")
+        if self.selection.numel() or self.order == "confidence":
+            _check_tensor("RolloutBatch.selection", self.selection, torch.float32, (shape[0], self.steps))
+            bad = ~torch.isfinite(self.selection).all(dim=1)
+            if bool(bad.any()):
+                raise ValueError(f"RolloutBatch.selection has NaN/inf at rows {_fmt_rows(bad.nonzero())}")
         if self.num_samples == 0:
             return
         g = self.group_index
