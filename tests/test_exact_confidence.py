@@ -267,3 +267,23 @@ def test_token_shares_sum_to_the_trajectory_log_likelihood():
     shares = token_shares(logprobs, selection, reveal_step)
     assert shares[0].tolist() == pytest.approx([-2.0, -3.0, 0.0, -1.5, -1.25])
     assert float(shares.sum()) == pytest.approx(float(logprobs.sum() + selection.sum()))
+
+
+def test_diversity_coef_lowers_the_advantage_of_samples_their_group_repeats(policy_and_reference):
+    """Two samples of a group made identical: with grpo.diversity_coef their shaped rewards, and so their
+    advantages, fall against the rest of the group; without it nothing changes."""
+    policy, reference = policy_and_reference
+    batch = one_batch(policy, "confidence", seed=3)
+    r = batch.rollout
+    for name in ("tokens", "reveal_step", "logprobs", "selection"):
+        getattr(r, name)[1] = getattr(r, name)[0]
+    batch.rewards[:] = torch.linspace(0.2, 0.8, len(batch.rewards))
+    batch.rewards[1] = batch.rewards[0]
+    cfg = dict(group_size=8, prompts_per_step=4, advantage="center")
+    plain = LearnerCore(copy.deepcopy(policy), GRPOConfig(**cfg), reference=reference)
+    shaped = LearnerCore(copy.deepcopy(policy), GRPOConfig(**cfg, diversity_coef=1.0), reference=reference)
+    data_plain, m_plain = plain.prepare([batch])
+    data_shaped, m_shaped = shaped.prepare([batch])
+    assert "group_similarity" not in m_plain and 0 < m_shaped["group_similarity"] < 1
+    drop = data_plain.advantages[:8] - data_shaped.advantages[:8]
+    assert float(drop[:2].min()) > float(drop[2:].max())  # the duplicated pair loses the most
