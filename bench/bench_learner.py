@@ -33,23 +33,24 @@ from bench.common import (VOCAB, default_out, ints, machine_info, median, names,
 from dgrpo.config import GRPOConfig
 from dgrpo.learner.core import LearnerCore
 from dgrpo.models.diffusion import DiffusionLM
-from dgrpo.models.sampler import sample
+from dgrpo.models.sampler import DEFAULTS, sample
 from dgrpo.models.transformer import count_params, forward_flops_per_token, preset_config
 from dgrpo.protocols import RolloutBatch, ScoredBatch
 
 
 def make_scored_batch(model: DiffusionLM, n_prompts: int, group_size: int, steps: int, seed: int = 0,
-                      request_id: int = 0) -> ScoredBatch:
+                      request_id: int = 0, order: str = DEFAULTS.order) -> ScoredBatch:
     """A real sampler trajectory batch (G prompts x k samples, unconditional) with random rewards."""
     T = model.cfg.block_size
     g = torch.Generator().manual_seed(seed)
     prompts = torch.full((n_prompts * group_size, T), model.mask_id, dtype=torch.long)
     with torch.no_grad():
-        out = sample(model.eval(), prompts, steps=steps, generator=g)
+        out = sample(model.eval(), prompts, steps=steps, order=order, generator=g)
     batch = RolloutBatch(request_id=request_id, tokens=out.tokens, reveal_step=out.reveal_step,
                          logprobs=out.logprobs,
                          group_index=torch.arange(n_prompts).repeat_interleave(group_size),
-                         policy_version=0, worker_id=0, steps=steps, temperature=1.0, top_k=0, top_p=1.0)
+                         policy_version=0, worker_id=0, steps=steps, temperature=1.0, top_k=0, top_p=1.0,
+                         order=order, random_reveal=DEFAULTS.random_reveal, selection=out.selection)
     rewards = torch.rand(n_prompts * group_size, generator=g)
     return ScoredBatch(rollout=batch, rewards=rewards, judge_id=0)
 
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--replay", default="all,4", help="comma list of replay_steps: 'all' (None, exact) or K")
     ap.add_argument("--rows-per-chunk", default="32,256", help="comma list of replay_rows_per_chunk")
     ap.add_argument("--old-logprob", default="behaviour", help="comma list of behaviour, recompute")
+    ap.add_argument("--order", default=DEFAULTS.order, choices=["random", "confidence"],
+                    help="reveal order of the trajectories (confidence: the replay adds the selection terms)")
     ap.add_argument("--prompts", type=int, default=4, help="prompts (groups) per GRPO step")
     ap.add_argument("--group-size", type=int, default=4, help="samples per prompt (k)")
     ap.add_argument("--minibatch-size", type=int, default=16, help="samples per optimizer step")
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         models[preset] = DiffusionLM(preset_config(preset, VOCAB))
         for S in steps_list:
             t0 = time.perf_counter()
-            data[preset, S] = make_scored_batch(models[preset], n_prompts, k, S, seed=S)
+            data[preset, S] = make_scored_batch(models[preset], n_prompts, k, S, seed=S, order=args.order)
             print(f"  sampled {n_prompts}x{k} trajectories, {preset} S={S}: {time.perf_counter() - t0:.1f} s",
                   flush=True)
 
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     for preset in presets:  # warm-up per preset (allocator, kernels) on a 2-sample batch of the first S
         S = steps_list[0]
-        small = make_scored_batch(models[preset], 1, 2, S, seed=1)
+        small = make_scored_batch(models[preset], 1, 2, S, seed=1, order=args.order)
         warm = LearnerCore(DiffusionLM(models[preset].cfg), GRPOConfig(group_size=2, prompts_per_step=1), seed=0)
         warm.train([small])
     for rep in range(reps):
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
               "precision": "fp32", "roofline_gflops": roofline[thread_list[0]],
               "roofline_gflops_by_threads": {str(t): v for t, v in roofline.items()}, "roofline_n": roofline_n,
               "batch": {"prompts": n_prompts, "group_size": k, "minibatch_size": args.minibatch_size,
-                        "epochs": args.epochs},
+                        "epochs": args.epochs, "order": args.order},
               "flops_note": "matmul FLOPs only: forward_flops_per_token x T per replayed row x "
                             "(1 reference + 3 per epoch + 1 if recompute)",
               "results": rows, "ratios": ratios}
