@@ -1,11 +1,12 @@
 """Which GRPO settings make the text better per nat of KL? Each variant runs GRPO from the same built models (the
 output directory of `dgrpo demo` or `dgrpo pipeline`: generator, proxy judge, gold judge, LM) for the same wall
-time, then the gold evaluation measures its selected checkpoint against the generator on held-out prompts: the
+time or number of steps, then the gold evaluation measures its selected checkpoint against the generator on held-out prompts: the
 proxy and gold judges, the LM's bits per character, distinct-2 and repeated word 2-grams, and the exact
 trajectory KL, with the gold gain per nat of it.
 
     python -m bench.bench_text_levers --models runs/demo --config demo --variants base,loo,diversity \\
-        [--minutes 3] [--seed 0] [--prompts 64] [--samples-per-prompt 2] [--out bench/results/text_levers.json]
+        (--minutes 3 | --steps 40) [--seed 0] [--prompts 64] [--samples-per-prompt 2] \\
+        [--out bench/results/text_levers.json]
 
 `--config demo` takes the demo's GRPO section (dgrpo/orchestration/demo.py), a YAML path a pipeline config's.
 A variant is a name in VARIANTS or `name:key.path=value;key.path=value` (TrainConfig keys over the GRPO section).
@@ -65,7 +66,8 @@ def main() -> None:
     ap.add_argument("--models", required=True, help="a `dgrpo demo` / `dgrpo pipeline` output directory")
     ap.add_argument("--config", default="demo", help="demo, or a pipeline YAML whose grpo section is the base")
     ap.add_argument("--variants", default="base")
-    ap.add_argument("--minutes", type=float, default=3.0, help="GRPO wall time of each variant")
+    ap.add_argument("--minutes", type=float, default=None, help="GRPO wall time of each variant")
+    ap.add_argument("--steps", type=int, default=None, help="GRPO steps of each variant (instead of --minutes)")
     ap.add_argument("--demo-minutes", type=float, default=12.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompts", type=int, default=64)
@@ -74,6 +76,8 @@ def main() -> None:
     ap.add_argument("--runs", default=None, help="where the variants' runs go (default: MODELS/levers)")
     ap.add_argument("--out", default=str(default_out("text_levers")))
     args = ap.parse_args()
+    if (args.minutes is None) == (args.steps is None):
+        raise SystemExit("give --minutes or --steps (one of them)")
 
     stages = stage_configs(pipeline_config(args))
     runs = Path(args.runs or Path(args.models) / "levers")
@@ -82,7 +86,7 @@ def main() -> None:
         name, tree = variant(spec)
         base = to_dict(stages.grpo)
         run = {"out_dir": str(runs / f"{name}_seed{args.seed}"), "seed": args.seed, "max_minutes": args.minutes,
-               "steps": 100_000, "dashboard": False, "metrics_export": False}
+               "steps": args.steps or 100_000, "dashboard": False, "metrics_export": False}
         cfg = TrainConfig.model_validate(deep_merge(deep_merge(base, tree), {"run": run}))
         t0 = time.perf_counter()
         summary = run_training(cfg, quiet=True)
@@ -114,7 +118,7 @@ def main() -> None:
         print(f"{name}: {summary.get('steps')} steps, KL {kl['mean']:.2f}, gold {gold['mean']:+.4f} ± "
               f"{gold['stderr']:.4f}, warnings {verdict['warnings']}", flush=True)
         write_json({"bench": "text_levers", "machine": machine_info(), "models": args.models,
-                    "config": args.config, "minutes": args.minutes, "results": results}, args.out)
+                    "config": args.config, "minutes": args.minutes, "steps": args.steps, "results": results}, args.out)
 
     def cell(m, fmt="+.4f"):
         return "-" if m is None else f"{m['mean']:{fmt}} ± {m['stderr']:.4f}"

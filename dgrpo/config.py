@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationErro
 from .errors import ConfigError
 
 
-RevealOrder = Literal["random", "confidence"]
+RevealOrder = Literal["random", "confidence", "gumbel_confidence"]
 AdvantageMode = Literal["zscore", "center", "loo"]
 KLEstimator = Literal["k1", "k2", "k3"]
 LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
@@ -41,10 +41,14 @@ class SamplerConfig(Section):
     top_k: int = Field(0, ge=0, description="0 = off")
     top_p: float = Field(1.0, gt=0, le=1)
     order: RevealOrder = Field("confidence", description=(
-        "which drawn tokens a step reveals: the most likely ones (confidence) or positions chosen at random"))
+        "which positions a step reveals: those whose drawn tokens are the most likely (confidence), positions "
+        "drawn without replacement with weights p_max^(1/reveal_temperature), p_max the probability of a "
+        "position's likeliest token (gumbel_confidence), or positions chosen at random (random)"))
     random_reveal: float = Field(0.01, ge=0, lt=1, description=(
         "confidence order: the share of steps that reveal positions chosen at random instead; above 0 every "
         "trajectory stays possible under any model, so the KL to the reference and its penalty stay finite"))
+    reveal_temperature: float = Field(0.1, gt=0, description=(
+        "gumbel_confidence: how sharply the likeliest positions come first (towards 0: strictly by confidence)"))
 
 
 class PretrainConfig(Section):
@@ -221,6 +225,10 @@ class GRPOConfig(Section):
     prompts_per_step: int = Field(8, ge=1)
     advantage: AdvantageMode = "zscore"
     adv_eps: float = Field(1e-6, gt=0)
+    selection_weight: float = Field(1.0, ge=0, le=1, description=(
+        "weight of the selection terms (the log-probability of each step's choice of positions) in the PPO ratio: 1 "
+        "is the exact policy gradient of the trajectory; below 1 trades its bias for less variance. The KL "
+        "penalty, kl_seq and the KL budget always use the whole trajectory probability"))
     diversity_coef: float = Field(0.0, ge=0, description=(
         "each sample's reward is lowered by this times its mean similarity to the other samples of its group (the "
         "share of its distinct token n-grams they also hold) before the advantages: a reward for diversity that "
@@ -345,6 +353,10 @@ class RunConfig(Section):
     max_minutes: Optional[float] = Field(None, gt=0, description="stop after this wall time (final eval + checkpoint)")
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = Field(1, ge=0)
+    weight_sync: Literal["object_store", "collective"] = Field("object_store", description=(
+        "how each policy version reaches the rollout workers: one object in Ray's object store that every worker "
+        "loads, or a collective broadcast from the learner (torch.distributed: gloo on CPU, NCCL on GPUs; "
+        "docs/WEIGHT_SYNC.md)"))
     eval_every: int = Field(10, ge=1)
     eval_prompts: int = Field(32, ge=1)
     eval_seed: int = 1234
@@ -478,7 +490,7 @@ RESUMABLE_KEYS = (
     "run.keep_checkpoints", "run.log_rollouts", "run.actor_timeout_s", "run.max_worker_failures",
     "run.max_zero_signal_steps", "run.ray_address", "run.connect_timeout_s", "run.metrics_export",
     "run.placement_timeout_s", "run.membership_check_s", "run.dashboard", "run.dashboard_port",
-    "run.tensorboard", "run.wandb_project",
+    "run.tensorboard", "run.wandb_project", "run.weight_sync",
     "resources.*.num_workers", "resources.*.min_workers", "resources.*.max_workers", "resources.*.num_cpus",
     "resources.*.num_gpus", "resources.*.max_restarts", "resources.*.custom_resources*", "resources.torch_threads",
 )

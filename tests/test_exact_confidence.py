@@ -21,7 +21,8 @@ from dgrpo.config import GRPOConfig, RewardConfig, SamplerConfig
 from dgrpo.corpus import CharTokenizer
 from dgrpo.learner.core import LearnerCore
 from dgrpo.models.diffusion import DiffusionLM
-from dgrpo.models.sampler import LOG_ZERO, confidence_step_logprob, sample, sampling_logprobs, selection_logprob
+from dgrpo.models.sampler import (LOG_ZERO, RevealRule, confidence_step_logprob, gumbel_scores,
+                                  plackett_luce_selection, sample, sampling_logprobs, selection_logprob)
 from dgrpo.models.trajectory import replay_rows, row_logprobs, token_shares, trajectory_step_logprobs
 from dgrpo.models.transformer import preset_config
 from dgrpo.protocols import RolloutRequest
@@ -67,16 +68,16 @@ def test_step_probabilities_sum_to_one_with_a_very_confident_hidden_position():
     # has tokens below 1/3, so that is possible; leaving position 3 hidden needs a token below 1/3 there: 0.12
     reveal = torch.tensor([[False, True, True, False]])
     token = torch.zeros(1, T, dtype=torch.long)
-    sel0 = selection_logprob(logp, token, reveal, masked, "confidence", 0.0)
+    sel0 = selection_logprob(logp, token, reveal, masked, None, RevealRule("confidence", 0.0))
     assert math.isfinite(float(sel0))
     # now a revealed token less likely than every token of a hidden position: impossible by confidence
     token[0, 1] = 1
     logp2 = logp.clone()
     logp2[0, 1] = torch.tensor([-0.05, -6.0, -3.0]).log_softmax(-1)  # token 1 at position 1: p ~ 0.0025
-    sel = selection_logprob(logp2, token, reveal, masked, "confidence", 0.0)
+    sel = selection_logprob(logp2, token, reveal, masked, None, RevealRule("confidence", 0.0))
     assert float(sel) <= LOG_ZERO / 2  # log 0, as a finite number
     eps = 0.1
-    sel_mixed = selection_logprob(logp2, token, reveal, masked, "confidence", eps)
+    sel_mixed = selection_logprob(logp2, token, reveal, masked, None, RevealRule("confidence", eps))
     expected = math.log(eps) - math.log(math.comb(4, 2))  # only the random branch can do it
     assert float(sel_mixed) == pytest.approx(expected, abs=1e-5)
 
@@ -110,8 +111,8 @@ def test_sampler_frequencies_match_the_mixture():
     # the recorded selection term of the first step is the one the formula gives
     row = 0
     reveal = (out.reveal_step[row:row + 1] == 0)
-    expected = selection_logprob(logp, out.tokens[row:row + 1], reveal, torch.ones(1, T, dtype=torch.bool),
-                                 "confidence", eps)
+    expected = selection_logprob(logp, out.tokens[row:row + 1], reveal, torch.ones(1, T, dtype=torch.bool), None,
+                                 RevealRule("confidence", eps))
     assert float(out.selection[row, 0]) == pytest.approx(float(expected), abs=1e-6)
 
 
@@ -129,7 +130,7 @@ def test_selection_gradient_matches_finite_differences(random_reveal):
     def f(lg):
         lp = lg.log_softmax(-1)
         tok_lp = torch.where(reveal, lp.gather(-1, token[..., None]).squeeze(-1), 0.0).sum()
-        return tok_lp + selection_logprob(lp, token, reveal, masked, "confidence", random_reveal).sum()
+        return tok_lp + selection_logprob(lp, token, reveal, masked, None, RevealRule("confidence", random_reveal)).sum()
 
     x = logits.clone().requires_grad_(True)
     f(x).backward()
@@ -158,24 +159,29 @@ def policy_and_reference():
     return policy, reference
 
 
-@pytest.mark.parametrize("order", ["random", "confidence"])
+ORDERS = ["random", "confidence", "gumbel_confidence"]
+
+
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
 def test_replay_reproduces_the_recorded_step_probabilities(policy_and_reference, order, dtype):
     policy, _ = policy_and_reference
     prompt = torch.full((6, LENGTH), TOK.mask_id)
     prompt[3:, :5] = TOK.encode("abcde")
-    out = sample(policy, prompt, steps=5, order=order, random_reveal=0.2, autocast_dtype=dtype,
-                 generator=torch.Generator().manual_seed(3))
+    rule = RevealRule(order, 0.2, 0.3)
+    out = sample(policy, prompt, steps=5, order=order, random_reveal=0.2, reveal_temperature=0.3,
+                 autocast_dtype=dtype, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        tokens_lp, selection = trajectory_step_logprobs(policy, out.tokens, out.reveal_step, 5, order=order,
-                                                        random_reveal=0.2, autocast_dtype=dtype, rows_per_chunk=4)
+        tokens_lp, selection = trajectory_step_logprobs(policy, out.tokens, out.reveal_step, 5, rule=rule,
+                                                        reveal_rank=out.reveal_rank, autocast_dtype=dtype,
+                                                        rows_per_chunk=4)
     tol = 1e-5 if dtype is None else 2e-3
     assert float((tokens_lp - out.logprobs).abs().max()) <= tol
     assert float((selection - out.selection).abs().max()) <= tol
-    if order == "confidence":
-        assert float(out.selection.abs().max()) > 0.1  # the selection terms are not trivially 0
-    else:
+    if order == "random":
         assert float(out.selection.abs().max()) == 0
+    else:
+        assert float(out.selection.abs().max()) > 0.1  # the selection terms are not trivially 0
 
 
 def one_batch(policy, order: str, seed: int = 0, random_reveal: float = 0.05, dtype: str = "fp32",
@@ -191,7 +197,7 @@ def one_batch(policy, order: str, seed: int = 0, random_reveal: float = 0.05, dt
     return judge.score(worker.generate(request, ref_snapshot))
 
 
-@pytest.mark.parametrize("order", ["random", "confidence"])
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_first_ratio_is_exactly_one(policy_and_reference, order, precision):
     policy, reference = policy_and_reference
@@ -203,11 +209,11 @@ def test_first_ratio_is_exactly_one(policy_and_reference, order, precision):
     metrics = core.train([batch])
     assert metrics["first_step_ratio_dev"] <= (1e-5 if precision == "fp32" else 2e-3)
     assert metrics["logp_mismatch"] <= (1e-6 if precision == "fp32" else 1e-3)
-    if order == "confidence":
+    if order != "random":
         assert abs(metrics["kl_seq_selection"]) > 0.1  # the policy moved the choice of positions too
 
 
-@pytest.mark.parametrize("order", ["random", "confidence"])
+@pytest.mark.parametrize("order", ORDERS)
 def test_learner_kl_seq_equals_the_samplers_measured_trajectory_kl(policy_and_reference, order):
     """The same samples: the learner's kl_seq (k1 on the replayed shares) and the sampler's kl_to_reference
     (measured beside the reference while sampling). Under confidence order both are the trajectory log-ratio,
@@ -221,7 +227,7 @@ def test_learner_kl_seq_equals_the_samplers_measured_trajectory_kl(policy_and_re
     learner_kl = sequence_kl(data.old, data.ref, data.mask, data.scale).double()
     sampler_kl = batch.rollout.kl_to_reference
     assert float(sampler_kl.mean()) > 1.0
-    if order == "confidence":
+    if order != "random":
         assert torch.allclose(learner_kl, sampler_kl, atol=1e-3, rtol=1e-4)
     else:
         se = float(learner_kl.std()) / len(learner_kl) ** 0.5
@@ -246,11 +252,11 @@ def test_the_learner_never_sees_an_infinite_term(policy_and_reference):
     batch = one_batch(policy, "confidence", seed=11, random_reveal=0.01)
     rows = replay_rows(batch.rollout.reveal_step, 4)
     with torch.no_grad():
-        r = row_logprobs(sure, batch.rollout.tokens, batch.rollout.reveal_step, rows, order="confidence",
-                         random_reveal=0.0)
+        r = row_logprobs(sure, batch.rollout.tokens, batch.rollout.reveal_step, rows,
+                         rule=RevealRule("confidence", 0.0))
         assert float(r.selection.min()) <= LOG_ZERO / 2  # impossible by confidence alone
-        r = row_logprobs(sure, batch.rollout.tokens, batch.rollout.reveal_step, rows, order="confidence",
-                         random_reveal=0.01)
+        r = row_logprobs(sure, batch.rollout.tokens, batch.rollout.reveal_step, rows,
+                         rule=RevealRule("confidence", 0.01))
     assert bool(torch.isfinite(r.selection).all()) and float(r.selection.min()) > -100
     core = LearnerCore(copy.deepcopy(policy), GRPOConfig(group_size=8, prompts_per_step=4, lr=1e-3, kl_coef=0.5),
                        reference=sure)
@@ -287,3 +293,74 @@ def test_diversity_coef_lowers_the_advantage_of_samples_their_group_repeats(poli
     assert "group_similarity" not in m_plain and 0 < m_shaped["group_similarity"] < 1
     drop = data_plain.advantages[:8] - data_shaped.advantages[:8]
     assert float(drop[:2].min()) > float(drop[2:].max())  # the duplicated pair loses the most
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_gumbel_confidence_order_probabilities_sum_to_one(n):
+    """Every ordered choice of n of the masked positions: the Plackett-Luce probabilities add up to 1."""
+    g = torch.Generator().manual_seed(n)
+    T = 5
+    score = torch.randn(1, T, generator=g) * 2
+    masked = torch.tensor([[True, True, False, True, True]])
+    total = 0.0
+    for picks in itertools.permutations(masked[0].nonzero().flatten().tolist(), n):
+        reveal = torch.zeros(1, T, dtype=torch.bool)
+        rank = torch.full((1, T), -1)
+        for k, pos in enumerate(picks):
+            reveal[0, pos], rank[0, pos] = True, k
+        total += float(plackett_luce_selection(score, reveal, masked, rank).double().exp())
+    assert total == pytest.approx(1.0, abs=1e-5)
+
+
+def test_gumbel_confidence_sampler_matches_its_probabilities():
+    """The first two reveals of the sampler (two per step) in each order, against plackett_luce_selection."""
+    g = torch.Generator().manual_seed(2)
+    T, V, n = 3, 4, 30000
+    logits = torch.randn(T, V, generator=g) * 2
+
+    class Fixed(torch.nn.Module):
+        mask_id = V
+
+        def forward(self, idx):
+            return logits[None].expand(idx.shape[0], -1, -1)
+
+    temp = 0.7
+    out = sample(Fixed(), torch.full((n, T), V), steps=2, order="gumbel_confidence", reveal_temperature=temp,
+                 generator=torch.Generator().manual_seed(0))
+    first = out.reveal_step == 0
+    assert bool((first.sum(1) == 1).all())  # schedule: 1 then 2 of 3 positions
+    pos = first.float().argmax(1)
+    freq = torch.bincount(pos, minlength=T).double() / n
+    score = gumbel_scores(sampling_logprobs(logits[None]), temp)
+    for p in range(T):
+        reveal = torch.zeros(1, T, dtype=torch.bool)
+        reveal[0, p] = True
+        rank = torch.where(reveal, 0, -1)
+        prob = float(plackett_luce_selection(score, reveal, torch.ones(1, T, dtype=torch.bool), rank).exp())
+        assert float(freq[p]) == pytest.approx(prob, abs=0.01)
+
+
+def test_gumbel_confidence_gradient_matches_finite_differences():
+    g = torch.Generator().manual_seed(0)
+    T, V = 6, 4
+    logits = torch.randn(2, T, V, generator=g, dtype=torch.float64)
+    masked = torch.tensor([[True] * 6, [True, False, True, True, False, True]])
+    reveal = torch.tensor([[True, False, False, True, True, False], [False, False, True, False, False, True]])
+    rank = torch.tensor([[2, -1, -1, 0, 1, -1], [-1, -1, 1, -1, -1, 0]])
+    rule = RevealRule("gumbel_confidence", reveal_temperature=0.5)
+    token = torch.zeros(2, T, dtype=torch.long)
+
+    def f(lg):
+        return selection_logprob(lg.log_softmax(-1), token, reveal, masked, rank, rule).sum()
+
+    x = logits.clone().requires_grad_(True)
+    f(x).backward()
+    h = 1e-6
+    numeric = torch.zeros_like(logits)
+    for idx in itertools.product(range(2), range(T), range(V)):
+        plus, minus = logits.clone(), logits.clone()
+        plus[idx] += h
+        minus[idx] -= h
+        numeric[idx] = (f(plus) - f(minus)) / (2 * h)
+    assert torch.allclose(x.grad, numeric, atol=1e-5)
+    assert float(numeric.abs().sum()) > 0

@@ -353,3 +353,19 @@ def test_group_similarity_counts_shared_ngrams_within_groups():
         group_similarity(t, 3, 3, 10)
     with pytest.raises(ValueError, match="64-bit hash"):
         group_similarity(t, 2, 16, 66)
+
+
+def test_token_loss_takes_its_ratio_from_the_surrogate_pair_and_its_kl_from_the_whole_shares():
+    from dgrpo.learner.grpo import token_loss
+    new = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    old = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-1.5, -2.5]])
+    weights, targets, adv = torch.full((1, 2), 0.5), torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 1)
+    common = dict(clip_low=0.2, clip_high=None, kl_coef=0.1, kl_estimator="k1")
+    whole = token_loss(new, old, ref, adv, weights, targets, **common)
+    surrogate_new = new - 0.3  # a weighted-down selection share
+    part = token_loss(new, old, ref, adv, weights, targets, surrogate_logps=(surrogate_new, old - 0.3), **common)
+    assert torch.allclose(whole.ratio, part.ratio) and torch.allclose(whole.kl, part.kl)  # same log-ratios here
+    moved = token_loss(new, old, ref, adv, weights, targets, surrogate_logps=(new - 0.3, old), **common)
+    assert torch.allclose(moved.ratio, torch.exp(torch.tensor(-0.3)).expand(1, 2))
+    assert torch.allclose(moved.kl, whole.kl)  # the KL penalty ignores the surrogate pair

@@ -63,7 +63,7 @@ def make_scored(seed: int = 0, members: int = 3, **kw) -> ScoredBatch:
                        member_rewards=member_rewards)
 
 
-V4_ROLLOUT_FIELDS = ("order", "random_reveal", "selection")
+V4_ROLLOUT_FIELDS = ("order", "random_reveal", "reveal_temperature", "selection", "reveal_rank")
 
 
 def strip_rollout_fields_after_2(rollout: dict) -> None:
@@ -462,6 +462,14 @@ def test_reveal_rule_and_selection_round_trip_and_default_in_version_3_messages(
         bad.validate()
     bad.selection, bad.order = batch.selection, "lifo"
     with pytest.raises(ValueError, match="RolloutBatch.order must be one of"):
+        bad.validate()
+    bad.order = "gumbel_confidence"  # its replay needs the order of each step's reveals
+    with pytest.raises(ValueError, match=r"RolloutBatch.reveal_rank has shape \(0, 0\)"):
+        bad.validate()
+    bad.reveal_rank = torch.where(batch.reveal_step >= 0, 0, -1)
+    bad.validate()
+    bad.reveal_rank[0, 0] = -1 if int(batch.reveal_step[0, 0]) >= 0 else 0
+    with pytest.raises(ValueError, match=r"reveal_rank must be -1 exactly at prompt positions.*rows \[0\]"):
         bad.validate()
     wire = msgpack.unpackb(encode(batch))
     wire["data"]["order"] = 3

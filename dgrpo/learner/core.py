@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..models.sampler import RevealRule
 from ..models.trajectory import (ReplayRows, replay_rows, row_logprobs, subsample_scale, token_shares,
                                  trajectory_step_logprobs)
 from ..protocols import ScoredBatch, WeightSnapshot
@@ -50,11 +51,12 @@ class StackedBatch:
     rewards: torch.Tensor  # (N,)
     group: torch.Tensor  # (N,) global group id, rows of a group contiguous
     staleness: torch.Tensor  # (N,) learner version - generating version
+    reveal_rank: torch.Tensor  # (N, T) order of each position among its step's reveals (empty if not recorded)
     steps: int
-    sampling: dict  # temperature, top_k, top_p, order, random_reveal: what the replay must reproduce
+    sampling: dict  # temperature, top_k, top_p and the reveal rule: what the replay must reproduce
 
 
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "order", "random_reveal")
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "order", "random_reveal", "reveal_temperature")
 
 
 def stack_batches(batches: list[ScoredBatch], learner_version: int) -> StackedBatch:
@@ -79,12 +81,19 @@ def stack_batches(batches: list[ScoredBatch], learner_version: int) -> StackedBa
         r = b.rollout
         return r.selection if r.selection.numel() else torch.zeros(r.num_samples, r.steps)
 
+    def reveal_rank(b: ScoredBatch) -> torch.Tensor:  # only gumbel_confidence needs it (validate checks)
+        r = b.rollout
+        return r.reveal_rank if r.reveal_rank.numel() else torch.full_like(r.reveal_step, -1)
+
+    settings = {k: getattr(first, k) for k in SAMPLING_KEYS}
     return StackedBatch(
         tokens=cat(lambda b: b.rollout.tokens), reveal_step=cat(lambda b: b.rollout.reveal_step),
         behaviour=cat(lambda b: b.rollout.logprobs), selection=cat(selection),
         rewards=cat(lambda b: b.rewards.float()), group=group[order],
         staleness=cat(lambda b: torch.full((b.num_samples,), learner_version - b.rollout.policy_version)),
-        steps=first.steps, sampling={k: getattr(first, k) for k in SAMPLING_KEYS})
+        reveal_rank=cat(reveal_rank), steps=first.steps,
+        sampling={"temperature": first.temperature, "top_k": first.top_k, "top_p": first.top_p,
+                  "rule": RevealRule.of(settings)})
 
 
 def revealed_mask(reveal_step: torch.Tensor, rows: ReplayRows, steps: int) -> torch.Tensor:
@@ -99,10 +108,12 @@ class StepData:
     """One GRPO step's tensors on the learner's device; `reference_pass` fills ref, old and importance."""
     tokens: torch.Tensor  # (N, T)
     reveal: torch.Tensor  # (N, T) reveal steps
+    reveal_rank: torch.Tensor  # (N, T) order among a step's reveals
     rows: ReplayRows  # the (sample, step) rows replayed
     mask: torch.Tensor  # (N, T) tokens of those rows
     scale: torch.Tensor  # (N,) steps with tokens / steps replayed (trajectory.subsample_scale)
     behaviour: torch.Tensor  # (N, T) the rollouts' shares
+    behaviour_tokens: torch.Tensor  # (N, T) the rollouts' token log-probs
     behaviour_selection: torch.Tensor  # (N, S)
     advantages: torch.Tensor  # (N,)
     keep: torch.Tensor  # (N,) bool: in a group with signal
@@ -111,6 +122,7 @@ class StepData:
     sampling: dict
     ref: torch.Tensor | None = None  # (N, T) the reference's shares
     old: torch.Tensor | None = None  # (N, T) PPO's old shares
+    old_surrogate: torch.Tensor | None = None  # (N, T) the same with the selection terms weighted down
     importance: torch.Tensor | None = None  # (N, T) truncated importance weight (recompute mode)
 
     def subset(self, keep: torch.Tensor) -> "StepData":
@@ -121,10 +133,12 @@ class StepData:
         row_kept = keep[self.rows.sample_idx]
         rows = ReplayRows(position[self.rows.sample_idx[row_kept]], self.rows.step_idx[row_kept])
         pick = lambda t: None if t is None else t[kept]  # noqa: E731
-        return StepData(self.tokens[kept], self.reveal[kept], rows, self.mask[kept], self.scale[kept],
-                        self.behaviour[kept], self.behaviour_selection[kept], self.advantages[kept], self.keep[kept],
+        return StepData(self.tokens[kept], self.reveal[kept], self.reveal_rank[kept], rows, self.mask[kept],
+                        self.scale[kept],
+                        self.behaviour[kept], self.behaviour_tokens[kept], self.behaviour_selection[kept],
+                        self.advantages[kept], self.keep[kept],
                         self.fresh[kept], self.steps, self.sampling, pick(self.ref), pick(self.old),
-                        pick(self.importance))
+                        pick(self.old_surrogate), pick(self.importance))
 
 
 @dataclass
@@ -250,9 +264,10 @@ class LearnerCore:
         selection = stacked.selection.to(dev)
         rows = replay_rows(reveal, stacked.steps, cfg.replay_steps, self.generator)
         data = StepData(
-            tokens=tokens, reveal=reveal, rows=rows, mask=revealed_mask(reveal, rows, stacked.steps),
+            tokens=tokens, reveal=reveal, reveal_rank=stacked.reveal_rank.to(dev), rows=rows, mask=revealed_mask(reveal, rows, stacked.steps),
             scale=subsample_scale(reveal, rows, stacked.steps),
-            behaviour=token_shares(stacked.behaviour.to(dev), selection, reveal), behaviour_selection=selection,
+            behaviour=token_shares(stacked.behaviour.to(dev), selection, reveal),
+            behaviour_tokens=stacked.behaviour.to(dev), behaviour_selection=selection,
             advantages=advantages.to(dev), keep=keep_groups.repeat_interleave(k).to(dev),
             fresh=(stacked.staleness == 0).to(dev), steps=stacked.steps, sampling=stacked.sampling)
         return data, metrics
@@ -262,8 +277,8 @@ class LearnerCore:
         """The reference's shares (and in recompute mode the current policy's) on the replay rows; `kl_seq`."""
         cfg, metrics = self.cfg, {}
         replay = lambda model: trajectory_step_logprobs(  # noqa: E731
-            model, data.tokens, data.reveal, data.steps, rows=data.rows, rows_per_chunk=cfg.replay_rows_per_chunk,
-            autocast_dtype=self.autocast_dtype, **data.sampling)
+            model, data.tokens, data.reveal, data.steps, reveal_rank=data.reveal_rank, rows=data.rows,
+            rows_per_chunk=cfg.replay_rows_per_chunk, autocast_dtype=self.autocast_dtype, **data.sampling)
         ref_tokens, ref_selection = replay(self.reference)
         data.ref = token_shares(ref_tokens, ref_selection, data.reveal)
         if cfg.old_logprob == "recompute":
@@ -271,6 +286,7 @@ class LearnerCore:
             old_tokens, old_selection = replay(self.policy)
             self.policy.train()
             data.old = token_shares(old_tokens, old_selection, data.reveal)
+            data.old_surrogate = token_shares(old_tokens, old_selection, data.reveal, cfg.selection_weight)
             data.importance = grpo.truncated_importance_weight(data.old, data.behaviour, cfg.tis_cap)
             gap = (data.old - data.behaviour).abs()
             metrics["logp_lag"] = float(grpo.masked_mean(gap, data.mask))
@@ -279,6 +295,7 @@ class LearnerCore:
             metrics["tis_mean"] = float(grpo.masked_mean(data.importance, data.mask))
         else:
             data.old, old_selection = data.behaviour, data.behaviour_selection
+            data.old_surrogate = token_shares(data.behaviour_tokens, old_selection, data.reveal, cfg.selection_weight)
         # pi_old's KL to the reference on every sample of the step, before the update
         kl_seq = grpo.sequence_kl(data.old, data.ref, data.mask, data.scale)
         replayed = torch.zeros_like(ref_selection, dtype=torch.bool)
@@ -302,14 +319,16 @@ class LearnerCore:
                 self.optimizer.zero_grad(set_to_none=True)
                 mb_loss = 0.0
                 for chunk in mb_rows.chunks(cfg.replay_rows_per_chunk):
-                    out = row_logprobs(self.policy, data.tokens, data.reveal, chunk,
+                    out = row_logprobs(self.policy, data.tokens, data.reveal, chunk, reveal_rank=data.reveal_rank,
                                        autocast_dtype=self.autocast_dtype, with_entropy=True, **data.sampling)
                     new = out.shares()
                     sel = chunk.sample_idx
+                    surrogate = None if cfg.selection_weight == 1 else (out.shares(cfg.selection_weight),
+                                                                        data.old_surrogate[sel])
                     tl = grpo.token_loss(
                         new, data.old[sel], data.ref[sel], data.advantages[sel][:, None], weights[sel], out.targets,
                         clip_low=cfg.clip_eps, clip_high=cfg.clip_eps_high, kl_coef=kl_coef,
-                        kl_estimator=cfg.kl_estimator,
+                        kl_estimator=cfg.kl_estimator, surrogate_logps=surrogate,
                         importance=None if data.importance is None else data.importance[sel])
                     tl.loss.backward()
                     mb_loss += float(tl.loss.detach())

@@ -253,15 +253,18 @@ class TokenLoss:
 
 def token_loss(new_logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, weights: Tensor,
                targets: Tensor, *, clip_low: float, clip_high: float | None, kl_coef: float, kl_estimator: str,
-               importance: Tensor | None = None) -> TokenLoss:
+               importance: Tensor | None = None, surrogate_logps: tuple[Tensor, Tensor] | None = None) -> TokenLoss:
     """The GRPO loss of a chunk of replayed rows: per token, ``importance * clip-surrogate(ratio, A) + kl_coef *
     KL-penalty(new, ref)``, summed with the aggregation ``weights`` over ``targets``.
 
     All log-probs are (P, T) per-token shares of their trajectory (trajectory.token_shares), ``advantages`` is
-    (P, 1); ``importance`` (P, T), the truncated importance weight of recompute mode, defaults to 1. The
-    log-ratio in the ratio is clamped to +-KL_LOG_RATIO_CLAMP, so a far-off token cannot overflow it.
+    (P, 1); ``importance`` (P, T), the truncated importance weight of recompute mode, defaults to 1. The ratio is
+    exp(new - old), or of the pair ``surrogate_logps`` (new, old) when given (shares with the selection terms
+    weighted down, GRPOConfig.selection_weight); the KL penalty always takes the whole shares. The log-ratio in
+    the ratio is clamped to +-KL_LOG_RATIO_CLAMP, so a far-off token cannot overflow it.
     """
-    d = torch.clamp(new_logp - old_logp, -KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
+    new_s, old_s = surrogate_logps if surrogate_logps is not None else (new_logp, old_logp)
+    d = torch.clamp(new_s - old_s, -KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
     ratio = torch.exp(d)
     pg, clipped = clipped_surrogate(ratio, advantages, clip_low, clip_high)
     if importance is not None:

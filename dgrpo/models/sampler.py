@@ -58,10 +58,24 @@ DEFAULTS = SamplerConfig()
 LOG_ZERO = -1e30
 
 
+@dataclass(frozen=True)
+class RevealRule:
+    """How a step chooses which masked positions to reveal (SamplerConfig.order and its options)."""
+    order: str = DEFAULTS.order
+    random_reveal: float = DEFAULTS.random_reveal  # confidence: the share of steps revealing at random
+    reveal_temperature: float = DEFAULTS.reveal_temperature  # gumbel_confidence
+
+    @classmethod
+    def of(cls, settings: dict) -> "RevealRule":
+        """The rule among sampler settings (a SamplerConfig dump or a RolloutBatch's fields)."""
+        return cls(**{k: settings[k] for k in ("order", "random_reveal", "reveal_temperature") if k in settings})
+
+
 @dataclass
 class SampleOutput:
     tokens: torch.Tensor  # (B, T) long, no [MASK] left
     reveal_step: torch.Tensor  # (B, T) long, -1 for prompt positions
+    reveal_rank: torch.Tensor  # (B, T) long, order of the position among its step's reveals, -1 for prompt positions
     logprobs: torch.Tensor  # (B, T) float32 log-prob of each revealed token, 0 at prompt positions
     selection: torch.Tensor  # (B, S) float32 log-prob of each step's choice of positions, 0 where none revealed
     # (B,) float64 nats, when sampled with a reference: this trajectory's term of KL(model || reference)
@@ -69,7 +83,7 @@ class SampleOutput:
 
 
 def validate_sampling(steps: int, temperature: float, top_k: int, top_p: float, order: str,
-                      random_reveal: float = 0.0) -> None:
+                      random_reveal: float = 0.0, reveal_temperature: float = 1.0) -> None:
     if steps < 1:
         raise ValueError(f"sampler steps must be >= 1, got {steps}")
     if not temperature > 0:
@@ -82,6 +96,8 @@ def validate_sampling(steps: int, temperature: float, top_k: int, top_p: float, 
         raise ValueError(f"sampler order must be one of {REVEAL_ORDERS}, got {order!r}")
     if not 0 <= random_reveal < 1:
         raise ValueError(f"sampler random_reveal must be in [0, 1), got {random_reveal}")
+    if not reveal_temperature > 0:
+        raise ValueError(f"sampler reveal_temperature must be > 0, got {reveal_temperature}")
 
 
 def sampling_logprobs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
@@ -117,15 +133,11 @@ def log_choose(n: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return (torch.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)).float()
 
 
-def selection_logprob(logp: torch.Tensor, token: torch.Tensor, reveal: torch.Tensor, masked: torch.Tensor,
-                      order: str, random_reveal: float = 0.0) -> torch.Tensor:
-    """(B,) log-probability that a step, from a state whose masked positions are `masked` (B, T) and whose
-    sampling log-probs are `logp` (B, T, V), chooses exactly the positions `reveal` given the tokens `token`
-    drawn there (see the module docstring). Differentiable in `logp`. A row that reveals nothing scores 0."""
-    n_masked, n_reveal = masked.sum(1), reveal.sum(1)
-    if order == "random":  # 1 / C(m, n) for every model: only ratios between models matter, so 0
-        return torch.zeros(logp.shape[0], dtype=torch.float32, device=logp.device)
-    uniform = -log_choose(n_masked, n_reveal)
+def confidence_selection(logp: torch.Tensor, token: torch.Tensor, reveal: torch.Tensor, masked: torch.Tensor,
+                         random_reveal: float) -> torch.Tensor:
+    """(B,) log-probability of the confidence rule's choice: every hidden masked position drew a token less likely
+    than tau, the least likely revealed token (ties go to the lower position), or, with probability
+    random_reveal, a uniformly random choice."""
     token_logp = logp.gather(-1, token[..., None]).squeeze(-1)
     tau = torch.where(reveal, token_logp, float("inf")).amin(1)
     # ties go to the lower position (the sampler's stable sort): a hidden position after the last revealed one
@@ -138,9 +150,46 @@ def selection_logprob(logp: torch.Tensor, token: torch.Tensor, reveal: torch.Ten
     below = torch.where(less_likely.any(-1), below, LOG_ZERO)
     by_confidence = torch.where(masked & ~reveal, below, 0.0).sum(1).clamp_min(LOG_ZERO)
     if random_reveal > 0:
+        uniform = -log_choose(masked.sum(1), reveal.sum(1))
         by_confidence = torch.logaddexp(by_confidence + math.log1p(-random_reveal),
                                         uniform + math.log(random_reveal))
-    return torch.where(n_reveal > 0, by_confidence, 0.0)
+    return by_confidence
+
+
+def gumbel_scores(logp: torch.Tensor, reveal_temperature: float) -> torch.Tensor:
+    """(B, T) Plackett-Luce log-weights of the positions: log p_max / reveal_temperature."""
+    return logp.amax(-1) / reveal_temperature
+
+
+def plackett_luce_selection(score: torch.Tensor, reveal: torch.Tensor, masked: torch.Tensor,
+                            rank: torch.Tensor) -> torch.Tensor:
+    """(B,) log-probability of drawing the revealed positions in the order `rank` (0 first) without replacement,
+    each draw among the masked positions not drawn yet with probability softmax(score)."""
+    B, T = score.shape
+    hidden = masked & ~reveal
+    rest = torch.logsumexp(score.masked_fill(~hidden, LOG_ZERO), dim=1)  # the hidden positions' total weight
+    slot = torch.where(reveal, rank, T)  # revealed positions by rank, the others into a spare column
+    by_rank = torch.full((B, T + 1), LOG_ZERO, dtype=score.dtype, device=score.device)
+    by_rank = by_rank.scatter(1, slot, torch.where(reveal, score, LOG_ZERO))[:, :T]
+    remaining = torch.logcumsumexp(by_rank.flip(1), dim=1).flip(1)  # weight of the reveals from rank k on
+    denominator = torch.logaddexp(rest[:, None], remaining)
+    drawn = torch.arange(T, device=score.device)[None, :] < reveal.sum(1, keepdim=True)
+    return torch.where(drawn, by_rank - denominator, 0.0).sum(1)
+
+
+def selection_logprob(logp: torch.Tensor, token: torch.Tensor, reveal: torch.Tensor, masked: torch.Tensor,
+                      rank: torch.Tensor | None, rule: RevealRule) -> torch.Tensor:
+    """(B,) log-probability that a step, from a state whose masked positions are `masked` (B, T) and whose
+    sampling log-probs are `logp` (B, T, V), chooses exactly the positions `reveal` (in the order `rank`, which
+    only gumbel_confidence needs) given the tokens `token` drawn there (see the module docstring).
+    Differentiable in `logp`. A row that reveals nothing scores 0."""
+    if rule.order == "random":  # 1 / C(m, n) for every model: only ratios between models matter, so 0
+        return torch.zeros(logp.shape[0], dtype=torch.float32, device=logp.device)
+    if rule.order == "confidence":
+        chosen = confidence_selection(logp, token, reveal, masked, rule.random_reveal)
+    else:
+        chosen = plackett_luce_selection(gumbel_scores(logp, rule.reveal_temperature), reveal, masked, rank)
+    return torch.where(reveal.any(1), chosen, 0.0)
 
 
 def confidence_step_logprob(logp: torch.Tensor, token: torch.Tensor, reveal: torch.Tensor,
@@ -148,8 +197,8 @@ def confidence_step_logprob(logp: torch.Tensor, token: torch.Tensor, reveal: tor
     """(B,) log-probability that one confidence-order step reveals exactly the positions `reveal` with `token`
     there: its tokens' log-probs plus the selection term. A row that reveals nothing scores 0."""
     token_logp = logp.gather(-1, token[..., None]).squeeze(-1)
-    return (torch.where(reveal, token_logp, 0.0).sum(1)
-            + selection_logprob(logp, token, reveal, masked, "confidence", random_reveal))
+    rule = RevealRule("confidence", random_reveal=random_reveal)
+    return torch.where(reveal, token_logp, 0.0).sum(1) + selection_logprob(logp, token, reveal, masked, None, rule)
 
 
 def reveal_schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -162,17 +211,19 @@ def reveal_schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
 @torch.no_grad()
 def sample(model, prompt: torch.Tensor, steps: int = DEFAULTS.steps, temperature: float = DEFAULTS.temperature,
            top_k: int = DEFAULTS.top_k, top_p: float = DEFAULTS.top_p, order: str = DEFAULTS.order,
-           random_reveal: float = DEFAULTS.random_reveal,
+           random_reveal: float = DEFAULTS.random_reveal, reveal_temperature: float = DEFAULTS.reveal_temperature,
            generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
            reference=None) -> SampleOutput:
     """Fill every [MASK] of `prompt` (B, T) in `steps` denoising steps, batched over B. With a `reference`
     model, also log model(trajectory) - log reference(trajectory) of each trajectory (`kl_to_reference`)."""
-    validate_sampling(steps, temperature, top_k, top_p, order, random_reveal)
+    validate_sampling(steps, temperature, top_k, top_p, order, random_reveal, reveal_temperature)
+    rule = RevealRule(order, random_reveal, reveal_temperature)
     mask_id = model.mask_id
     x = prompt.clone()
     B, T = x.shape
     masked = x == mask_id
     reveal_step = torch.full_like(x, PROMPT_STEP)
+    reveal_rank = torch.full_like(x, PROMPT_STEP)
     logprobs = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     selection = torch.zeros((B, steps), dtype=torch.float32, device=x.device)
     counts = reveal_schedule(masked.sum(1), steps)
@@ -185,12 +236,12 @@ def sample(model, prompt: torch.Tensor, steps: int = DEFAULTS.steps, temperature
         with autocast_context(x.device, autocast_dtype):
             logits = model(x)
         logp = sampling_logprobs(logits, temperature, top_k, top_p)
-        gumbel = -torch.log(-torch.log(torch.rand(logp.shape, generator=generator, device=x.device)
-                                       .clamp_(1e-20, 1.0)))
-        token = (logp + gumbel).argmax(-1)
+        token = (logp + gumbel_noise(logp.shape, generator, x.device)).argmax(-1)
         token_logp = logp.gather(-1, token[..., None]).squeeze(-1)
         if order == "random":
             score = torch.rand(x.shape, generator=generator, device=x.device)
+        elif order == "gumbel_confidence":  # Gumbel-top-n: draws without replacement, in order
+            score = gumbel_scores(logp, reveal_temperature) + gumbel_noise(x.shape, generator, x.device)
         else:
             score = token_logp.clone()
             if random_reveal > 0:
@@ -202,23 +253,28 @@ def sample(model, prompt: torch.Tensor, steps: int = DEFAULTS.steps, temperature
         ranked = score.argsort(dim=1, descending=True, stable=True)  # ties: the lower position first
         rank = torch.empty_like(ranked).scatter_(1, ranked, positions)
         reveal = masked & (rank < n_reveal[:, None])
-        step_selection = selection_logprob(logp, token, reveal, masked, order, random_reveal)
+        step_selection = selection_logprob(logp, token, reveal, masked, rank, rule)
         if reference is not None:
             with autocast_context(x.device, autocast_dtype):
                 ref_logits = reference(x)
             ref_logp = sampling_logprobs(ref_logits, temperature, top_k, top_p)
-            if order == "confidence":
+            if order == "random":
+                kl += torch.where(reveal, position_kl(logp, ref_logp), 0.0).sum(1, dtype=torch.float64)
+            else:
                 ref_token_logp = ref_logp.gather(-1, token[..., None]).squeeze(-1)
-                ref_selection = selection_logprob(ref_logp, token, reveal, masked, order, random_reveal)
+                ref_selection = selection_logprob(ref_logp, token, reveal, masked, rank, rule)
                 kl += (torch.where(reveal, token_logp - ref_token_logp, 0.0).sum(1)
                        + step_selection - ref_selection).double()
-            else:
-                kl += torch.where(reveal, position_kl(logp, ref_logp), 0.0).sum(1, dtype=torch.float64)
         x = torch.where(reveal, token, x)
         reveal_step = torch.where(reveal, torch.full_like(x, s), reveal_step)
+        reveal_rank = torch.where(reveal, rank, reveal_rank)
         logprobs = torch.where(reveal, token_logp, logprobs)
         selection[:, s] = step_selection
         masked &= ~reveal
     assert not bool(masked.any()), "reveal schedule left masked positions"
-    return SampleOutput(tokens=x, reveal_step=reveal_step, logprobs=logprobs, selection=selection,
-                        kl_to_reference=kl)
+    return SampleOutput(tokens=x, reveal_step=reveal_step, reveal_rank=reveal_rank, logprobs=logprobs,
+                        selection=selection, kl_to_reference=kl)
+
+
+def gumbel_noise(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    return -torch.log(-torch.log(torch.rand(shape, generator=generator, device=device).clamp_(1e-20, 1.0)))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..precision import autocast_context
-from .sampler import DEFAULTS, selection_logprob, sampling_logprobs
+from .sampler import DEFAULTS, RevealRule, selection_logprob, sampling_logprobs
 
 
 @dataclass
@@ -74,18 +74,22 @@ class RowLogprobs:
     selection: torch.Tensor  # (P,) log-prob of the row's choice of positions
     entropy: torch.Tensor | None  # (P, T) entropy of the sampling distribution at targets
 
-    def shares(self) -> torch.Tensor:
-        """(P, T) each target's log-prob plus an equal share of its row's selection term, 0 elsewhere."""
-        per_token = self.selection / self.targets.sum(1).clamp_min(1)
+    def shares(self, selection_weight: float = 1.0) -> torch.Tensor:
+        """(P, T) each target's log-prob plus an equal share of its row's selection term (times
+        `selection_weight`), 0 elsewhere."""
+        per_token = selection_weight * self.selection / self.targets.sum(1).clamp_min(1)
         return torch.where(self.targets, self.logprobs + per_token[:, None], 0.0)
 
 
 def row_logprobs(model, tokens: torch.Tensor, reveal_step: torch.Tensor, rows: ReplayRows,
                  temperature: float = DEFAULTS.temperature, top_k: int = DEFAULTS.top_k,
-                 top_p: float = DEFAULTS.top_p, order: str = DEFAULTS.order,
-                 random_reveal: float = DEFAULTS.random_reveal, autocast_dtype: torch.dtype | None = None,
+                 top_p: float = DEFAULTS.top_p, rule: RevealRule = RevealRule(),
+                 reveal_rank: torch.Tensor | None = None, autocast_dtype: torch.dtype | None = None,
                  with_entropy: bool = False) -> RowLogprobs:
-    """Replay a chunk of rows through `model` (with gradients if enabled)."""
+    """Replay a chunk of rows through `model` (with gradients if enabled). `reveal_rank` (B, T), the order of each
+    position among its step's reveals, is needed by the gumbel_confidence rule only."""
+    if rule.order == "gumbel_confidence" and (reveal_rank is None or not reveal_rank.numel()):
+        raise ValueError("replaying gumbel_confidence steps needs the rollouts' reveal_rank")
     inputs, targets = replay_states(tokens, reveal_step, rows, model.mask_id)
     with autocast_context(tokens.device, autocast_dtype):
         logits = model(inputs)
@@ -93,7 +97,8 @@ def row_logprobs(model, tokens: torch.Tensor, reveal_step: torch.Tensor, rows: R
     row_tokens = tokens[rows.sample_idx]
     logp = logp_all.gather(-1, row_tokens[..., None]).squeeze(-1)
     logp = torch.where(targets, logp, torch.zeros_like(logp))
-    selection = selection_logprob(logp_all, row_tokens, targets, inputs == model.mask_id, order, random_reveal)
+    rank = None if reveal_rank is None or not reveal_rank.numel() else reveal_rank[rows.sample_idx]
+    selection = selection_logprob(logp_all, row_tokens, targets, inputs == model.mask_id, rank, rule)
     entropy = None
     if with_entropy:
         p = logp_all.exp()
@@ -108,13 +113,14 @@ def scatter_rows(values: torch.Tensor, rows: ReplayRows, batch_size: int) -> tor
     return out.index_add(0, rows.sample_idx, values)
 
 
-def token_shares(logprobs: torch.Tensor, selection: torch.Tensor, reveal_step: torch.Tensor) -> torch.Tensor:
-    """(B, T) each revealed token's log-prob plus an equal share of its step's selection term (B, S); 0 at prompt
-    positions. A trajectory's shares sum to its log-likelihood."""
+def token_shares(logprobs: torch.Tensor, selection: torch.Tensor, reveal_step: torch.Tensor,
+                 selection_weight: float = 1.0) -> torch.Tensor:
+    """(B, T) each revealed token's log-prob plus an equal share of its step's selection term (B, S), times
+    `selection_weight`; 0 at prompt positions. With weight 1 a trajectory's shares sum to its log-likelihood."""
     step = reveal_step.clamp_min(0)
     revealed = reveal_step >= 0
     counts = torch.zeros_like(selection).scatter_add(1, step, revealed.to(selection.dtype))
-    per_token = (selection / counts.clamp_min(1)).gather(1, step)
+    per_token = (selection_weight * selection / counts.clamp_min(1)).gather(1, step)
     return torch.where(revealed, logprobs + per_token, 0.0)
 
 
@@ -130,8 +136,8 @@ def subsample_scale(reveal_step: torch.Tensor, rows: ReplayRows, steps: int) -> 
 
 def trajectory_step_logprobs(model, tokens: torch.Tensor, reveal_step: torch.Tensor, steps: int,
                              temperature: float = DEFAULTS.temperature, top_k: int = DEFAULTS.top_k,
-                             top_p: float = DEFAULTS.top_p, order: str = DEFAULTS.order,
-                             random_reveal: float = DEFAULTS.random_reveal, rows_per_chunk: int = 256,
+                             top_p: float = DEFAULTS.top_p, rule: RevealRule = RevealRule(),
+                             reveal_rank: torch.Tensor | None = None, rows_per_chunk: int = 256,
                              autocast_dtype: torch.dtype | None = None,
                              rows: ReplayRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) log-probs of every revealed token (0 at prompt positions) and (B, S) the selection term of every
@@ -140,7 +146,7 @@ def trajectory_step_logprobs(model, tokens: torch.Tensor, reveal_step: torch.Ten
     out = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
     selection = torch.zeros((tokens.shape[0], steps), dtype=torch.float32, device=tokens.device)
     for chunk in rows.chunks(rows_per_chunk):
-        r = row_logprobs(model, tokens, reveal_step, chunk, temperature, top_k, top_p, order, random_reveal,
+        r = row_logprobs(model, tokens, reveal_step, chunk, temperature, top_k, top_p, rule, reveal_rank,
                          autocast_dtype)
         out = out + scatter_rows(r.logprobs, chunk, tokens.shape[0])
         selection = selection.index_put((chunk.sample_idx, chunk.step_idx), r.selection)
@@ -153,4 +159,5 @@ def trajectory_logprobs(model, tokens: torch.Tensor, reveal_step: torch.Tensor, 
                         autocast_dtype: torch.dtype | None = None, rows: ReplayRows | None = None) -> torch.Tensor:
     """(B, T) log-probs of every revealed token (0 at prompt positions); the selection terms left out."""
     return trajectory_step_logprobs(model, tokens, reveal_step, steps, temperature, top_k, top_p,
-                                    rows_per_chunk=rows_per_chunk, autocast_dtype=autocast_dtype, rows=rows)[0]
+                                    rule=RevealRule("random"), rows_per_chunk=rows_per_chunk,
+                                    autocast_dtype=autocast_dtype, rows=rows)[0]

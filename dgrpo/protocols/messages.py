@@ -29,8 +29,9 @@ version carries `metadata={"since": version}` and takes its default in messages 
        ScoredBatch.judge_version (the judge weights that scored it: 0 = the judge checkpoint, n = n-th refresh)
     3: RolloutRequest.measure_kl and RolloutBatch.kl_to_reference (the KL of each sample's sampling process to
        the run's starting generator, measured by the sampler for held-out evaluations)
-    4: RolloutBatch.order, .random_reveal and .selection (the reveal rule and each step's log-probability of its
-       choice of positions, which the learner's replay needs to be exact under confidence order)
+    4: RolloutBatch.order, .random_reveal, .reveal_temperature, .selection and .reveal_rank (the reveal rule, each
+       step's log-probability of its choice of positions and the order of its reveals, which the learner's replay
+       needs to be exact under the confidence rules)
 """
 
 
@@ -92,10 +93,15 @@ class RolloutBatch:
     # the reveal rule (sampler.py); older messages were replayed without selection terms, as random order is
     order: str = field(default="random", metadata={"since": 4})
     random_reveal: float = field(default=0.0, metadata={"since": 4})
+    reveal_temperature: float = field(default=1.0, metadata={"since": 4})
     # (G*k, steps) float32 log-probability of each step's choice of positions given its tokens; empty in older
     # messages (then 0: exact under random order, where it does not depend on the model)
     selection: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.float32),
                                     metadata={"since": 4})
+    # (G*k, T) long order of each position among its step's reveals (0 first), -1 at prompt positions; the
+    # gumbel_confidence rule's replay needs it, other rules may leave it empty
+    reveal_rank: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long),
+                                      metadata={"since": 4})
 
     @property
     def num_samples(self) -> int:
@@ -127,11 +133,19 @@ class RolloutBatch:
             raise ValueError(f"RolloutBatch.order must be one of {REVEAL_ORDERS}, got {self.order!r}")
         if not 0 <= self.random_reveal < 1:
             raise ValueError(f"RolloutBatch.random_reveal must be in [0, 1), got {self.random_reveal}")
-        if self.selection.numel() or self.order == "confidence":
+        if not self.reveal_temperature > 0:
+            raise ValueError(f"RolloutBatch.reveal_temperature must be > 0, got {self.reveal_temperature}")
+        if self.selection.numel() or self.order != "random":
             _check_tensor("RolloutBatch.selection", self.selection, torch.float32, (shape[0], self.steps))
             bad = ~torch.isfinite(self.selection).all(dim=1)
             if bool(bad.any()):
                 raise ValueError(f"RolloutBatch.selection has NaN/inf at rows {_fmt_rows(bad.nonzero())}")
+        if self.reveal_rank.numel() or self.order == "gumbel_confidence":
+            _check_tensor("RolloutBatch.reveal_rank", self.reveal_rank, torch.long, shape)
+            bad = ((self.reveal_rank < 0) != (self.reveal_step < 0)).any(dim=1) | (self.reveal_rank >= shape[1]).any(1)
+            if bool(bad.any()):
+                raise ValueError(f"RolloutBatch.reveal_rank must be -1 exactly at prompt positions and below the "
+                                 f"length elsewhere; not so at rows {_fmt_rows(bad.nonzero())}")
         if self.num_samples == 0:
             return
         g = self.group_index
