@@ -6,7 +6,10 @@ distribution (temperature, optional top-k / top-p), and a scheduled number n of 
 
 - `random` order: n positions chosen uniformly at random;
 - `confidence` order: the n positions whose drawn tokens are most likely; with probability `random_reveal`
-  a step reveals n positions chosen at random instead (see "Support" below).
+  a step reveals n positions chosen at random instead (see "Support" below);
+- `gumbel_confidence` order: n positions drawn one after another without replacement, each with probability
+  proportional to p_max^(1 / reveal_temperature), p_max the probability of the position's likeliest token
+  (Gumbel-top-n on log p_max / reveal_temperature); the order of the draws is recorded (`reveal_rank`).
 
 The sampler records, per position, the step that revealed it (`reveal_step`, -1 for prompt positions) and the
 log-probability of the revealed token (`logprobs`), and, per step, the log-probability of the choice of
@@ -22,9 +25,15 @@ the lower position), so with the random share eps
 
     Sel = (1 - eps) * prod_{i masked, not in R} p_i(tokens less likely than tau) + eps / C(m, n)
 
-(`selection_logprob`). Summed over steps, token and selection terms give the log-likelihood of the trajectory
+gumbel_confidence: Sel is the Plackett-Luce probability of the recorded order, a product over the draws of
+w_j / (sum of w over the positions still masked), w = p_max^(1 / reveal_temperature) (`selection_logprob`). Summed over steps, token and selection terms give the log-likelihood of the trajectory
 (up to the model-independent constant of random order), which is all the learner needs to replay it exactly
 (trajectory.py).
+
+The two confidence rules differ in how the step probability depends on the model. Under `confidence` it jumps
+where a hidden position's likeliest token crosses tau (tau is a drawn token's probability), so models that differ
+a little can give a trajectory very different probabilities: the trajectory KL between them is large next to the
+KL between their texts. Under `gumbel_confidence` it is smooth in the model.
 
 Support: without the random share, a confidence step is impossible under a model for which some hidden position
 has no token less likely than tau (a model very sure of a position the trajectory left hidden): its probability
@@ -34,7 +43,7 @@ least the probability eps / C(m, n) times its tokens' under every model, so log-
 Given a reference model, the sampler also measures KL(model || reference) between the two trajectory
 distributions along each trajectory it draws (`kl_to_reference`; its mean over samples is the KL, an upper bound
 of the KL between the final texts): under random order the exact KL of the two token distributions at the
-revealed positions (positions do not depend on the model); under confidence order the log of the whole step
+revealed positions (positions do not depend on the model); under the confidence rules the log of the whole step
 probability under the model minus under the reference.
 """
 
