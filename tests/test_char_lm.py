@@ -130,5 +130,6 @@ def test_lm_train_cli(tmp_path, tiny_corpus_file):
     assert "bits/char" in result.output and (out / "config.json").is_file()
     manifest = json.loads((out / "config.json").read_text())
     assert manifest["kind"] == "lm" and manifest["config"]["corpus"]["path"] == tiny_corpus_file
-    bad = CliRunner().invoke(main, ["lm", "train", "--corpus", str(tmp_path / "missing.txt"), "--out", str(out)])
+    bad = CliRunner().invoke(main, ["lm", "train", "--corpus", str(tmp_path / "missing.txt"), "--out",
+                                    str(tmp_path / "other")])
     assert bad.exit_code == 2 and "does not exist" in bad.output

@@ -123,12 +123,13 @@ def test_scale_command_checks_the_run_and_its_bounds(tmp_path):
     assert read_targets(run) == {"rollout": 3}
     for args, message in [(["--rollout-workers", "9"], r"--rollout-workers 9 is outside the run's rollout workers "
                                                        r"\(1..4"),
-                          (["--judge-workers", "2"], r"--judge-workers 2 is outside .* \(a fixed 1"),
-                          ([], "needs --rollout-workers N")]:
+                          (["--judge-workers", "2"], r"--judge-workers 2 is outside .* \(a fixed 1")]:
         bad = runner.invoke(main, ["scale", str(run), *args])
         assert bad.exit_code == 2 and "Traceback" not in bad.output, bad.output
         assert re.search(message, bad.output), bad.output
     assert read_targets(run) == {"rollout": 3}  # nothing written by a refused command
+    state = runner.invoke(main, ["scale", str(run)])  # alone: the run's state
+    assert state.exit_code == 0 and "rollout workers: ? placed (as last logged), target 3, allowed 1..4" in state.output
     missing = runner.invoke(main, ["scale", str(tmp_path / "nowhere"), "--rollout-workers", "2"])
     assert missing.exit_code == 2 and "is not a dgrpo train run directory" in missing.output
     (run / "config.yaml").write_text("resources: {rollout: {min_workers: 5, max_workers: 2}}\n")

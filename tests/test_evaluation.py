@@ -195,7 +195,7 @@ def checkpoints(tmp_path_factory, tiny_generator, tiny_corpus_file):
 
 def _evaluate(*args):
     return CliRunner().invoke(main, ["evaluate", "--prompts", "6", "--samples-per-prompt", "2", "--threads", "1",
-                                     *args])
+                                     "--precision", "fp32", *args])
 
 
 def _finite_bar(metric) -> bool:
@@ -397,7 +397,7 @@ def test_evaluate_a_run_with_its_own_ensemble_and_reference_resets(tmp_path, che
     assert row["levers"] == ["ensemble of 2 (min)", "reference reset every 2 steps"]
     assert row["kl_per_sequence"]["mean"] > 0.1
     result = _evaluate("--policy", path, "--generator", c["generator"], "--gold", c["member_a"],
-                       "--out", str(out))
+                       "--out", str(out), "--overwrite")
     assert result.exit_code == 2 and "a reward judge of an evaluated run" in result.output
 
 
@@ -413,5 +413,5 @@ def test_evaluate_best_takes_the_checkpoint_a_run_names(tmp_path, checkpoints):
     result = _evaluate("--run", str(run), "--best", "--generator", c["generator"], "--out", str(out))
     assert result.exit_code == 0, result.output
     assert [r.get("step") for r in json.loads(out.read_text())["rows"]] == [None, 4]
-    result = _evaluate("--run", str(run), "--generator", c["generator"], "--out", str(out))
+    result = _evaluate("--run", str(run), "--generator", c["generator"], "--out", str(out), "--overwrite")
     assert [r.get("step") for r in json.loads(out.read_text())["rows"]] == [None, 2, 4, 6]

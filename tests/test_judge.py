@@ -202,12 +202,13 @@ def test_training_writes_checkpoint_state_and_eval_json(trained_judge, tiny_gene
     assert ckpt.has("rng") and ckpt.has("pool") and (Path(path) / "optimizer.safetensors").is_file()
 
 
-def test_judge_eval_cli_prints_figures_and_writes_json(trained_judge):
+def test_judge_eval_cli_prints_figures_and_writes_json(trained_judge, tmp_path):
     path, _ = trained_judge
-    res = CliRunner().invoke(main, ["judge", "eval", "--judge", path, "--windows", "12", "--seed", "3"])
+    res = CliRunner().invoke(main, ["judge", "eval", "--judge", path, "--windows", "12", "--seed", "3",
+                                    "--out", str(tmp_path / "eval.json")])
     assert res.exit_code == 0, res.output
     printed = json.loads(res.output)
-    written = json.loads((Path(path) / "eval.json").read_text())
+    written = json.loads((tmp_path / "eval.json").read_text())
     assert set(FIGURES) <= set(printed) and printed == written
     assert printed["n_windows"] == 12 and printed["seed"] == 3
 
@@ -248,7 +249,7 @@ def test_judge_train_cli(tmp_path, tiny_generator, tiny_corpus_file):
     assert load_checkpoint(out, expect_kind="judge").state["iter"] == 2
     assert set(FIGURES) <= set(json.loads((out / "eval.json").read_text()))
     res = CliRunner().invoke(main, ["judge", "train", "--generator", str(tmp_path / "nope"), "--corpus",
-                                    tiny_corpus_file, "--out", str(out)])
+                                    tiny_corpus_file, "--out", str(tmp_path / "other")])
     assert res.exit_code == 2 and "does not exist" in res.output
 
 
@@ -295,12 +296,12 @@ def test_sample_out_writes_json_lines_with_rewards_and_settings(tiny_generator, 
     assert [r["index"] for r in rows] == [0, 1, 2] and all("reward" not in r for r in rows)
     assert [r["text"] for r in rows] == [text for text, _ in generate_texts(tiny_generator, num=3, steps=4, seed=2)]
     assert rows[0]["settings"] == {"checkpoint": tiny_generator, "prompt": None, "mask_char": "_", "length": None,
-                                   "steps": 4, "temperature": 1.0, "top_k": 0, "order": "confidence", "seed": 2,
-                                   "judge": None, "best_of": 1}
+                                   **SamplerConfig(steps=4).model_dump(), "seed": 2, "judge": None, "best_of": 1,
+                                   "precision": "auto"}
     assert f"wrote 3 samples to {out}" in res.output
     judge_path, _ = trained_judge
     res = CliRunner().invoke(main, ["sample", "-k", tiny_generator, "-n", "2", "--steps", "4", "--judge", judge_path,
-                                    "--best-of", "2", "--out", str(out)])
+                                    "--best-of", "2", "--out", str(out), "--overwrite"])
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     printed = [float(line.split()[-1]) for line in res.output.splitlines() if line.startswith("--- reward")]

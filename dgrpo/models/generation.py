@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import SamplerConfig
 from ..errors import ConfigError
 from ..precision import resolve_precision
 from .diffusion import load_generator
@@ -13,10 +14,12 @@ from .sampler import sample
 
 
 def generate_texts(checkpoint, num: int = 3, length: int | None = None, prompt: str | None = None,
-                   mask_char: str = "_", steps: int = 64, temperature: float = 1.0, top_k: int = 0,
-                   order: str = "confidence", seed: int = 0, judge_checkpoint=None, best_of: int = 1,
-                   top_p: float = 1.0, precision: str = "auto") -> list[tuple[str, float | None]]:
+                   mask_char: str = "_", seed: int = 0, judge_checkpoint=None, best_of: int = 1,
+                   precision: str = "auto", sampler: SamplerConfig | None = None,
+                   **sampler_keys) -> list[tuple[str, float | None]]:
     """`num` texts, each as (text, judge reward or None).
+
+    The sampler is `sampler` (default: SamplerConfig(), training's), with `sampler_keys` (steps=8, ...) over it.
 
     Unconditional (no prompt): windows of `length` [MASK]s (default: the block size).
     Infill: `prompt` with `mask_char` at the positions to fill, the same prompt `num` times.
@@ -55,8 +58,9 @@ def generate_texts(checkpoint, num: int = 3, length: int | None = None, prompt: 
                          f"have {L}; use --length {judge.cfg.block_size} (or a prompt of that length)")
         reward_fn = JudgeReward(judge, tokenizer, autocast_dtype=resolve_precision(precision))
     prompts = row.expand(num * best_of, L).clone()
-    out = sample(model, prompts, steps=steps, temperature=temperature, top_k=top_k, top_p=top_p, order=order,
-                 generator=torch.Generator().manual_seed(seed), autocast_dtype=resolve_precision(precision))
+    settings = {**(sampler or SamplerConfig()).model_dump(), **sampler_keys}
+    out = sample(model, prompts, **settings, generator=torch.Generator().manual_seed(seed),
+                 autocast_dtype=resolve_precision(precision))
     tokens = out.tokens
     if reward_fn is None:
         return [(text, None) for text in tokenizer.decode_batch(tokens)]

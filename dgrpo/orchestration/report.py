@@ -1,4 +1,4 @@
-"""`dgrpo report RUN_DIR`: PNG plots and a Markdown summary from a run's metrics log."""
+"""`dgrpo report RUN_DIR [--out DIR]`: PNG plots and a Markdown summary from a run's metrics log."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ def _series(rows: list[dict], key: str, x: str = "step"):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def make_report(run_dir: str | Path) -> dict:
+def make_report(run_dir: str | Path, out: str | Path | None = None) -> dict:
+    """Plots, report.md and summary.json of a run, written into `out` (default RUN/report)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -27,8 +28,8 @@ def make_report(run_dir: str | Path) -> dict:
     train_rows = [r for r in rows if "reward_mean" in r]
     if not train_rows:
         raise RunError(f"{run / 'metrics.jsonl'} has no training steps; is {run} a `dgrpo train` run directory?")
-    out = run / "report"
-    out.mkdir(exist_ok=True)
+    out = Path(out) if out is not None else run / "report"
+    out.mkdir(parents=True, exist_ok=True)
     plots = {}
 
     def save(fig, name):

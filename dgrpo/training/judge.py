@@ -476,9 +476,10 @@ def train_judge(cfg, config_dict: dict, resume: bool = False, progress: bool = T
     return JudgeTrainer(cfg, config_dict, resume, log, init_from_generator).run(progress)
 
 
-def evaluate_judge_cli(judge_ckpt, generator_ckpt=None, corpus_path=None, windows: int = 256, seed: int = 0) -> dict:
-    """Held-out figures of a judge checkpoint; writes <judge_ckpt>/eval.json. The generator defaults
-    to the one the judge was trained against, the corpus and sampler settings to its training config."""
+def evaluate_judge_cli(judge_ckpt, generator_ckpt=None, corpus_path=None, windows: int = 256, seed: int = 0,
+                       out=None, precision: str | None = None) -> dict:
+    """Held-out figures of a judge checkpoint, written as JSON to `out` if given. The generator defaults
+    to the one the judge was trained against, the corpus, sampler settings and precision to its training config."""
     jckpt = load_checkpoint(judge_ckpt, expect_kind="judge")
     if generator_ckpt is None:
         generator_ckpt = jckpt.state.get("generator")
@@ -501,10 +502,15 @@ def evaluate_judge_cli(judge_ckpt, generator_ckpt=None, corpus_path=None, window
                          tokenizer=tokenizer)
     if windows < 2:
         raise ConfigError(f"--windows must be >= 2, got {windows}")
-    autocast_dtype = resolve_precision(trained.precision)
+    autocast_dtype = resolve_precision(precision or trained.precision)
     t0 = time.perf_counter()
     figures = evaluate_judge(judge, generator, corpus.val, windows, trained.sampler, seed, autocast_dtype)
     figures = {**figures, "iter": jckpt.state.get("iter"), "generator": str(Path(generator_ckpt).resolve()),
                "seed": seed, "eval_time_s": time.perf_counter() - t0}
-    write_eval_json(judge_ckpt, figures)
+    if out is not None:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(_json_safe(figures), indent=2))
+        os.replace(tmp, path)
     return _json_safe(figures)
