@@ -1,4 +1,5 @@
-# Two commands do all the set-up on a fresh machine: `make test` and `make demo`.
+# Two commands do all the set-up on a fresh machine: `make test` (~17 min on 2 cores) and `make demo` (~12 min)
+# (docs/RESULTS.md, "Tests and CI" and "`make demo`").
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -26,7 +27,8 @@ test: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/dgrpo demo --out $(DEMO_DIR) $(if $(CORPUS),--corpus $(CORPUS),)
 
-# The headline experiment: build generator, judges and LM (~45 min on 2 cores), GRPO (15 min), gold evaluation.
+# The headline experiment: build generator, judges and LM (~24 min on 2 cores), GRPO (at most 15 min), gold
+# evaluation (~9 min) (docs/RESULTS.md, "The headline").
 headline: $(BIN)/.installed
 	$(BIN)/dgrpo pipeline -c configs/headline.yaml --set out=$(HEADLINE_DIR) $(if $(CORPUS),--set corpus.path=$(CORPUS),)
 

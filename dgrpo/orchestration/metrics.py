@@ -81,6 +81,10 @@ class MetricsLogger:
             self._keeper = GaugeKeeper()  # re-sends gauge values so slow steps do not drop out of Prometheus
             self._gauges = {name: m.Gauge(name, f"dgrpo driver metric {key}") for name, key in DRIVER_GAUGES.items()}
             self._phase = m.Gauge("dgrpo_phase", "current driver phase (1 on the active phase)", tag_keys=("phase",))
+            kl_target = ((config or {}).get("grpo") or {}).get("kl_target")
+            if _finite(kl_target):  # the KL budget, for the alert that compares kl_seq with it
+                self._keeper.set(m.Gauge("dgrpo_kl_target", "grpo.kl_target: the KL budget, nats per sequence"),
+                                 float(kl_target))
         self._tb = None
         if tensorboard:
             try:
