@@ -58,6 +58,10 @@ KL_DEFINITION = {
                   "the KL the learner's kl_seq and its budget hold); an upper bound of the text KL, a loose one: "
                   "the choice of positions turns on small differences between the models. best-of-N rows: the "
                   "bound log N - (N-1)/N",
+    "gumbel_confidence": "policy rows: the trajectory KL to the reference, measured along the policy's samples (log "
+                         "policy(trajectory) - log reference(trajectory), the order of each step's reveals included: "
+                         "the KL the learner's kl_seq and its budget hold); an upper bound of the text KL. best-of-N "
+                         "rows: the bound log N - (N-1)/N",
 }
 N_EXAMPLES = 2
 
