@@ -154,9 +154,9 @@ class ScaleControl:
             return
         for role, n in targets.items():
             group = self.groups[role]
-            if n == group.num_workers:
+            if n == group.target:
                 continue
-            before = group.num_workers
+            before = group.target
             after = group.resize(n)
             clamped = "" if after == n else f" (asked {n}; the run allows {group.min_size}..{group.max_size})"
             print(f"scale: {role} workers target {before} -> {after}{clamped}; {group.placed()} placed")
