@@ -15,6 +15,7 @@ A variant is a name in VARIANTS or `name:key.path=value;key.path=value` (TrainCo
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -74,6 +75,10 @@ def main() -> None:
     ap.add_argument("--samples-per-prompt", type=int, default=2)
     ap.add_argument("--corpus", default=None)
     ap.add_argument("--runs", default=None, help="where the variants' runs go (default: MODELS/levers)")
+    ap.add_argument("--checkpoint", choices=["last", "best"], default="last",
+                    help="evaluate each run's last checkpoint or the one its held-out selection picked")
+    ap.add_argument("--evaluate-only", action="store_true",
+                    help="evaluate runs already in --runs instead of training them")
     ap.add_argument("--out", default=str(default_out("text_levers")))
     args = ap.parse_args()
     if (args.minutes is None) == (args.steps is None):
@@ -89,11 +94,15 @@ def main() -> None:
                "steps": args.steps or 100_000, "dashboard": False, "metrics_export": False}
         cfg = TrainConfig.model_validate(deep_merge(deep_merge(base, tree), {"run": run}))
         t0 = time.perf_counter()
-        summary = run_training(cfg, quiet=True)
+        if args.evaluate_only:
+            summary = json.loads((Path(cfg.run.out_dir) / "summary.json").read_text())
+        else:
+            summary = run_training(cfg, quiet=True)
         train_s = time.perf_counter() - t0
         best = read_best(cfg.run.out_dir)
         ckpts = sorted((Path(cfg.run.out_dir) / "checkpoints").glob("step_*"))
-        policy = str(Path(cfg.run.out_dir) / "checkpoints" / best["checkpoint"]) if best else str(ckpts[-1])
+        use_best = args.checkpoint == "best" and best is not None
+        policy = str(Path(cfg.run.out_dir) / "checkpoints" / best["checkpoint"]) if use_best else str(ckpts[-1])
         report = evaluate(EvaluateOptions(
             policies=[policy], generator=stages.generator.out, judges=list(cfg.reward.judge_paths),
             gold=stages.gold_judge.out if stages.gold_judge else None, lm=stages.lm.out if stages.lm else None,

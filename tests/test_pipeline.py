@@ -53,8 +53,9 @@ def test_pipeline_builds_trains_evaluates_then_reuses(ray_cluster, tmp_path, tin
         assert json.loads((out / stage / "stage.json").read_text())["fingerprint"]
     assert json.loads((out / "result.json").read_text())["policy_checkpoint"] == result["policy_checkpoint"]
     assert result["policy_checkpoint"].endswith("step_000003")
-    for key in ("proxy_reward", "gold_reward", "lm_bits_per_char", "distinct_4"):
+    for key in ("proxy_reward", "gold_reward", "lm_bits_per_char", "distinct_2", "repeated_word_2grams"):
         assert math.isfinite(result["before"][key]["mean"]) and math.isfinite(result["after"][key]["mean"])
+    assert isinstance(result["warnings"], list)
     assert result["kl_per_sequence"]["mean"] > 0
     assert result["best_of_n_at_policy_kl"]["gold"] is not None
     assert len(result["examples_before"]) == 2 and len(result["examples_after"]) == 2
