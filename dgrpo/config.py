@@ -37,10 +37,11 @@ class CorpusConfig(Section):
 class SamplerConfig(Section):
     """The one sampler of every command (training rollouts, evaluation, `dgrpo sample`, judge refills)."""
     steps: int = Field(16, ge=1, description="denoising steps; the masked positions are revealed evenly over them")
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(0.5, gt=0, description=(
+        "the sampling distribution is softmax(logits / temperature); below 1 it sharpens every draw"))
     top_k: int = Field(0, ge=0, description="0 = off")
     top_p: float = Field(1.0, gt=0, le=1)
-    order: RevealOrder = Field("confidence", description=(
+    order: RevealOrder = Field("random", description=(
         "which positions a step reveals: those whose drawn tokens are the most likely (confidence), positions "
         "drawn without replacement with weights p_max^(1/reveal_temperature), p_max the probability of a "
         "position's likeliest token (gumbel_confidence), or positions chosen at random (random)"))

@@ -95,7 +95,7 @@ def test_sampler_frequencies_match_the_mixture():
         def forward(self, idx):
             return logits[None].expand(idx.shape[0], -1, -1)
 
-    out = sample(Fixed(), torch.full((n, T), V), steps=T, order="confidence", random_reveal=eps,
+    out = sample(Fixed(), torch.full((n, T), V), steps=T, order="confidence", random_reveal=eps, temperature=1.0,
                  generator=torch.Generator().manual_seed(0))
     first = (out.reveal_step == 0).float().argmax(1)
     outcome = first * V + out.tokens.gather(1, first[:, None]).squeeze(1)
@@ -283,6 +283,7 @@ def test_diversity_coef_lowers_the_advantage_of_samples_their_group_repeats(poli
     r = batch.rollout
     for name in ("tokens", "reveal_step", "logprobs", "selection"):
         getattr(r, name)[1] = getattr(r, name)[0]
+    r.tokens[2:8] = torch.randint(0, TOK.n_chars, r.tokens[2:8].shape, generator=torch.Generator().manual_seed(0))
     batch.rewards[:] = torch.linspace(0.2, 0.8, len(batch.rewards))
     batch.rewards[1] = batch.rewards[0]
     cfg = dict(group_size=8, prompts_per_step=4, advantage="center")
@@ -326,7 +327,7 @@ def test_gumbel_confidence_sampler_matches_its_probabilities():
 
     temp = 0.7
     out = sample(Fixed(), torch.full((n, T), V), steps=2, order="gumbel_confidence", reveal_temperature=temp,
-                 generator=torch.Generator().manual_seed(0))
+                 temperature=1.0, generator=torch.Generator().manual_seed(0))
     first = out.reveal_step == 0
     assert bool((first.sum(1) == 1).all())  # schedule: 1 then 2 of 3 positions
     pos = first.float().argmax(1)

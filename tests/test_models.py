@@ -342,7 +342,7 @@ def test_top_k_restricts_tokens_to_the_top_k_set():
     fixed = FixedLogits(logits)
     prompt = torch.full((200, T), fixed.mask_id)
     top = logits.topk(k, dim=-1).indices  # (T, k)
-    out = sample(fixed, prompt, steps=4, top_k=k, generator=g)
+    out = sample(fixed, prompt, steps=4, top_k=k, temperature=1.0, generator=g)
     allowed = torch.zeros(T, V, dtype=torch.bool).scatter_(1, top, True)
     assert bool(allowed.gather(1, out.tokens.T).all())
     assert len(out.tokens.unique()) > k  # positions differ in their top-k sets; it is per position
@@ -411,8 +411,8 @@ def test_confidence_step_probability_matches_the_sampler():
     T, V, n = 3, 2, 20000
     logits = torch.randn(T, V) * 1.5
     fixed = FixedLogits(logits)
-    out = sample(fixed, torch.full((n, T), fixed.mask_id), steps=T, order="confidence",
-                 generator=torch.Generator().manual_seed(0))
+    out = sample(fixed, torch.full((n, T), fixed.mask_id), steps=T, order="confidence", random_reveal=0.0,
+                 temperature=1.0, generator=torch.Generator().manual_seed(0))
     first = (out.reveal_step == 0).float().argmax(1)
     outcome = first * V + out.tokens.gather(1, first[:, None]).squeeze(1)
     freq = torch.bincount(outcome, minlength=T * V).double() / n
