@@ -206,7 +206,7 @@ def test_truncated_sampling_with_a_kl_penalty_is_warned_about(sampler, kl_target
 
 def test_confidence_order_training_needs_a_random_share():
     with pytest.raises(ConfigError, match="sampler.random_reveal must be > 0 under confidence order"):
-        load_config(TrainConfig, overrides=["sampler.random_reveal=0"])
+        load_config(TrainConfig, overrides=["sampler.order=confidence", "sampler.random_reveal=0"])
     assert load_config(TrainConfig, overrides=["sampler.random_reveal=0", "sampler.order=random"])
 
 
