@@ -124,7 +124,17 @@ class JudgeTrainConfig(Section):
     token_loss_weight: float = Field(1.0, ge=0, description="weight of the per-character replaced-token loss")
     max_minutes: Optional[float] = Field(None, gt=0)
     sampler: SamplerConfig = SamplerConfig(steps=16)
+    refill_temperatures: Optional[list[float]] = Field(None, min_length=1, description=(
+        "refill each window at one of these sampling temperatures, drawn at random, instead of sampler.temperature "
+        "(the held-out figures stay at sampler.temperature): a judge that has seen the generator's text sharper "
+        "and flatter than the policy's is not pleased by a change of temperature alone"))
     corpus: CorpusConfig = CorpusConfig()
+
+    @model_validator(mode="after")
+    def _positive_temperatures(self):
+        if self.refill_temperatures and min(self.refill_temperatures) <= 0:
+            raise ValueError(f"refill_temperatures must all be > 0, got {self.refill_temperatures}")
+        return self
 
 
 class LMTrainConfig(Section):

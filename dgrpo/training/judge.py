@@ -103,12 +103,13 @@ def sample_fractions(n: int, p_real: float, p_generated: float, generator: torch
 
 def build_refills(generator: DiffusionLM, windows: torch.Tensor, fractions: torch.Tensor, sampler: SamplerConfig,
                   rng: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
-                  chunk_rows: int = REFILL_CHUNK_ROWS) -> torch.Tensor:
+                  chunk_rows: int = REFILL_CHUNK_ROWS, temperatures: list[float] | None = None) -> torch.Tensor:
     """Mask exactly round(x_i * T) random positions of window i and let the generator re-fill them.
 
     windows (N, T) real ids, fractions (N,) in [0, 1] -> tokens (N, T). Rows with nothing
     masked are returned unchanged without running the generator; the others are sampled
-    in batched chunks of `chunk_rows`.
+    in batched chunks of `chunk_rows`, each at the sampler's temperature or, with `temperatures`, at one of
+    those drawn at random per row.
     """
     if windows.dim() != 2 or fractions.shape != (windows.shape[0],):
         raise ValueError(f"windows must be (N, T) and fractions (N,), got {tuple(windows.shape)} and "
@@ -119,14 +120,18 @@ def build_refills(generator: DiffusionLM, windows: torch.Tensor, fractions: torc
     masked = rank < k[:, None]
     prompts = windows.masked_fill(masked, generator.mask_id)
     out = windows.clone()
-    rows = (k > 0).nonzero().flatten()
+    temps = [sampler.temperature] if not temperatures else list(temperatures)
+    row_temp = torch.randint(len(temps), (N,), generator=rng) if len(temps) > 1 else torch.zeros(N, dtype=torch.long)
     was_training = generator.training
     generator.eval()
     try:
-        for start in range(0, len(rows), chunk_rows):
-            idx = rows[start:start + chunk_rows]
-            out[idx] = sample(generator, prompts[idx], generator=rng, autocast_dtype=autocast_dtype,
-                              **sampler.model_dump()).tokens
+        for t_index, temperature in enumerate(temps):
+            rows = ((k > 0) & (row_temp == t_index)).nonzero().flatten()
+            settings = {**sampler.model_dump(), "temperature": temperature}
+            for start in range(0, len(rows), chunk_rows):
+                idx = rows[start:start + chunk_rows]
+                out[idx] = sample(generator, prompts[idx], generator=rng, autocast_dtype=autocast_dtype,
+                                  **settings).tokens
     finally:
         generator.train(was_training)
     return out
@@ -387,7 +392,8 @@ class JudgeTrainer:
         windows = random_windows(self.corpus.train, n, self.T, self.data_gen)
         x = sample_fractions(n, 0.0, self.p_gen_pool, self.data_gen)
         x = x.clamp_min(1.0 / self.T)  # pool windows hold generated text: at least one re-filled position
-        tokens = build_refills(self.generator, windows, x, self.cfg.sampler, self.sample_gen, self.autocast_dtype)
+        tokens = build_refills(self.generator, windows, x, self.cfg.sampler, self.sample_gen, self.autocast_dtype,
+                               temperatures=self.cfg.refill_temperatures)
         self.refill_time += time.perf_counter() - t0
         self.windows_refilled += n
         return tokens, realised_fractions(x, self.T), (tokens != windows).to(torch.uint8)
