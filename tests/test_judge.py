@@ -173,7 +173,7 @@ def trained_judge(tmp_path_factory, tiny_generator, tiny_corpus_file):
     # words) and need not find uniform noise synthetic; the test below is about training, not about the sampler
     cfg = judge_cfg(tiny_generator, tiny_corpus_file, out, max_iters=250, batch_size=32, warmup_iters=10, lr=2e-3,
                     p_real=0.5, p_generated=0.5, refill_pool=64, refill_every=25, eval_every=125,
-                    eval_windows=16, sampler={"steps": 4, "order": "random"})
+                    eval_windows=16, sampler={"steps": 4, "order": "random", "temperature": 1.0})
     torch.set_num_threads(1)
     state = train_judge(cfg, to_dict(cfg), progress=False, log=quiet, init_from_generator=False)
     return str(out), state

@@ -233,7 +233,7 @@ def test_the_lock_is_held_for_the_run_and_released_after(tmp_path):
     ({"grpo.group_size": 8}, r"grpo\.group_size: 4 -> 8"),
     ({"generator.preset": "small"}, r"generator\.preset: 'tiny' -> 'small'"),
     ({"grpo.lr": 0.01, "sampler.temperature": 0.7, "run.seed": 1},
-     r"grpo\.lr: 0\.003 -> 0\.01\n  run\.seed: 0 -> 1\n  sampler\.temperature: 1\.0 -> 0\.7"),
+     r"grpo\.lr: 0\.003 -> 0\.01\n  run\.seed: 0 -> 1\n  sampler\.temperature: 0\.5 -> 0\.7"),
 ])
 def test_resume_refuses_a_changed_optimisation_or_model(finished_run, tiny_corpus_file, tmp_path, change, listed):
     """Repro: --resume with grpo.lr changed was accepted (the optimizer kept the old rate), group_size
