@@ -1,9 +1,9 @@
 """`dgrpo demo`: the whole chain at a small size on an embedded local Ray cluster.
 
 pretrain the generator -> a proxy judge and an independent gold judge against it -> a small character LM
--> GRPO against the proxy, under the default sampler (confidence order) with a KL budget -> the evaluation of
-the generator and the policy on held-out prompts by both judges, the LM and the diversity measures, with
-warnings when the judges' gains are not gains of the text (evaluation/verdict.py).
+-> GRPO against the proxy, under the default sampler (random order at temperature 0.5) with a KL budget
+-> the evaluation of the generator and the policy on held-out prompts by both judges, the LM and the diversity
+measures, with warnings when the judges' gains are not gains of the text (evaluation/verdict.py).
 It is the pipeline (pipeline.py) with short budgets: each stage gets a share of `minutes`. `seed` moves every
 stage's seed (the gold judge's stays apart from the proxy's). The GRPO stage starts Ray's dashboard on
 127.0.0.1 (run.dashboard) and prints its URL.
@@ -16,7 +16,7 @@ from .pipeline import GOLD_SEED
 
 SHARES = {"generator": 0.30, "proxy_judge": 0.17, "gold_judge": 0.17, "lm": 0.08, "grpo": 0.28}
 # the KL budget of the GRPO stage, nats per sequence of the exact trajectory KL (the one `dgrpo evaluate` reports)
-KL_TARGET = 12.0
+KL_TARGET = 3.0
 
 
 def demo_config(out: str, corpus: str | None, minutes: float, threads: int, seed: int = 0) -> PipelineConfig:
@@ -31,7 +31,7 @@ def demo_config(out: str, corpus: str | None, minutes: float, threads: int, seed
         "grpo": {
             "run": {"seed": seed, "steps": 1_000, "mode": "async", "eval_every": 10, "eval_prompts": 64,
                     "checkpoint_every": 20, "max_minutes": SHARES["grpo"] * minutes, "dashboard": True},
-            "grpo": {"group_size": 8, "prompts_per_step": 4, "minibatch_size": 32, "lr": 1e-4, "kl_coef": 0.1,
+            "grpo": {"group_size": 8, "prompts_per_step": 4, "minibatch_size": 32, "lr": 1e-4, "kl_coef": 0.35,
                      "kl_target": KL_TARGET, "kl_horizon": 5, "replay_steps": 4},
             "resources": {"rollout": {"num_workers": 2, "num_cpus": 0.5}, "torch_threads": threads}},
         "evaluate": {"prompts": 64, "samples_per_prompt": 2, "best_of": [], "samples_shown": 2},
