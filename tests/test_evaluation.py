@@ -15,7 +15,8 @@ from dgrpo.evaluation import (TextStats, best_of_n_expectation, best_of_n_weight
                               distinct_over_sets, fit_gao, gao_curve, jackknife_stderr, mean_stderr,
                               paired_difference, per_prompt_means)
 from dgrpo.evaluation.evaluate import PER_SAMPLE
-from dgrpo.evaluation.text_stats import distinct_fraction, ngram_counts, repeated_fraction, words
+from dgrpo.evaluation.text_stats import (char_2gram_divergence, distinct_fraction, ngram_counts,
+                                         repeated_fraction, words)
 from dgrpo.orchestration.cli import main
 
 # --- text statistics ------------------------------------------------------------------------------
@@ -43,6 +44,19 @@ def test_distinct_and_repeated_by_hand():
     repeated = sum(c for c in grams.values() if c >= 2)
     assert repeated == 3 + 3 + 2 + 2 + 2 and v["repeated_char_4grams"][0] == pytest.approx(repeated / 15)
     assert distinct_fraction(Counter()) == 0.0 and repeated_fraction(Counter()) == 0.0
+
+
+def test_char_2gram_divergence_by_hand():
+    """JS in bits: 0 for the reference's own 2-gram rates, 1 for text sharing no pair with it, and in between
+    for a text using half of the reference's pairs at its rates ("ab" against "abcd": pairs {ab} vs {ab, bc, cd})."""
+    assert char_2gram_divergence(["abcd", "abcd"], ["abcd"])["mean"] == pytest.approx(0.0)
+    assert char_2gram_divergence(["xyz"], ["abcd"])["mean"] == pytest.approx(1.0)
+    p, q = torch.tensor([1 / 3, 1 / 3, 1 / 3]), torch.tensor([1.0, 0.0, 0.0])
+    m = (p + q) / 2
+    kl = lambda a, b: float(sum(x * math.log2(x / y) for x, y in zip(a.tolist(), b.tolist()) if x > 0))
+    assert char_2gram_divergence(["ab"], ["abcd"])["mean"] == pytest.approx(0.5 * kl(p, m) + 0.5 * kl(q, m))
+    mixed = char_2gram_divergence(["abcd", "xyz"] * 8, ["abcd"])
+    assert 0 < mixed["mean"] < 1 and mixed["stderr"] > 0  # the bootstrap over texts sees the spread
 
 
 def test_distinct_over_sets_and_its_jackknife_by_hand():
@@ -222,7 +236,7 @@ def test_evaluate_writes_every_measure_with_error_bars(tmp_path, checkpoints):
     assert names == ["generator", "best-of-1", "best-of-2", "best-of-4", f"policy {c['same']}",
                      f"policy {c['moved']}"]
     measured = [k for k in PER_SAMPLE if k != "proxy_disagreement"]  # one proxy judge: no spread
-    keys = measured + [f"distinct_{n}" for n in (1, 2, 3, 4)] + ["kl_per_sequence"]
+    keys = measured + [f"distinct_{n}" for n in (1, 2, 3, 4)] + ["kl_per_sequence", "char_2gram_js"]
     for row in report["rows"]:
         for key in keys:
             assert _finite_bar(row[key]), (row["name"], key, row[key])
@@ -251,6 +265,12 @@ def test_evaluate_writes_every_measure_with_error_bars(tmp_path, checkpoints):
     bon_curve = report["curves"][0]
     assert bon_curve["fits"]["proxy"]["a"] is not None and bon_curve["fits"]["gold"] is not None
     assert "Δ proxy" in result.output and "(bound)" in result.output
+    # the held-out text the prompts come from, measured like a row: its divergence to itself is not measured
+    real = report["real_text"]
+    assert {"proxy_reward", "gold_reward", "lm_bits_per_char", "distinct_2"} <= set(real)
+    assert all(_finite_bar(real[k]) for k in ("proxy_reward", "gold_reward", "lm_bits_per_char"))
+    assert 0 < base["char_2gram_js"]["mean"] <= 1 and same["char_2gram_js"] == base["char_2gram_js"]
+    assert "held-out text" in result.output
 
 
 def test_policy_alone_takes_its_stored_reference_as_the_base(tmp_path, checkpoints):

@@ -110,10 +110,10 @@ def metric(m, se=0.01):
 def verdict_rows(base_over=None, policy_over=None, paired=None):
     """A report with a base row and one policy row; measures of a good policy unless overridden."""
     base = {"kind": "base", "proxy_reward": metric(0.3), "gold_reward": metric(0.4), "lm_bits_per_char": metric(3.0),
-            "distinct_2": metric(0.7), "repeated_word_2grams": metric(0.05), "examples": ["a"],
+            "char_2gram_js": metric(0.1), "distinct_2": metric(0.7), "repeated_word_2grams": metric(0.05), "examples": ["a"],
             "kl_per_sequence": metric(0.0), **(base_over or {})}
     policy = {"kind": "policy", "checkpoint": "run/step_3", "proxy_reward": metric(0.5), "gold_reward": metric(0.5),
-              "lm_bits_per_char": metric(2.9), "distinct_2": metric(0.69), "repeated_word_2grams": metric(0.05),
+              "lm_bits_per_char": metric(2.9), "char_2gram_js": metric(0.09), "distinct_2": metric(0.69), "repeated_word_2grams": metric(0.05),
               "examples": ["b"], "kl_per_sequence": metric(20.0), **(policy_over or {}),
               "paired_vs_base": {"proxy_reward": metric(0.2), "gold_reward": metric(0.1),
                                  "lm_bits_per_char": metric(-0.1), "repeated_word_2grams": metric(0.0),
@@ -144,11 +144,26 @@ def test_the_verdict_is_silent_on_a_good_policy():
     ("judges up, LM worse", {"lm_bits_per_char": metric(0.2)}, {}, "language model finds the text less likely"),
     ("diversity down", {}, {"distinct_2": metric(0.6)}, "diversity fell: distinct-2"),
     ("repetition up", {"repeated_word_2grams": metric(0.05)}, {}, "repetition rose"),
+    ("2-grams away from real text", {}, {"char_2gram_js": metric(0.2)}, "moved away from real text"),
 ])
 def test_the_verdict_warns_about_the_text(case, paired, policy, phrase):
     r = headline(verdict_rows(policy_over=policy, paired=paired))
     assert len(r["warnings"]) == 1 and phrase in r["warnings"][0], (case, r["warnings"])
     assert sum(line.startswith("WARNING") for line in printed(r)) == 1
+
+
+def test_an_lm_that_prefers_the_base_to_real_text_is_noted_not_warned_about():
+    """The LM rates held-out real text (3.5 bits/char) below the base's samples (3.0): its rise is no finding
+    about the text, and the verdict says why; the same rise under an LM that ranks real text first warns."""
+    rows = verdict_rows(paired={"lm_bits_per_char": metric(0.2)})
+    rows["real_text"] = {"lm_bits_per_char": metric(3.5), "char_2gram_js": metric(0.0, 0.0)}
+    r = headline(rows)
+    assert r["warnings"] == [] and len(r["notes"]) == 1 and "held-out real text less likely" in r["notes"][0]
+    lines = printed(r)
+    assert any(line.startswith("note: ") for line in lines) and "held-out text" in lines[3]
+    rows["real_text"]["lm_bits_per_char"] = metric(2.5)
+    r = headline(rows)
+    assert len(r["warnings"]) == 1 and "language model finds the text less likely" in r["warnings"][0]
 
 
 def test_changes_within_noise_are_not_warned_about():

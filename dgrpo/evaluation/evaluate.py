@@ -43,7 +43,7 @@ from ..precision import machine_summary, resolve_precision
 from .best_of_n import best_of_n_expectation, bon_kl_bound
 from .overoptimization import report_series
 from .statistics import mean_stderr, paired_difference, per_prompt_means
-from .text_stats import DISTINCT_ORDERS, REPEATED, TextStats, distinct_over_sets
+from .text_stats import DISTINCT_ORDERS, REPEATED, TextStats, char_2gram_divergence, distinct_over_sets
 
 SAMPLER_DEFAULTS = SamplerConfig().model_dump()
 PER_SAMPLE = (("proxy_reward", "proxy_disagreement", "gold_reward", "lm_bits_per_char")
@@ -233,6 +233,8 @@ class Evaluator:
                              tokenizer=self.tokenizer)
         check_length(corpus.val, self.length, "validation")
         windows = fixed_windows(corpus.val, opts.prompts, self.length, seed=self.seed)
+        self.windows = windows  # the held-out text the prompts come from: the real-text reference
+        self.real_texts = self.tokenizer.decode_batch(windows)
         try:
             self.prompts = make_prompts(windows, self.tokenizer.mask_id, self.prompt_kind, self.mask_fraction,
                                         generator=torch.Generator().manual_seed(self.seed))
@@ -331,13 +333,17 @@ class Evaluator:
     # -- rows ----------------------------------------------------------------------------------------
 
     def row(self, name: str, kind: str, per_prompt: dict, stats: TextStats, sets: list[list[int]], kl: dict,
-            kl_kind: str, examples: list[str], **info) -> dict:
+            kl_kind: str, examples: list[str], texts: list[str], **info) -> dict:
         """A row: per-prompt values summarised over prompts, distinct-n over `sets` (lists of sample indices,
-        one sample per prompt), and the KL."""
+        one sample per prompt), the character 2-gram divergence of the texts in `sets` to the held-out text, and
+        the KL."""
         distinct = {f"distinct_{n}": distinct_over_sets([[stats.word_ngrams[n][i] for i in s] for s in sets])
                     for n in DISTINCT_ORDERS}
+        divergence = self._timed("text_s", lambda: char_2gram_divergence(
+            [texts[i] for s in sets for i in s], self.real_texts))
         summaries = {k: None if v is None else mean_stderr(v) for k, v in per_prompt.items()}
-        return {"name": name, "kind": kind, **info, **summaries, **distinct, "kl_per_sequence": kl,
+        return {"name": name, "kind": kind, **info, **summaries, **distinct, "char_2gram_js": divergence,
+                "kl_per_sequence": kl,
                 "kl_kind": kl_kind, "sqrt_kl": math.sqrt(max(kl["mean"], 0.0)), "examples": examples[:self.opts.examples]}
 
     def sampled_row(self, name: str, kind: str, model: DiffusionLM, reference: DiffusionLM | None) -> tuple[dict, dict]:
@@ -352,8 +358,8 @@ class Evaluator:
         else:
             kl, kl_kind = mean_stderr(per_prompt_means(kl_samples.view(P, m))), "measured"
         sets = [[i * m + j for i in range(P)] for j in range(m)]  # sample j of every prompt
-        row = self.row(name, kind, per_prompt, stats, sets, kl, kl_kind, texts, n=1 if kind == "base" else None,
-                       samples_per_prompt=m)
+        row = self.row(name, kind, per_prompt, stats, sets, kl, kl_kind, texts, texts,
+                       n=1 if kind == "base" else None, samples_per_prompt=m)
         return row, per_prompt
 
     def best_of_n_rows(self) -> list[tuple[dict, dict]]:
@@ -373,10 +379,17 @@ class Evaluator:
             sets = (picks + torch.arange(P)[:, None] * pool).T.tolist()
             kl = bon_kl_bound(n)
             row = self.row(f"best-of-{n}", "best_of_n", per_prompt, stats, sets, {"mean": kl, "stderr": 0.0},
-                           "bon_bound", [texts[s[0]] for s in sets], n=n,
+                           "bon_bound", [texts[s[0]] for s in sets], texts, n=n,
                            samples_per_prompt=pool)
             rows.append((row, per_prompt))
         return rows
+
+    def real_text(self) -> dict:
+        """The measures of the held-out text the prompts come from: what a judge or the LM says of real text."""
+        values, stats, _ = self.measure(self.windows)
+        measured = {k: mean_stderr(v) for k, v in values.items() if v is not None}
+        distinct = {f"distinct_{n}": distinct_over_sets([stats.word_ngrams[n]]) for n in DISTINCT_ORDERS}
+        return {**measured, **distinct}
 
     def run(self) -> dict:
         opts = self.opts
@@ -420,7 +433,7 @@ class Evaluator:
                                if len(self.judge_paths) > 1 else None),
             "precision": opts.precision, "autocast": str(self.autocast_dtype) if self.autocast_dtype else "fp32",
             "machine": machine_summary(), "warnings": self.warnings,
-            "rows": [row for row, _ in rows],
+            "rows": [row for row, _ in rows], "real_text": self.real_text(),
         }
         report["curves"] = report_series(report)
         report["timings"] = {**self.timings, "total_s": time.perf_counter() - self.t_start}
@@ -460,12 +473,15 @@ def format_report(report: dict) -> str:
     """The rows as a table of mean ± s.e. over prompts, then paired differences to the base row."""
     columns = [("proxy_reward", "proxy"), ("gold_reward", "gold"), ("lm_bits_per_char", "LM bits/char"),
                ("distinct_2", "distinct-2"), ("repeated_char_4grams", "rep. char 4g"),
-               ("repeated_word_2grams", "rep. word 2g")]
+               ("repeated_word_2grams", "rep. word 2g"), ("char_2gram_js", "char 2g JS to real")]
     lines = [["row", "KL nats/seq", "d"] + [title for _, title in columns]]
     for r in report["rows"]:
         kl = r["kl_per_sequence"]
         kl_text = {"bon_bound": f"<= {kl['mean']:.3f} (bound)", "base": "0"}.get(r["kl_kind"], _cell(kl, ".3f"))
-        lines.append([r["name"], kl_text, f"{r['sqrt_kl']:.3f}"] + [_cell(r[k]) for k, _ in columns])
+        lines.append([r["name"], kl_text, f"{r['sqrt_kl']:.3f}"] + [_cell(r.get(k)) for k, _ in columns])
+    real = report.get("real_text")
+    if real:
+        lines.append(["held-out text (the prompts' source)", "-", "-"] + [_cell(real.get(k)) for k, _ in columns])
     text = _align(lines)
     paired_columns = [(k, title) for k, title in columns if k in PER_SAMPLE]
     paired = [["row"] + [f"Δ {title}" for _, title in paired_columns]]

@@ -470,7 +470,7 @@ def scale(run_dir, rollout_workers, judge_workers, as_json):
 @out_option("the directory of every stage (an earlier demo there is reused)", default="runs/demo")
 @click.option("--corpus", "corpus_path", type=click.Path(), default=None,
               help="local copy of tiny Shakespeare (default: download it)")
-@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=12.0, show_default=True,
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=11.0, show_default=True,
               help="wall-time budget of the training stages")
 @click.option("--threads", type=POSITIVE, default=1, show_default=True,
               help="torch threads of each Ray actor (the single-process stages use 2)")

@@ -12,6 +12,7 @@ stage's seed (the gold judge's stays apart from the proxy's). The GRPO stage sta
 from __future__ import annotations
 
 from ..config import PipelineConfig
+from ..training.loop import UNBOUNDED_ITERS
 from .pipeline import GOLD_SEED
 
 SHARES = {"generator": 0.30, "proxy_judge": 0.17, "gold_judge": 0.17, "lm": 0.08, "grpo": 0.28}
@@ -29,16 +30,17 @@ def demo_config(out: str, corpus: str | None, minutes: float, threads: int, seed
         "gold_judge": {**judge, "seed": GOLD_SEED + seed, "max_minutes": SHARES["gold_judge"] * minutes},
         "lm": {"preset": "small", "seed": seed, "max_minutes": SHARES["lm"] * minutes, "eval_every": 200},
         "grpo": {
-            "run": {"seed": seed, "steps": 1_000, "mode": "async", "eval_every": 10, "eval_prompts": 64,
-                    "checkpoint_every": 20, "max_minutes": SHARES["grpo"] * minutes, "dashboard": True},
-            "grpo": {"group_size": 8, "prompts_per_step": 4, "minibatch_size": 32, "lr": 1e-4, "kl_coef": 0.35,
+            "run": {"seed": seed, "steps": UNBOUNDED_ITERS, "mode": "async", "eval_every": 10, "eval_prompts": 64,
+                    "checkpoint_every": 20, "max_minutes": SHARES["grpo"] * minutes, "dashboard": True,
+                    "selection": "eval_reward", "selection_kl_max": 1.5 * KL_TARGET},
+            "grpo": {"group_size": 8, "prompts_per_step": 4, "minibatch_size": 32, "lr": 1e-4, "kl_coef": 0.5,
                      "kl_target": KL_TARGET, "kl_horizon": 5, "replay_steps": 4},
             "resources": {"rollout": {"num_workers": 2, "num_cpus": 0.5}, "torch_threads": threads}},
         "evaluate": {"prompts": 64, "samples_per_prompt": 2, "best_of": [], "samples_shown": 2},
     })
 
 
-def run_demo(out: str, corpus: str | None, minutes: float = 12.0, threads: int = 1, echo=print,
+def run_demo(out: str, corpus: str | None, minutes: float = 11.0, threads: int = 1, echo=print,
              overwrite: bool = False, seed: int = 0) -> dict:
     from .pipeline import run_pipeline, stage_configs
     cfg = demo_config(out, corpus, minutes, threads, seed)

@@ -100,8 +100,8 @@ class Budget(NamedTuple):
 
 def budget(config) -> Budget:
     run = getattr(config, "run", None)
-    if run is not None:  # GRPO
-        return Budget("steps", run.steps, "steps", run.max_minutes)
+    if run is not None:  # GRPO; run.steps UNBOUNDED_ITERS: its time budget ends it
+        return Budget("steps", run.steps if run.steps < UNBOUNDED_ITERS else None, "steps", run.max_minutes)
     iters = config.max_iters if config.max_iters < UNBOUNDED_ITERS else None
     return Budget("iterations", iters, "iter", config.max_minutes)
 
@@ -302,11 +302,13 @@ def headline(report: dict, grpo_summary: dict | None = None, checkpoint: str | N
     kl = policy["kl_per_sequence"]["mean"]
     keys = [key for key, _ in MEASURES]
     before, after = {k: base.get(k) for k in keys}, {k: policy.get(k) for k in keys}
+    real = {k: v for k, v in (report.get("real_text") or {}).items() if k in keys} or None
     result = {
         "policy_checkpoint": policy["checkpoint"], "sampler": report["sampler"],
-        "before": before, "after": after, "paired_gain": paired, "kl_per_sequence": policy["kl_per_sequence"],
+        "before": before, "after": after, "paired_gain": paired, "real_text": real,
+        "kl_per_sequence": policy["kl_per_sequence"],
         "gold_gain_in_stderr": (gold["mean"] / gold["stderr"]) if gold and gold["stderr"] > 0 else None,
-        **text_verdict(before, after, paired),
+        **text_verdict(before, after, paired, real),
         "best_of_n_at_policy_kl": matched_best_of_n(report, kl),
         "examples_before": base.get("examples", []), "examples_after": policy.get("examples", []),
         "grpo": {k: (grpo_summary or {}).get(k) for k in ("steps", "wall_time_s", "eval_reward_before",
@@ -320,7 +322,7 @@ def format_headline(r: dict) -> list[str]:
     lines = ["== result",
              f"policy: {r['policy_checkpoint']}",
              "sampled with: " + " ".join(f"{k}={v}" for k, v in s.items())]
-    lines += format_measures(r["before"], r["after"], r["paired_gain"])
+    lines += format_measures(r["before"], r["after"], r["paired_gain"], r.get("real_text"))
     budget = (r.get("grpo") or {}).get("kl_target")
     kl = r["kl_per_sequence"]
     lines.append(f"KL(policy || reference): {kl['mean']:.4f} ± {kl['stderr']:.4f} nats per sequence"
@@ -336,8 +338,10 @@ def format_headline(r: dict) -> list[str]:
         lines.append(f"best-of-N at the policy's KL: gold {bon['gold']:.4f}, proxy {bon['proxy']:.4f} ({how})")
     for warning in r.get("warnings", []):
         lines.append(f"WARNING: {warning}")
+    for note in r.get("notes", []):
+        lines.append(f"note: {note}")
     if not r.get("warnings"):
-        lines.append("no warnings: the language model and the diversity measures agree with the judges")
+        lines.append("no warnings: the measures no judge saw do not contradict the judges")
     for title, texts in [("before", r["examples_before"]), ("after", r["examples_after"])]:
         for i, text in enumerate(texts):
             lines.append(f"--- {title} {i + 1}:\n{text}")

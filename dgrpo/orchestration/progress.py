@@ -16,6 +16,8 @@ from __future__ import annotations
 import sys
 import time
 
+from ..training.loop import UNBOUNDED_ITERS
+
 
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
@@ -49,7 +51,8 @@ def step_line(record: dict, total_steps: int, elapsed_s: float, max_minutes: flo
     kl = f"kl {_number(record, 'kl', '.4f')}"
     if "kl_seq" in record:
         kl += f" ({record['kl_seq']:.2f}/seq, coef {_number(record, 'kl_coef', '.3g')})"
-    parts = [f"{prefix}step {step}/{total_steps}", f"reward {_number(record, 'reward_mean', '.3f')}", kl,
+    of_total = f"/{total_steps}" if total_steps < UNBOUNDED_ITERS else ""  # else only the time limit ends the run
+    parts = [f"{prefix}step {step}{of_total}", f"reward {_number(record, 'reward_mean', '.3f')}", kl,
              f"{_number(record, 'steps_per_min', '.2f')} steps/min",
              f"staleness {_number(record, 'staleness_mean', '.2f')}"]
     if "eval_reward_mean" in record:
@@ -83,7 +86,8 @@ class ProgressPrinter:
         if not self.enabled:
             return
         budget = f", at most {self.max_minutes:g} min" if self.max_minutes is not None else ""
-        head = f"training from step {step} to {self.total_steps}{budget}"
+        end = f"to {self.total_steps}" if self.total_steps < UNBOUNDED_ITERS else "until the time limit"
+        head = f"training from step {step} {end}{budget}"
         if first_eval is not None:
             head += (f"; held-out reward at step {first_eval['step']}: {first_eval['eval_reward_mean']:.3f} "
                      f"± {first_eval['eval_reward_stderr']:.3f}")
