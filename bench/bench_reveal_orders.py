@@ -22,7 +22,7 @@ from dgrpo.evaluation import EvaluateOptions, evaluate
 
 DEFAULT_SETTINGS = ("confidence:0.7,confidence:0.85,confidence:1.0,confidence:1.3,confidence:1.6,confidence:2.0,"
                     "random:0.4,random:0.5,random:0.6,random:0.7,random:1.0")
-MEASURES = ("lm_bits_per_char", "distinct_2", "repeated_word_2grams", "proxy_reward", "gold_reward")
+MEASURES = ("lm_bits_per_char", "char_2gram_js", "distinct_2", "repeated_word_2grams", "proxy_reward", "gold_reward")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(default_out("reveal_orders")))
     args = ap.parse_args(argv)
 
-    rows = []
+    rows, real = [], None
     for setting in args.settings.split(","):
         order, temperature = setting.split(":")
         sampler = {"order": order, "temperature": float(temperature), "steps": args.steps}
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
             generator=args.generator, judges=[args.judge], gold=args.gold, lm=args.lm,
             prompts=args.prompts, samples_per_prompt=args.samples_per_prompt, precision=args.precision,
             corpus=args.corpus, sampler=sampler, examples=3), log=lambda *a: None)
-        base = report["rows"][0]
+        base, real = report["rows"][0], report["real_text"]
         row = {"order": order, "temperature": float(temperature), "sampler": report["sampler"],
                "examples": base["examples"]}
         for key in MEASURES:
@@ -60,13 +60,14 @@ def main(argv: list[str] | None = None) -> dict:
     def cell(metric):
         return "-" if metric is None else f"{metric['mean']:.4f} ± {metric['stderr']:.4f}"
     print_table([{"order": r["order"], "temperature": r["temperature"], **{k: cell(r[k]) for k in MEASURES}}
-                 for r in rows],
+                 for r in rows] + [{"order": "held-out text", "temperature": "-",
+                                    **{k: cell(real.get(k)) for k in MEASURES}}],
                 [("order", "order"), ("temperature", "T"), ("lm_bits_per_char", "LM bits/char"),
-                 ("distinct_2", "distinct-2"), ("repeated_word_2grams", "rep. word 2g"),
+                 ("char_2gram_js", "char 2g JS to real"), ("distinct_2", "distinct-2"), ("repeated_word_2grams", "rep. word 2g"),
                  ("proxy_reward", "proxy"), ("gold_reward", "gold")])
     report = {"bench": "reveal_orders", "machine": machine_info(), "generator": args.generator, "lm": args.lm,
               "judge": args.judge, "gold": args.gold, "steps": args.steps, "prompts": args.prompts,
-              "samples_per_prompt": args.samples_per_prompt, "rows": rows}
+              "samples_per_prompt": args.samples_per_prompt, "rows": rows, "real_text": real}
     write_json(report, args.out)
     return report
 

@@ -335,12 +335,16 @@ class Evaluator:
     def row(self, name: str, kind: str, per_prompt: dict, stats: TextStats, sets: list[list[int]], kl: dict,
             kl_kind: str, examples: list[str], texts: list[str], **info) -> dict:
         """A row: per-prompt values summarised over prompts, distinct-n over `sets` (lists of sample indices,
-        one sample per prompt), the character 2-gram divergence of the texts in `sets` to the held-out text, and
-        the KL."""
+        one sample per prompt), the character 2-gram divergence of each set to the held-out text (averaged over
+        the sets, which are disjoint), and the KL."""
         distinct = {f"distinct_{n}": distinct_over_sets([[stats.word_ngrams[n][i] for i in s] for s in sets])
                     for n in DISTINCT_ORDERS}
-        divergence = self._timed("text_s", lambda: char_2gram_divergence(
-            [texts[i] for s in sets for i in s], self.real_texts))
+        # per set of one sample per prompt, as many texts as the held-out reference: the divergence of a finite
+        # sample falls with its size, so every row compares sets of the same size
+        per_set = self._timed("text_s", lambda: [char_2gram_divergence([texts[i] for i in s], self.real_texts)
+                                                 for s in sets])
+        divergence = {"mean": sum(d["mean"] for d in per_set) / len(per_set),
+                      "stderr": math.sqrt(sum(d["stderr"] ** 2 for d in per_set)) / len(per_set)}
         summaries = {k: None if v is None else mean_stderr(v) for k, v in per_prompt.items()}
         return {"name": name, "kind": kind, **info, **summaries, **distinct, "char_2gram_js": divergence,
                 "kl_per_sequence": kl,
