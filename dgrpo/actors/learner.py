@@ -11,9 +11,11 @@ from ..config import GRPOConfig
 from ..learner.core import LearnerCore
 from ..models.checkpoint import load_checkpoint, save_checkpoint
 from ..models.diffusion import DiffusionLM
+from ..models.rewards import judge_disagreement
 from ..models.transformer import ModelConfig
 from ..precision import describe_precision, pick_device, resolve_precision
 from ..protocols import ScoredBatch, WeightSnapshot
+from .references import fetch
 from .telemetry import placement
 
 
@@ -34,6 +36,15 @@ class LearnerActor:
 
     def train(self, *batches: ScoredBatch) -> dict:
         return self.core.train(list(batches))
+
+    def train_by_ref(self, refs: list) -> dict:
+        """One step on the scored batches of `refs` (fetched from the judges' nodes) -> its metrics, with the
+        judges' disagreement on them; or {"lost_inputs": [indices]} (nothing trained) when some were lost
+        with their node."""
+        batches, lost = fetch(refs)
+        if lost:
+            return {"lost_inputs": lost}
+        return {**self.train(*batches), **judge_disagreement(batches)}
 
     def publish(self) -> list:
         """Put the current weights in the object store once; every worker loads the same object."""

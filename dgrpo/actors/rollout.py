@@ -2,6 +2,7 @@
 
 A plain class; the driver turns it into a Ray actor with the resources of the
 `resources.rollout` config section. Given a GPU it samples there, otherwise on CPU.
+The driver's calls leave the batches in the object store (`generate_by_ref`, references.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ..models.sampler import sample
 from ..models.transformer import ModelConfig
 from ..precision import describe_precision, pick_device, resolve_precision
 from ..protocols import RolloutBatch, RolloutRequest, WeightSnapshot
+from .references import Receipt
 from .telemetry import ActorTelemetry, placement
 
 
@@ -47,6 +49,11 @@ class RolloutWorker:
         load_s = time.perf_counter() - t0
         self.telemetry.gauge("policy_version", self.version)
         return {"worker_id": self.worker_id, "version": self.version, "load_s": load_s}
+
+    def generate_by_ref(self, request: RolloutRequest) -> tuple[RolloutBatch, Receipt]:
+        """generate, for the driver's calls with num_returns=2: the batch stays in the object store."""
+        batch = self.generate(request)
+        return batch, Receipt.of(batch)
 
     def generate(self, request: RolloutRequest, reference: WeightSnapshot | None = None) -> RolloutBatch:
         """Sample `group_size` completions of each prompt with the weights this worker holds. A request with

@@ -1,12 +1,18 @@
 """The GRPO driver: schedules rollouts, routes batches, trains, broadcasts weights.
 
-One GRPO step, following the data:
+One GRPO step, following the data; the batches travel by reference (actors/references.py): they stay in
+the object store of the node that made them and go from there to the actor that needs them, while the
+driver reads only receipts (ids, versions, sizes, timings):
 
-    driver  --RolloutRequest-->  RolloutWorker.generate    (policy version v)
-    driver  --RolloutBatch---->  JudgeWorker.score         (rewards)
-    driver  --ScoredBatch*---->  LearnerActor.train        (advantages, PPO-clip + KL, AdamW)
-    driver  <--ObjectRef-------  LearnerActor.publish      (ray.put of version v+1, once)
-    driver  --ObjectRef------->  RolloutWorker.set_weights (every worker loads the same object)
+    driver  --RolloutRequest-->  RolloutWorker.generate_by_ref  (policy version v) -> batch ref + receipt
+    driver  --[batch ref]----->  JudgeWorker.score_by_ref       (rewards) -> scored batch ref + receipt
+    driver  --[scored refs]--->  LearnerActor.train_by_ref      (advantages, PPO-clip + KL, AdamW)
+    driver  <--ObjectRef-------  LearnerActor.publish           (ray.put of version v+1, once)
+    driver  --ObjectRef------->  RolloutWorker.set_weights      (every worker loads the same object)
+
+A batch lost with its node (the judge or the learner finds its input gone: not an actor's death) is
+made again: its request is issued again with the same id and seed (regenerated_batches), and a step
+whose batch was lost gives the others back, first in line, so that each request is trained once.
 
 Synchronous mode issues exactly one step's prompts and waits for the new weights
 before issuing more. Asynchronous mode keeps every worker generating while the
@@ -29,6 +35,7 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -37,6 +44,7 @@ import torch
 from ..actors.judge import JudgeWorker
 from ..actors.judge_trainer import JudgeTrainerActor
 from ..actors.learner import LearnerActor
+from ..actors.references import Receipt
 from ..actors.rollout import RolloutWorker, StaleWorkerError
 from ..config import TrainConfig, to_dict
 from ..corpus import (CharTokenizer, PromptStream, VocabularyError, check_length, fixed_windows, load_corpus,
@@ -44,12 +52,12 @@ from ..corpus import (CharTokenizer, PromptStream, VocabularyError, check_length
 from ..errors import RunError, TrainingHalted
 from ..models.checkpoint import CheckpointError, load_checkpoint
 from ..models.diffusion import DiffusionLM, load_generator
-from ..models.rewards import JudgeReward, compute_rewards, member_std
+from ..models.rewards import JudgeReward, compute_rewards, judge_disagreement
 from ..models.transformer import preset_config
-from ..protocols import RolloutRequest, ScoredBatch, WeightSnapshot
+from ..protocols import RolloutRequest, WeightSnapshot
 from ..protocols.rollout_log import RolloutLogWriter
 from .cluster import connect, describe_needs, make_actor
-from .groups import ActorLost, ActorManager
+from .groups import ActorLost, ActorManager, Call
 from .judge_refresh import JudgeRefreshRole, check_judge_refresh
 from .metrics import MetricsLogger, truncate_jsonl
 from .progress import ProgressPrinter
@@ -102,6 +110,18 @@ def load_selection_judge(cfg: TrainConfig, tokenizer: CharTokenizer, length: int
     return judge
 
 
+@dataclass
+class Scored:
+    """A scored batch waiting for its step: its reference, its receipt and the request that made it."""
+    ref: object
+    receipt: Receipt
+    request: RolloutRequest
+
+    @property
+    def request_id(self) -> int:
+        return self.receipt.request_id
+
+
 class Driver:
     # the actor classes of each role; tests substitute failing ones
     rollout_cls = RolloutWorker
@@ -148,7 +168,7 @@ class Driver:
         run, res = cfg.run, cfg.resources
         self.counters = {"dropped_stale_batches": 0, "duplicate_batches": 0, "worker_restarts": 0,
                          "judge_restarts": 0, "reissued_requests": 0, "batches_trained": 0,
-                         "actors_lost_with_node": 0, "nodes_lost": 0}
+                         "actors_lost_with_node": 0, "nodes_lost": 0, "regenerated_batches": 0}
         self.actors = ActorManager(run.actor_timeout_s, run.max_worker_failures, self.counters,
                                    placement_timeout_s=run.placement_timeout_s, check_s=run.membership_check_s)
         vocab, metrics_on = tokenizer.to_dict(), run.metrics_export
@@ -158,18 +178,19 @@ class Driver:
             "learner", 1, lambda _: make_actor(self.learner_cls, res.learner, cfg.grpo, model.cfg, vocab, init,
                                                seed=run.seed, precision=res.learner.precision,
                                                torch_threads=res.torch_threads),
-            restartable=False, call_names={"train": "a step"}, needs=describe_needs(res.learner))
+            restartable=False, call_names={"train_by_ref": "a step"}, needs=describe_needs(res.learner))
         self.workers = self.actors.group(
             "rollout", res.rollout.num_workers,
             lambda i: make_actor(self.rollout_cls, res.rollout, i, model.cfg, cfg.sampler, res.rollout.precision,
                                  res.torch_threads, metrics_on),
-            *res.rollout.bounds, on_lost={"generate": "requeue"}, restarted=(StaleWorkerError,),
+            *res.rollout.bounds, on_lost={"generate_by_ref": "requeue"}, restarted=(StaleWorkerError,),
             needs=describe_needs(res.rollout))
         self.judges = self.actors.group(
             "judge", res.judge.num_workers,
             lambda i: make_actor(self.judge_cls, res.judge, i, cfg.reward, vocab, res.torch_threads, metrics_on,
                                  precision=res.judge.precision),
-            *res.judge.bounds, on_lost={"score": "resubmit"}, load_method="set_judge", needs=describe_needs(res.judge))
+            *res.judge.bounds, on_lost={"score_by_ref": "resubmit"}, load_method="set_judge",
+            needs=describe_needs(res.judge))
         self.scale = ScaleControl(self.out, {"rollout": self.workers, "judge": self.judges}, run.membership_check_s)
         self.judge_refresh = None
         if cfg.judge_refresh.enabled:
@@ -191,10 +212,10 @@ class Driver:
         self.logger = MetricsLogger(self.out, ray_metrics=metrics_on, tensorboard=run.tensorboard,
                                     wandb_project=run.wandb_project, config=to_dict(cfg))
         self.rollout_log = RolloutLogWriter(self.out / "rollouts.msgpack", repair_tail=True) if run.log_rollouts else None
-        self.ready: deque[ScoredBatch] = deque()  # scored batches waiting for a step
+        self.ready: deque[Scored] = deque()  # scored batches waiting for a step
         self.consumed: set[int] = set()  # request ids whose scored batch arrived (a second one is a duplicate)
         self.window_gen_s = 0.0  # worker generate seconds since the last step ended
-        self.step_batches: list[ScoredBatch] = []
+        self.step_batches: list[Scored] = []  # the step the learner trains now
 
     def ask_learner(self, method: str, *args, **kwargs):
         """A blocking call on the learner (publish, save, load)."""
@@ -261,16 +282,15 @@ class Driver:
             if not self.actors.busy():
                 raise RunError("driver has nothing in flight; no rollout worker holds weights")
             for call, result in self.actors.results():
-                if call.method == "generate":  # a RolloutBatch: to the least busy judge
-                    self.window_gen_s += result.timings["generate_s"]
-                    self.judges.submit_least_loaded("score", result, size=call.size)
-                elif call.method == "score":  # a ScoredBatch: waits for its step
-                    self.collect(result)
-                elif call.method == "train":  # a step: publish, broadcast, log, evaluate, checkpoint
+                if call.method == "generate_by_ref":  # a rollout batch: to the least busy judge
+                    self.score(call, result)
+                elif call.method == "score_by_ref":  # a scored batch (or a lost input): waits for its step
+                    self.collect(call, result)
+                elif call.method == "train_by_ref":  # a step: publish, broadcast, log, evaluate, checkpoint
                     self.after_train(result)
                 elif call.method == "refresh":  # a judge version: to every judge actor
                     self.judge_refresh.apply(result, self.step)
-                # add_samples answers need nothing
+                # add_batches answers need nothing
         summary = self.summary()
         self.progress.best(summary["best"])
         return summary
@@ -278,11 +298,11 @@ class Driver:
     # -- scheduling ----------------------------------------------------------
     @property
     def training(self) -> bool:
-        return bool(self.actors.calls("train"))
+        return bool(self.actors.calls("train_by_ref"))
 
     def groups_in_flight(self) -> int:
-        return sum(c.size for c in self.actors.calls("generate", "score")) + \
-            sum(b.rollout.num_groups for b in self.ready)
+        return sum(c.size for c in self.actors.calls("generate_by_ref", "score_by_ref")) + \
+            sum(b.receipt.num_groups for b in self.ready)
 
     def issue_generation(self) -> None:
         """Every idle worker that holds weights gets a request: lost work first, else fresh prompts."""
@@ -307,16 +327,35 @@ class Driver:
                                          seed=cfg.run.seed * 1_000_003 + self.request_counter)
                 self.request_counter += 1
             request.min_version = self.version if sync else max(0, self.version - cfg.run.max_staleness)
-            self.workers.submit(slot, "generate", request, size=request.prompts.shape[0])
+            self.workers.submit(slot, "generate_by_ref", request, size=request.prompts.shape[0], stored=1)
 
-    def collect(self, scored: ScoredBatch) -> None:
-        if scored.rollout.request_id in self.consumed:
+    def score(self, call: Call, receipt: Receipt) -> None:
+        """A rollout batch is in (call.values[0]): to the least busy judge, by reference."""
+        self.window_gen_s += receipt.generate_s
+        self.judges.submit_least_loaded("score_by_ref", [call.values[0]], size=call.size, work=call.payload,
+                                        stored=1)
+
+    def collect(self, call: Call, receipt: Receipt) -> None:
+        """A scored batch is in (call.values[0]); its rollout batch was lost with its node (receipt.lost): made
+        again; a second one of a request: counted and dropped."""
+        request = call.payload
+        if receipt.lost:
+            self.regenerate([request], f"the judge's input (rollout batch of request {request.request_id})")
+            return
+        if receipt.request_id in self.consumed:
             self.counters["duplicate_batches"] += 1
             return
-        self.consumed.add(scored.rollout.request_id)
-        if self.rollout_log is not None:
-            self.rollout_log.write(scored)
-        self.ready.append(scored)
+        self.consumed.add(receipt.request_id)
+        if self.rollout_log is not None:  # the only place the driver fetches a batch's bytes
+            self.rollout_log.write(ray.get(call.values[0]))
+        self.ready.append(Scored(call.values[0], receipt, request))
+
+    def regenerate(self, requests: list[RolloutRequest], what: str) -> None:
+        """Batches lost with their node: their requests are issued again (same id and seed)."""
+        print(f"{what} was lost with its node; request(s) {[r.request_id for r in requests]} are issued again",
+              flush=True)
+        self.counters["regenerated_batches"] += len(requests)
+        self.workers.requeued.extend(requests)
 
     def maybe_train(self) -> None:
         """Drop batches too stale to train on; once a step's groups are ready, send them to the learner."""
@@ -325,29 +364,40 @@ class Driver:
         per_step = self.cfg.grpo.prompts_per_step
         fresh = deque()
         for b in self.ready:
-            if self.version - b.rollout.policy_version > self.cfg.run.max_staleness:
+            if self.version - b.receipt.policy_version > self.cfg.run.max_staleness:
                 self.counters["dropped_stale_batches"] += 1
             else:
                 fresh.append(b)
         self.ready = fresh
-        if sum(b.rollout.num_groups for b in self.ready) < per_step:
+        if sum(b.receipt.num_groups for b in self.ready) < per_step:
             return
         take, groups = [], 0
         while groups < per_step:
             b = self.ready.popleft()
             take.append(b)
-            groups += b.rollout.num_groups
-        take.sort(key=lambda b: b.rollout.request_id)
+            groups += b.receipt.num_groups
+        take.sort(key=lambda b: b.receipt.request_id)
         self.step_batches = take
         self.logger.phase("training")
-        self.learner.submit(self.learner.slots[0], "train", *take)
-        if self.judge_refresh is not None:
-            self.judge_refresh.forward(take)
+        self.learner.submit(self.learner.slots[0], "train_by_ref", [b.ref for b in take])
         self.issue_generation()  # async: the next step's rollouts start now, overlapping this update
 
     def after_train(self, metrics: dict) -> None:
-        """A step is done: publish and broadcast its weights, log it, evaluate and checkpoint when due."""
-        batches = self.step_batches
+        """A step is done: publish and broadcast its weights, log it, evaluate and checkpoint when due.
+        A step whose batches were not all there (lost with their node) trained nothing: the lost ones are
+        made again, the others wait first in line."""
+        batches, self.step_batches = self.step_batches, []
+        if "lost_inputs" in metrics:
+            lost = set(metrics["lost_inputs"])
+            for i in lost:
+                self.consumed.discard(batches[i].receipt.request_id)
+            self.ready.extendleft(reversed([b for i, b in enumerate(batches) if i not in lost]))
+            self.regenerate([batches[i].request for i in sorted(lost)], "a scored batch of the step")
+            self.logger.phase("generating")
+            return
+        receipts = [b.receipt for b in batches]
+        if self.judge_refresh is not None:
+            self.judge_refresh.forward([b.ref for b in batches], receipts)
         self.counters["batches_trained"] += len(batches)
         self.step += 1
         sync = self.broadcast()
@@ -357,8 +407,8 @@ class Driver:
         n_workers = max(self.workers.placed(), 1)
         record = {"step": self.step, "policy_version": self.version, "wall_time": now - self.t0, **metrics, **sync,
                   "time/step_s": wall,
-                  "time/generate_s": sum(b.rollout.timings["generate_s"] for b in batches),
-                  "time/score_s": sum(b.timings["score_s"] for b in batches),
+                  "time/generate_s": sum(r.generate_s for r in receipts),
+                  "time/score_s": sum(r.score_s for r in receipts),
                   "time/learn_s": metrics["learn_s"],
                   "time/driver_cpu_s": driver_cpu, "driver_cpu_ratio": driver_cpu / wall,
                   "rollout_workers": self.workers.placed(), "rollout_workers_target": self.workers.target,
@@ -366,8 +416,7 @@ class Driver:
                   "learner_idle_ratio": max(0.0, 1 - metrics["learn_s"] / wall),
                   "rollout_idle_ratio": max(0.0, 1 - self.window_gen_s / (n_workers * wall)),
                   "steps_per_min": 60.0 * (self.step - self.start_step) / (now - self.t_loop),
-                  "batch_versions": sorted({b.rollout.policy_version for b in batches}),
-                  **judge_disagreement(batches), **self.counters}
+                  "batch_versions": sorted({r.policy_version for r in receipts}), **self.counters}
         self.window_gen_s = 0.0
         run = self.cfg.run
         out_of_time = run.max_minutes is not None and now - self.t0 > 60 * run.max_minutes
@@ -378,7 +427,7 @@ class Driver:
             improved = self.select(result)
             record.update(result, **self.best_fields())
         if self.judge_refresh is not None:
-            record.update(self.judge_refresh.after_step(self.step, batches))
+            record.update(self.judge_refresh.after_step(self.step, receipts))
         self.logger.log(record)
         self.progress.step(record, elapsed_s=now - self.t0, last=self.finished)
         if self.report is not None:
@@ -521,7 +570,7 @@ class Driver:
 
     def requests_in_flight(self) -> set[int]:
         """Ids of the issued requests not yet scored: generating, scoring, or lost and waiting to be issued again."""
-        return {c.payload.request_id for c in self.actors.calls("generate", "score")} | \
+        return {c.payload.request_id for c in self.actors.calls("generate_by_ref", "score_by_ref")} | \
             {r.request_id for r in self.workers.requeued}
 
     def close(self) -> None:
@@ -530,13 +579,6 @@ class Driver:
         if self.rollout_log is not None:
             self.rollout_log.close()
         self.actors.close()
-
-
-def judge_disagreement(batches: list[ScoredBatch]) -> dict:
-    """{"judge_disagreement": mean over samples of the sample std of the ensemble members' rewards}, or {} when
-    the reward is not an ensemble."""
-    members = [b.member_rewards for b in batches if b.member_rewards.shape[0] >= 2]
-    return {"judge_disagreement": float(torch.cat([member_std(m) for m in members]).mean())} if members else {}
 
 
 def run_training(cfg: TrainConfig, resume: bool = False, report=None, quiet: bool = False, overwrite: bool = False,

@@ -26,6 +26,9 @@ Everything else happens here, and nothing here blocks the run on one actor:
   (`resubmit`: a score), or handed back to the driver, which schedules it like new work
   (`requeue`: a rollout request must go to a worker holding the right weights);
 * a call that raised (bad input, a bug) stops the run: it would fail again;
+* results passed on by reference: a call with `stored=k` leaves its first k results in the object
+  store (`call.values`, which the driver hands to the next actor) and answers with the last one, a
+  small receipt (actors/references.py); `work` names what a call is for (the driver's request);
 * a group that cannot restart (the learner: a restarted one would have lost its state) stops
   the run when its actor dies, hangs or loses its node; `dgrpo train --resume` goes on.
 """
@@ -103,12 +106,18 @@ class Call:
     method: str
     args: tuple
     size: int = 0  # work the call carries, in the driver's unit (prompt groups)
+    work: object = None  # what the call is for (the driver's request), if not its first argument
+    stored: int = 0  # results left in the object store (values); the answer is the last result
+    values: tuple = ()  # their references, known from the moment the call is sent
     epoch: int = 0
     submitted: float = field(default_factory=time.perf_counter)
     probe: bool = False  # a placement probe: no deadline
 
     @property
     def payload(self):
+        """What the call is for: its `work`, else its first argument."""
+        if self.work is not None:
+            return self.work
         return self.args[0] if self.args else None
 
 
@@ -386,38 +395,44 @@ class ActorGroup:
                            f"raise run.placement_timeout_s; then resume with --resume")
 
     # -- calls -------------------------------------------------------------------
-    def _send(self, slot: Slot, method: str, args: tuple, size: int = 0, probe: bool = False) -> Call:
-        call = Call(self, slot, method, args, size=size, epoch=slot.epoch, probe=probe)
-        self.manager.in_flight[getattr(slot.handle, method).remote(*args)] = call
+    def _send(self, slot: Slot, method: str, args: tuple, size: int = 0, probe: bool = False, work=None,
+              stored: int = 0) -> Call:
+        call = Call(self, slot, method, args, size=size, work=work, stored=stored, epoch=slot.epoch, probe=probe)
+        remote = getattr(slot.handle, method)
+        if stored:
+            *values, answer = remote.options(num_returns=stored + 1).remote(*args)
+            call.values = tuple(values)
+        else:
+            answer = remote.remote(*args)
+        self.manager.in_flight[answer] = call
         slot.in_flight += 1
         return call
 
-    def submit(self, slot: Slot, method: str, *args, size: int = 0) -> Call:
+    def submit(self, slot: Slot, method: str, *args, size: int = 0, work=None, stored: int = 0) -> Call:
         """Sends a call to `slot`; if the slot is not placed (starting or being recovered), the call waits
-        in the backlog and goes to it once it is (its weights loaded first)."""
+        in the backlog and goes to it once it is (its weights loaded first). work, stored: see Call."""
         if slot.state == READY and not slot.removed:
-            return self._send(slot, method, args, size)
-        call = Call(self, slot, method, args, size=size)
+            return self._send(slot, method, args, size, work=work, stored=stored)
+        call = Call(self, slot, method, args, size=size, work=work, stored=stored)
         self.backlog.append(call)
         return call
 
-    def submit_least_loaded(self, method: str, *args, size: int = 0) -> Call:
+    def submit_least_loaded(self, method: str, *args, size: int = 0, work=None, stored: int = 0) -> Call:
         """To the usable slot with the fewest calls in flight; with none usable, to the backlog."""
         usable = [s for s in self.slots if self.usable(s)]
         if not usable:
-            call = Call(self, None, method, args, size=size)
+            call = Call(self, None, method, args, size=size, work=work, stored=stored)
             self.backlog.append(call)
             return call
-        load = Counter(id(c.slot) for c in self.manager.in_flight.values())
-        return self._send(min(usable, key=lambda s: load[id(s)]), method, args, size)
+        return self._send(min(usable, key=lambda s: s.in_flight), method, args, size, work=work, stored=stored)
 
     def _flush_backlog(self) -> None:
         waiting, self.backlog = self.backlog, deque()
         for call in waiting:
             if call.slot is None or call.slot.removed:
-                self.submit_least_loaded(call.method, *call.args, size=call.size)
+                self.submit_least_loaded(call.method, *call.args, size=call.size, work=call.work, stored=call.stored)
             else:
-                self.submit(call.slot, call.method, *call.args, size=call.size)
+                self.submit(call.slot, call.method, *call.args, size=call.size, work=call.work, stored=call.stored)
 
     def waiting_calls(self, *methods: str) -> list[Call]:
         return [c for c in self.backlog if not methods or c.method in methods]
@@ -479,7 +494,7 @@ class ActorGroup:
                 self._lost(call, e)  # the call reached a restarted incarnation that holds nothing yet
                 return False, None
             # the actor is alive but the call raised: bad input or a bug, not a crash; do not retry
-            raise RunError(f"{call.method} on {self.role} actor {slot.index} failed: "
+            raise RunError(f"{call.method.removesuffix('_by_ref')} on {self.role} actor {slot.index} failed: "
                            f"{type(e.cause).__name__}: {e.cause}") from None
         except DEATHS as e:
             self._lost(call, e)
@@ -610,4 +625,4 @@ class ActorGroup:
             self.requeued.append(call.payload)
         elif policy == "resubmit":
             self.manager.counters["reissued_requests"] += 1
-            self.submit_least_loaded(call.method, *call.args, size=call.size)
+            self.submit_least_loaded(call.method, *call.args, size=call.size, work=call.work, stored=call.stored)
