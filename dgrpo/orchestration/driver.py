@@ -9,6 +9,8 @@ driver reads only receipts (ids, versions, sizes, timings):
     driver  --[scored refs]--->  LearnerActor.train_by_ref      (advantages, PPO-clip + KL, AdamW)
     driver  <--ObjectRef-------  LearnerActor.publish           (ray.put of version v+1, once)
     driver  --ObjectRef------->  RolloutWorker.set_weights      (every worker loads the same object)
+        or, with run.weight_sync: collective (weights.py), a broadcast from the learner:
+    driver  --epoch, ranks---->  LearnerActor.broadcast_weights + RolloutWorker.receive_weights
 
 A batch lost with its node (the judge or the learner finds its input gone: not an actor's death) is
 made again: its request is issued again with the same id and seed (regenerated_batches), and a step
@@ -64,6 +66,7 @@ from .progress import ProgressPrinter
 from .rundir import (BEST_POINTER, checkpoint_path, find_checkpoints, keep_last_checkpoints, open_run_dir,
                      remove_partial_checkpoints, truncate_rollout_log, write_best)
 from .scale import ScaleControl
+from .weights import weight_sync
 
 # the held-out value each run.selection ranks evaluations by
 SELECTION_KEYS = {"eval_reward": "eval_reward_mean", "selection_judge": "eval_selection_reward_mean"}
@@ -191,6 +194,7 @@ class Driver:
                                  precision=res.judge.precision),
             *res.judge.bounds, on_lost={"score_by_ref": "resubmit"}, load_method="set_judge",
             needs=describe_needs(res.judge))
+        self.weights = weight_sync(run, self.learner, self.workers, self.counters)
         self.scale = ScaleControl(self.out, {"rollout": self.workers, "judge": self.judges}, run.membership_check_s)
         self.judge_refresh = None
         if cfg.judge_refresh.enabled:
@@ -288,6 +292,8 @@ class Driver:
                     self.collect(call, result)
                 elif call.method == "train_by_ref":  # a step: publish, broadcast, log, evaluate, checkpoint
                     self.after_train(result)
+                elif call.method == "broadcast_weights":  # the learner's side of a collective broadcast
+                    self.weights.answered(result)
                 elif call.method == "refresh":  # a judge version: to every judge actor
                     self.judge_refresh.apply(result, self.step)
                 # add_batches answers need nothing
@@ -400,6 +406,7 @@ class Driver:
             self.judge_refresh.forward([b.ref for b in batches], receipts)
         self.counters["batches_trained"] += len(batches)
         self.step += 1
+        self.version = metrics.pop("policy_version")
         sync = self.broadcast()
         now, cpu = time.perf_counter(), time.process_time()
         wall, driver_cpu = now - self.step_started, cpu - self.cpu_started
@@ -457,22 +464,10 @@ class Driver:
 
     # -- weights ---------------------------------------------------------
     def broadcast(self) -> dict:
-        """The learner publishes its weights once; every worker loads them (sync mode: waits for all)."""
-        t0 = time.perf_counter()
+        """The learner's weights (self.version) to every worker, by run.weight_sync (weights.py); sync mode, and
+        the first broadcast, wait until every worker holds them."""
         self.logger.phase("syncing")
-        ref, info = self.ask_learner("publish")
-        self.version = info["version"]
-        previous_loads = self.workers.take_load_seconds()
-        self.workers.publish(ref)
-        waited = self.cfg.run.mode == "sync" or self.step == 0
-        if waited:
-            while self.workers.loading():
-                self.actors.results(methods=())
-        # async: acks arrive while the loop runs on, so report the previous broadcast's load times
-        loads = self.workers.take_load_seconds() if waited else previous_loads
-        return {"time/sync_s": time.perf_counter() - t0, "sync_load_s_mean": sum(loads) / max(len(loads), 1),
-                "weights_mb": info["nbytes"] / 2**20,
-                "time/publish_s": info["publish_s"]}
+        return self.weights.broadcast(self.version, wait=self.cfg.run.mode == "sync" or self.step == 0)
 
     # -- evaluation ------------------------------------------------------------
     def evaluate(self) -> dict:

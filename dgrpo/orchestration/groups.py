@@ -170,7 +170,7 @@ class ActorManager:
         self.tick()
         wanted = None if methods is None else set(methods)
         refs = [r for r, c in self.in_flight.items()
-                if wanted is None or c.method in wanted or c.probe or c.method == c.group.load_method]
+                if wanted is None or c.method in wanted or c.probe or c.method in c.group.load_methods]
         if any(s.state == RECOVERING for g in self.groups for s in g.slots):
             timeout = min(timeout, REPROBE_S)
         if refs:
@@ -277,7 +277,8 @@ class ActorGroup:
     restartable    Ray may restart its actors and the group recovers them (else a fault stops the run)
     on_lost        method -> "resubmit" | "requeue": what becomes of a call lost with its actor
     restarted      errors a call raises when it reached a restarted incarnation (a death, not a bug)
-    load_method    the actor method that loads published weights (it answers {"version", "load_s"})
+    load_method    the actor method that loads published weights (it answers {"version", "load_s"}); methods
+                   that load weights otherwise (a collective broadcast) join load_methods through load_via
     call_names     method -> what one call is called in messages ("a step")
     min_size       fewest placed actors the run goes on with (for longer than run.placement_timeout_s)
     max_size       most actors the target may ask for
@@ -291,12 +292,13 @@ class ActorGroup:
         self.manager, self.role, self.factory = manager, role, factory
         self.restartable, self.on_lost, self.restarted = restartable, on_lost or {}, restarted
         self.load_method, self.call_names = load_method, call_names or {}
+        self.load_methods = {load_method}
         self.min_size, self.max_size, self.needs = min_size, max_size, needs
         self.target = 0
         self.restart_timeout_s = manager.timeout_s  # how long a restarting actor may take to answer again
         self.slots: list[Slot] = []
         self.next_index = 0
-        self.weights = None  # the last published weights (an ObjectRef); every slot loads them before work
+        self.weights = None  # the published weights (an ObjectRef, or a function making one when first needed)
         self.recovery_only = False  # the weights are only for recovered slots (keep_for_recovery)
         self.requeued: deque = deque()  # lost work the driver issues again (same id, same seed)
         self.backlog: deque[Call] = deque()  # calls waiting for their slot (or any slot) to be usable
@@ -312,6 +314,9 @@ class ActorGroup:
 
     def placed(self) -> int:
         return sum(s.state == READY and not s.retiring for s in self.slots)
+
+    def placed_slots(self) -> list[Slot]:
+        return [s for s in self.slots if s.state == READY and not s.retiring]
 
     def usable(self, slot: Slot) -> bool:
         """Placed, not retiring, and holding the published weights (if any were published). A placed slot's
@@ -503,25 +508,48 @@ class ActorGroup:
             if current:
                 self._placed(slot, result)
             return False, None
-        if call.method == self.load_method:
-            if current:
-                slot.version = result["version"]
-            self.load_seconds.append(result["load_s"])
-            if self.backlog:
-                self._flush_backlog()  # calls that waited for a slot holding the weights
+        if call.method in self.load_methods:
+            self._loaded(slot, current, result)
             return False, None
         if slot.retiring and slot.in_flight == 0 and not slot.removed:
             self._remove(slot)
         return True, result
 
     # -- weights -----------------------------------------------------------------
+    def _loaded(self, slot: Slot, current: bool, result: dict) -> None:
+        """A weight load answered; one that failed ({"version": None}: a broken collective) loads the
+        published object instead."""
+        if result["version"] is None:
+            if current and not slot.retiring and not slot.removed:
+                self._send(slot, self.load_method, (self.current_weights(),))
+            return
+        if current:
+            slot.version = result["version"]
+        self.load_seconds.append(result["load_s"])
+        if self.backlog:
+            self._flush_backlog()  # calls that waited for a slot holding the weights
+
+    def current_weights(self):
+        """The published weights as an ObjectRef (made now if they were published as a function making one)."""
+        if callable(self.weights):
+            self.weights = self.weights()
+        return self.weights
+
     def publish(self, weights) -> None:
         """Every placed slot loads `weights` (one object in the object store); so does each slot placed or
         recovered later, before its first call."""
         self.weights, self.recovery_only = weights, False
-        for slot in self.slots:
-            if slot.state == READY and not slot.retiring:
-                self._send(slot, self.load_method, (weights,))
+        for slot in self.placed_slots():
+            self._send(slot, self.load_method, (weights,))
+
+    def load_via(self, method: str, args: dict, weights) -> None:
+        """Each slot of `args` (slot -> its call's arguments) loads new weights by its own `method` call (a
+        collective broadcast it takes part in); every other slot, placed or recovered later, or whose call
+        fails, loads `weights` (an ObjectRef, or a function making one when first needed)."""
+        self.weights, self.recovery_only = weights, False
+        self.load_methods.add(method)
+        for slot, slot_args in args.items():
+            self._send(slot, method, slot_args)
 
     def keep_for_recovery(self, weights) -> None:
         """What a recovered slot loads before its next call, not sent to the live slots (a trainer's
@@ -529,7 +557,7 @@ class ActorGroup:
         self.weights, self.recovery_only = weights, True
 
     def loading(self) -> bool:
-        return any(c.group is self and c.method == self.load_method for c in self.manager.in_flight.values())
+        return any(c.group is self and c.method in self.load_methods for c in self.manager.in_flight.values())
 
     def idle_slots(self) -> list[Slot]:
         """Slots that are placed, hold published weights and have no call in flight."""
@@ -594,7 +622,7 @@ class ActorGroup:
             self._remove(slot)
             return
         if self.weights is not None:
-            self._send(slot, self.load_method, (self.weights,))
+            self._send(slot, self.load_method, (self.current_weights(),))
         self._flush_backlog()
 
     def _lost(self, call: Call, error: BaseException) -> None:
