@@ -26,22 +26,19 @@ in groups.py: the driver submits calls and reads results.
 With judge_refresh.enabled a judge trainer runs beside the learner and publishes judge
 versions to the judges (judge_refresh.py).
 
-Each evaluation samples held-out prompts, scores them with the reward (and
-run.selection_judge), and measures their KL to the starting generator, which the
-driver keeps for that; the best evaluation on run.selection (within
-run.selection_kl_max) is checkpointed and named by checkpoints/best.json.
+Run set-up and its checks are startup.py's; held-out evaluation and checkpoint selection
+(checkpoints/best.json) heldout.py's; the weight sync weights.py's. The driver keeps the starting
+generator's weights (`reference`) for the evaluations' KL.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
-import torch
 
 from ..actors.judge import JudgeWorker
 from ..actors.judge_trainer import JudgeTrainerActor
@@ -49,68 +46,21 @@ from ..actors.learner import LearnerActor
 from ..actors.references import Receipt
 from ..actors.rollout import RolloutWorker, StaleWorkerError
 from ..config import TrainConfig, to_dict
-from ..corpus import (CharTokenizer, PromptStream, VocabularyError, check_length, fixed_windows, load_corpus,
-                      make_prompts)
 from ..errors import RunError, TrainingHalted
-from ..models.checkpoint import CheckpointError, load_checkpoint
-from ..models.diffusion import DiffusionLM, load_generator
-from ..models.rewards import JudgeReward, compute_rewards, judge_disagreement
-from ..models.transformer import preset_config
+from ..models.rewards import judge_disagreement  # noqa: F401 (a name of this module before issue 26)
 from ..protocols import RolloutRequest, WeightSnapshot
 from ..protocols.rollout_log import RolloutLogWriter
+from .checkpoints import load_newest, save_checkpoint, truncate_logs
 from .cluster import connect, describe_needs, make_actor
-from .groups import ActorLost, ActorManager, Call
-from .judge_refresh import JudgeRefreshRole, check_judge_refresh
-from .metrics import MetricsLogger, truncate_jsonl
+from .groups import ActorManager, Call
+from .heldout import HeldOut
+from .judge_refresh import JudgeRefreshRole
+from .metrics import MetricsLogger
 from .progress import ProgressPrinter
-from .rundir import (BEST_POINTER, checkpoint_path, find_checkpoints, keep_last_checkpoints, open_run_dir,
-                     remove_partial_checkpoints, truncate_rollout_log, write_best)
+from .rundir import open_run_dir
 from .scale import ScaleControl
+from .startup import RunInputs
 from .weights import weight_sync
-
-# the held-out value each run.selection ranks evaluations by
-SELECTION_KEYS = {"eval_reward": "eval_reward_mean", "selection_judge": "eval_selection_reward_mean"}
-
-
-def initial_policy(cfg: TrainConfig):
-    """(tokenizer, initial policy, corpus): the pretrained generator, or a fresh `generator.preset`."""
-    c = cfg.corpus
-    if cfg.generator.checkpoint:
-        model, tokenizer, _ = load_generator(cfg.generator.checkpoint)
-        return tokenizer, model, load_corpus(c.path, c.cache_dir, c.val_fraction, tokenizer=tokenizer)
-    corpus = load_corpus(c.path, c.cache_dir, c.val_fraction)
-    torch.manual_seed(cfg.run.seed)
-    return corpus.tokenizer, DiffusionLM(preset_config(cfg.generator.preset, corpus.tokenizer.vocab_size)), corpus
-
-
-def check_judge_vocabulary(cfg: TrainConfig, tokenizer: CharTokenizer, length: int) -> None:
-    for path in cfg.reward.judge_paths:
-        judge = load_checkpoint(path, expect_kind="judge")
-        try:
-            CharTokenizer.from_dict(judge.vocab).check_same(tokenizer, "judge vs generator")
-        except VocabularyError as e:
-            raise VocabularyError(f"{path}: {e}") from None
-        if judge.model_config.block_size < length:
-            raise RunError(f"the judge {path} scores windows of at most {judge.model_config.block_size} characters "
-                           f"but prompts are {length} long; set prompts.length <= {judge.model_config.block_size}")
-
-
-def load_selection_judge(cfg: TrainConfig, tokenizer: CharTokenizer, length: int) -> JudgeReward | None:
-    """run.selection_judge, checked: the generator's vocabulary, the prompts' length, and a training seed
-    that no reward judge shares (the same seed gives the same initial weights and refill samples)."""
-    path = cfg.run.selection_judge
-    if not path:
-        return None
-    judge = JudgeReward.from_checkpoint(path, tokenizer=tokenizer)
-    if judge.block_size != length:
-        raise RunError(f"run.selection_judge {path} scores windows of {judge.block_size} characters, the prompts "
-                       f"have {length}; train it for prompts.length")
-    seed = (load_checkpoint(path, expect_kind="judge").config or {}).get("seed")
-    for reward_path in cfg.reward.judge_paths:
-        if seed is not None and seed == (load_checkpoint(reward_path, expect_kind="judge").config or {}).get("seed"):
-            raise RunError(f"run.selection_judge {path} was trained with the seed {seed} of the reward judge "
-                           f"{reward_path}: the same initial weights and refill samples; train it with another seed")
-    return judge
 
 
 @dataclass
@@ -142,21 +92,10 @@ class Driver:
         self.out = Path(cfg.run.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         run = cfg.run
-        tokenizer, model, corpus = initial_policy(cfg)
-        self.tokenizer = tokenizer
-        self.length = cfg.prompts.length or model.cfg.block_size
-        if self.length > model.cfg.block_size:
-            raise RunError(f"prompts.length={self.length} exceeds the generator's block size {model.cfg.block_size}")
-        check_length(corpus.train, self.length, "train")
-        check_length(corpus.val, self.length, "validation")
-        check_judge_vocabulary(cfg, tokenizer, self.length)
-        check_judge_refresh(cfg)
-        self.selection_judge = load_selection_judge(cfg, tokenizer, self.length)
-        self.prompts = PromptStream(corpus.train, self.length, tokenizer.mask_id, cfg.prompts.kind,
-                                    cfg.prompts.mask_fraction, seed=run.seed)
-        eval_windows = fixed_windows(corpus.val, run.eval_prompts, self.length, seed=run.eval_seed)
-        self.eval_prompts = make_prompts(eval_windows, tokenizer.mask_id, cfg.prompts.kind, cfg.prompts.mask_fraction,
-                                         generator=torch.Generator().manual_seed(run.eval_seed))
+        inputs = RunInputs(cfg)
+        tokenizer, model = inputs.tokenizer, inputs.model
+        self.tokenizer, self.length, self.prompts = tokenizer, inputs.length, inputs.prompts
+        self.heldout = HeldOut(cfg, self.out, tokenizer, inputs.eval_prompts, inputs.selection_judge)
         self.progress = ProgressPrinter(run.steps, run.max_minutes, enabled=not quiet)
         self.actors = None
         try:
@@ -208,8 +147,6 @@ class Driver:
         self.step = 0
         self.version = 0
         self.request_counter = 0
-        self.eval_history: list[dict] = []
-        self.best: dict | None = None  # the evaluation checkpoints/best.json names
         self.zero_signal_steps = 0  # consecutive steps in which every group's rewards were equal
         if resume:
             self._resume()
@@ -221,43 +158,21 @@ class Driver:
         self.window_gen_s = 0.0  # worker generate seconds since the last step ended
         self.step_batches: list[Scored] = []  # the step the learner trains now
 
-    def ask_learner(self, method: str, *args, **kwargs):
-        """A blocking call on the learner (publish, save, load)."""
-        return self.learner.call(method, *args, **kwargs)
-
     # -- resume ----------------------------------------------------------
     def _resume(self) -> None:
-        remove_partial_checkpoints(self.out)
-        for path in reversed(find_checkpoints(self.out)):
-            try:
-                ckpt = load_checkpoint(path, expect_kind="generator")
-            except CheckpointError as e:
-                print(f"skipping unusable checkpoint {path}: {e}")
-                continue
-            try:  # a checkpoint whose tensors are corrupt or truncated is skipped too
-                state = self.ask_learner("load", str(path), passthrough=(CheckpointError,))
-                saved_refresh = JudgeRefreshRole.saved(ckpt, state) if self.judge_refresh is not None else None
-            except CheckpointError as e:
-                print(f"skipping unusable checkpoint {path}: {getattr(e, 'cause', e)}")
-                continue
-            # the policy version is the learner's (the manifest's), not in the driver's state
-            self.step, self.version = state["step"], int(ckpt.state["version"])
-            self.request_counter = state["request_counter"]
-            self.prompts.load_state_dict(state["prompts"])
-            self.counters.update(state["counters"])
-            self.eval_history = state.get("eval_history", [])
-            self.restore_best(state.get("best"))
-            kept = truncate_jsonl(self.out / "metrics.jsonl", self.step)
-            truncate_jsonl(self.out / "samples.jsonl", self.step)
-            truncate_rollout_log(self.out / "rollouts.msgpack", self.request_counter)
-            print(f"resumed from {path}: step {self.step}, policy version {self.version}, {kept} metric rows kept")
-            if self.judge_refresh is not None:
-                self.judge_refresh.restore(saved_refresh, self.step)
-            elif "judge_refresh" in state:
-                print(f"note: the checkpoint holds judge version {state['judge_refresh']['version']} of a judge "
-                      f"refresh; with judge_refresh.enabled=false the judges score with reward.judge_checkpoint")
-            return
-        raise RunError(f"--resume: no usable checkpoint under {self.out / 'checkpoints'}; start without --resume")
+        """The run's state from its newest usable checkpoint (checkpoints.py); the logs cut back to it."""
+        path, state, self.version, saved_refresh = load_newest(self.out, self.learner, self.judge_refresh is not None)
+        self.step, self.request_counter = state["step"], state["request_counter"]
+        self.prompts.load_state_dict(state["prompts"])
+        self.counters.update(state["counters"])
+        self.heldout.restore(state.get("eval_history", []), state.get("best"))
+        kept = truncate_logs(self.out, self.step, self.request_counter)
+        print(f"resumed from {path}: step {self.step}, policy version {self.version}, {kept} metric rows kept")
+        if self.judge_refresh is not None:
+            self.judge_refresh.restore(saved_refresh, self.step)
+        elif "judge_refresh" in state:
+            print(f"note: the checkpoint holds judge version {state['judge_refresh']['version']} of a judge "
+                  f"refresh; with judge_refresh.enabled=false the judges score with reward.judge_checkpoint")
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> dict:
@@ -271,10 +186,10 @@ class Driver:
         self.broadcast()
         if not self.eval_history:
             first = self.evaluate()
-            if self.select(first):
+            if self.heldout.select(first):
                 self.save_checkpoint()
             self.logger.log({"step": self.step, "policy_version": self.version, "wall_time": 0.0, **first,
-                             **self.best_fields()})
+                             **self.heldout.best_fields()})
         self.logger.phase("generating")
         self.step_started = self.t_loop = time.perf_counter()
         self.progress.start(self.step, self.eval_history[-1] if self.eval_history else None)
@@ -431,8 +346,8 @@ class Driver:
         improved = False
         if self.step % run.eval_every == 0 or self.finished:
             result = self.evaluate()
-            improved = self.select(result)
-            record.update(result, **self.best_fields())
+            improved = self.heldout.select(result)
+            record.update(result, **self.heldout.best_fields())
         if self.judge_refresh is not None:
             record.update(self.judge_refresh.after_step(self.step, receipts))
         self.logger.log(record)
@@ -471,84 +386,24 @@ class Driver:
 
     # -- evaluation ------------------------------------------------------------
     def evaluate(self) -> dict:
-        """Reward of held-out prompts, fixed seed, one sample each, at the current version."""
+        """The held-out evaluation of the current version (heldout.py)."""
         self.logger.phase("evaluating")
-        request = RolloutRequest(request_id=-1, prompts=self.eval_prompts, group_size=1,
-                                 seed=self.cfg.run.eval_seed, min_version=self.version, measure_kl=True)
-        for _attempt in range(3):
-            try:  # a dead worker or judge is recovered (and charged) by its group; then try again
-                batch = self.workers.call("generate", request, self.reference, what="rollout.generate (eval)")
-                scored = self.judges.call("score", batch, what="judge.score (eval)")
-                break
-            except ActorLost:
-                continue
-        else:
-            raise RunError("evaluation failed 3 times; see actor logs")
-        r = scored.rewards
-        result = {"step": self.step, "eval_reward_mean": float(r.mean()),
-                  "eval_reward_stderr": float(r.std() / len(r) ** 0.5), "policy_version": self.version}
-        kl = batch.kl_to_reference
-        result.update(eval_kl_seq=float(kl.mean()), eval_kl_seq_stderr=float(kl.std() / len(kl) ** 0.5))
-        result.update({f"eval_{k}": v for k, v in judge_disagreement([scored]).items()})
-        if self.selection_judge is not None:
-            s = compute_rewards(self.selection_judge, batch.tokens)
-            result.update(eval_selection_reward_mean=float(s.mean()),
-                          eval_selection_reward_stderr=float(s.std() / len(s) ** 0.5))
-        self.eval_history.append(result)
-        texts = self.tokenizer.decode_batch(batch.tokens[:4])
-        with open(self.out / "samples.jsonl", "a") as fh:
-            fh.write(json.dumps({"step": self.step, "version": self.version, "texts": texts,
-                                 "rewards": r[:4].tolist()}) + "\n")
-        return result
+        return self.heldout.evaluate(self.workers, self.judges, self.reference, self.step, self.version)
 
-    # -- checkpoint selection ----------------------------------------------------
-    def select(self, result: dict) -> bool:
-        """Whether this evaluation becomes the best: the highest run.selection value so far among the
-        evaluations within run.selection_kl_max (ties keep the earlier one)."""
-        run = self.cfg.run
-        if run.selection == "none":
-            return False
-        if run.selection_kl_max is not None and result["eval_kl_seq"] > run.selection_kl_max:
-            return False
-        value = result[SELECTION_KEYS[run.selection]]
-        if self.best is not None and value <= self.best["value"]:
-            return False
-        self.best = {"step": self.step, "checkpoint": checkpoint_path(self.out, self.step).name,
-                     "selection": run.selection, "value": value, "eval_kl_seq": result["eval_kl_seq"],
-                     "eval_reward_mean": result["eval_reward_mean"]}
-        return True
+    @property
+    def eval_history(self) -> list[dict]:
+        return self.heldout.history
 
-    def best_fields(self) -> dict:
-        return {"best_step": self.best["step"], "best_value": self.best["value"]} if self.best else {}
-
-    def restore_best(self, best: dict | None) -> None:
-        """On resume: the best of the restored state, if its checkpoint is still there; the pointer follows it."""
-        pointer = self.out / "checkpoints" / BEST_POINTER
-        if best is not None and not (self.out / "checkpoints" / best["checkpoint"]).is_dir():
-            print(f"the best checkpoint {best['checkpoint']} of the restored state is gone; selecting anew")
-            best = None
-        self.best = best
-        if best is None:
-            pointer.unlink(missing_ok=True)
-        else:
-            write_best(self.out, best)
+    @property
+    def best(self) -> dict | None:
+        return self.heldout.best
 
     # -- checkpoints -------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         self.logger.phase("checkpointing")
-        path = checkpoint_path(self.out, self.step)
         state = {"step": self.step, "request_counter": self.request_counter,
-                 "prompts": self.prompts.state_dict(), "counters": dict(self.counters),
-                 "eval_history": self.eval_history, "best": self.best}
-        trainer_tensors = None
-        if self.judge_refresh is not None:
-            state["judge_refresh"], trainer_tensors = self.judge_refresh.checkpoint()
-        self.ask_learner("save", str(path), state, to_dict(self.cfg), trainer_tensors)
-        if self.best is not None and self.best["step"] == self.step:
-            write_best(self.out, self.best)
-        best_path = self.out / "checkpoints" / self.best["checkpoint"] if self.best else None
-        keep_last_checkpoints(self.out, self.cfg.run.keep_checkpoints, protect=best_path)
-        return path
+                 "prompts": self.prompts.state_dict(), "counters": dict(self.counters)}
+        return save_checkpoint(self.cfg, self.out, self.step, state, self.learner, self.heldout, self.judge_refresh)
 
     # -- the end ---------------------------------------------------------------
     def summary(self) -> dict:
