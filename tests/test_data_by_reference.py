@@ -34,6 +34,8 @@ from dgrpo.orchestration.metrics import read_jsonl
 from raynodes import REPO, LocalCluster
 from test_multinode import HEALTH_CHECKS, run_config
 
+ray.cloudpickle.register_pickle_by_value(__import__(__name__))  # the actor classes below, for the workers
+
 DRIVER = r'''
 import json, sys
 import ray
@@ -132,3 +134,49 @@ def test_a_batch_lost_with_its_node_is_regenerated(cluster, tiny_corpus_file, tm
     assert summary["batches_trained"] == summary["requests_issued"] == state["requests"]
     assert summary["duplicate_batches"] == 0 and summary["dropped_stale_batches"] == 0
     assert state["in_flight"] == [] and state["ready"] == []
+
+
+class Owner:
+    """Stands for the learner: puts an object in the store (owning it) and hands back its reference."""
+
+    def info(self):
+        return {"node_id": ray.get_runtime_context().get_node_id()}
+
+    def put(self):
+        return [ray.put(b"w" * 200_000)]
+
+
+class Loader:
+    """Stands for a rollout worker: loads whatever object it is sent."""
+
+    def info(self):
+        return {"node_id": ray.get_runtime_context().get_node_id()}
+
+    def set_weights(self, weights):
+        return {"version": 1, "load_s": 0.0}
+
+
+def test_weights_lost_with_their_owner_stop_the_run_as_the_owners_loss(ray_cluster):
+    """Weights die with the learner that put them (their owner): a worker's load then fails, and the run stops
+    with the learner's loss (resume), not with a worker's bad call (a race seen when a learner node is lost
+    between the learner's publish and the workers' loads)."""
+    from dgrpo.errors import RunError
+    from dgrpo.orchestration.groups import ActorManager
+
+    manager = ActorManager(timeout_s=60, max_failures=0, counters={})
+    try:
+        owner = manager.group("learner", 1, lambda _: ray.remote(Owner).options(num_cpus=0).remote(),
+                              restartable=False)
+        loaders = manager.group("rollout", 1, lambda _: ray.remote(Loader).options(num_cpus=0).remote())
+        manager.wait_placed()
+        [weights] = owner.call("put")
+        ray.kill(owner.slots[0].handle, no_restart=True)
+        with pytest.raises(ray.exceptions.RayActorError):  # dead (ray.kill returns before it is)
+            ray.get(owner.slots[0].handle.info.remote(), timeout=30)
+        time.sleep(2)  # and its objects' owner death known to the object store, which serves a copy until then
+        loaders.publish(weights, source=(owner, owner.slots[0]))
+        with pytest.raises(RunError, match=r"the learner actor died during rollout.set_weights .*--resume"):
+            while loaders.loading():
+                manager.results(methods=(), timeout=0.5)
+    finally:
+        manager.close()

@@ -300,6 +300,7 @@ class ActorGroup:
         self.next_index = 0
         self.weights = None  # the published weights (an ObjectRef, or a function making one when first needed)
         self.recovery_only = False  # the weights are only for recovered slots (keep_for_recovery)
+        self.weights_source = None  # (group, slot) whose actor owns the published object, if not the driver
         self.requeued: deque = deque()  # lost work the driver issues again (same id, same seed)
         self.backlog: deque[Call] = deque()  # calls waiting for their slot (or any slot) to be usable
         self.load_seconds: list[float] = []  # of the weight loads answered since the driver last took them
@@ -498,6 +499,11 @@ class ActorGroup:
             if isinstance(e, self.restarted):
                 self._lost(call, e)  # the call reached a restarted incarnation that holds nothing yet
                 return False, None
+            if call.method in self.load_methods and self.weights_source is not None \
+                    and isinstance(getattr(e, "cause", None), ray.exceptions.ObjectLostError):
+                # the weights died with their owner (the learner's ray.put): the publisher is lost, not this actor
+                source, source_slot = self.weights_source
+                raise source._died(f"{self.role}.{call.method}", e, source_slot)
             # the actor is alive but the call raised: bad input or a bug, not a crash; do not retry
             raise RunError(f"{call.method.removesuffix('_by_ref')} on {self.role} actor {slot.index} failed: "
                            f"{type(e.cause).__name__}: {e.cause}") from None
@@ -535,10 +541,11 @@ class ActorGroup:
             self.weights = self.weights()
         return self.weights
 
-    def publish(self, weights) -> None:
+    def publish(self, weights, source: tuple | None = None) -> None:
         """Every placed slot loads `weights` (one object in the object store); so does each slot placed or
-        recovered later, before its first call."""
-        self.weights, self.recovery_only = weights, False
+        recovered later, before its first call. source: (group, slot) of the actor that put the object (its
+        owner: a load failing because the object died with it stops the run as that actor's loss)."""
+        self.weights, self.recovery_only, self.weights_source = weights, False, source
         for slot in self.placed_slots():
             self._send(slot, self.load_method, (weights,))
 
@@ -546,7 +553,7 @@ class ActorGroup:
         """Each slot of `args` (slot -> its call's arguments) loads new weights by its own `method` call (a
         collective broadcast it takes part in); every other slot, placed or recovered later, or whose call
         fails, loads `weights` (an ObjectRef, or a function making one when first needed)."""
-        self.weights, self.recovery_only = weights, False
+        self.weights, self.recovery_only, self.weights_source = weights, False, None
         self.load_methods.add(method)
         for slot, slot_args in args.items():
             self._send(slot, method, slot_args)

@@ -62,7 +62,7 @@ class ObjectStoreSync(WeightSync):
 
     def publish(self, version: int) -> None:
         ref, self.info = self.learner.call("publish")
-        self.workers.publish(ref)
+        self.workers.publish(ref, source=(self.learner, self.learner.slots[0]))
 
 
 class CollectiveSync(WeightSync):
