@@ -173,7 +173,13 @@ def test_weights_lost_with_their_owner_stop_the_run_as_the_owners_loss(ray_clust
         ray.kill(owner.slots[0].handle, no_restart=True)
         with pytest.raises(ray.exceptions.RayActorError):  # dead (ray.kill returns before it is)
             ray.get(owner.slots[0].handle.info.remote(), timeout=30)
-        time.sleep(2)  # and its objects' owner death known to the object store, which serves a copy until then
+        deadline = time.monotonic() + 60  # and its death known where objects are fetched (a copy is served till then)
+        while time.monotonic() < deadline:
+            try:
+                ray.get(weights, timeout=5)
+            except ray.exceptions.ObjectLostError:
+                break
+            time.sleep(0.5)
         loaders.publish(weights, source=(owner, owner.slots[0]))
         with pytest.raises(RunError, match=r"the learner actor died during rollout.set_weights .*--resume"):
             while loaders.loading():
