@@ -86,7 +86,7 @@ def run_driver(cfg: TrainConfig, cls: type[Driver] = Driver, on_step=None, prepa
         summary = driver.run()
         state = {"requests": driver.request_counter,
                  "in_flight": sorted(driver.requests_in_flight()),
-                 "ready": sorted(b.rollout.request_id for b in driver.ready),
+                 "ready": sorted(b.request_id for b in driver.ready),
                  "replacements": [s.replacements for s in driver.workers.slots],
                  "judge_replacements": [s.replacements for s in driver.judges.slots]}
     finally:

@@ -17,6 +17,7 @@ from ..corpus import CharTokenizer
 from ..models.rewards import JudgeReward, RewardError, build_reward, compute_member_rewards
 from ..precision import describe_precision, pick_device, resolve_precision
 from ..protocols import RolloutBatch, ScoredBatch, WeightSnapshot
+from .references import LOST, Receipt, fetch
 from .telemetry import ActorTelemetry, placement
 
 
@@ -53,6 +54,15 @@ class JudgeWorker:
         snapshot.load_into(self.reward_fn.judge)
         self.judge_version = snapshot.version
         return {"judge_id": self.judge_id, "version": self.judge_version, "load_s": time.perf_counter() - t0}
+
+    def score_by_ref(self, refs: list) -> tuple[ScoredBatch | None, Receipt]:
+        """score the batch of refs[0], for the driver's calls with num_returns=2: the scored batch stays in the
+        object store. (None, LOST) when that batch was lost with its node."""
+        batches, lost = fetch(refs)
+        if lost:
+            return None, LOST
+        scored = self.score(batches[0])
+        return scored, Receipt.of(scored)
 
     def score(self, batch: RolloutBatch) -> ScoredBatch:
         if self.reward_error is not None:

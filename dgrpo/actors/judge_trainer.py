@@ -1,6 +1,6 @@
 """JudgeTrainerActor: a thin Ray shell over JudgeRefresher (judge refresh, training/judge_refresh.py).
 
-The driver forwards the policy samples of every trained step (`add_samples`) and asks
+The driver forwards every trained step's scored batches by reference (`add_batches`) and asks
 for a new judge version every judge_refresh.publish_every steps (`refresh`); the answer
 carries the new judge's weights (which the driver broadcasts to the judge actors) and the
 trainer's whole state, from which a restarted trainer goes on (`load_state`).
@@ -18,6 +18,7 @@ from ..corpus import CharTokenizer, load_corpus
 from ..precision import describe_precision, pick_device, resolve_precision
 from ..protocols import WeightSnapshot
 from ..training.judge_refresh import refresher_from_checkpoint
+from .references import fetch
 from .telemetry import placement
 
 
@@ -50,6 +51,23 @@ class JudgeTrainerActor:
         self._check_state("add_samples")
         return self.refresher.add_policy_samples(tokens, generated)
 
+    def add_batches(self, refs: list, sizes: list[int]) -> int:
+        """The policy samples of a trained step's scored batches (references; `sizes`: their samples).
+        A batch lost with its node since is counted as seen and left out."""
+        self._check_state("add_batches")
+        return self._add_batches(refs, sizes)
+
+    def _add_batches(self, refs: list, sizes: list[int]) -> int:
+        batches, lost = fetch(refs)
+        if lost:
+            print(f"judge trainer: {len(lost)} scored batch(es) were lost with their node; going on without their "
+                  f"{sum(sizes[i] for i in lost)} samples", flush=True)
+            self.refresher.samples_seen += sum(sizes[i] for i in lost)
+        if batches:
+            self.refresher.add_policy_samples(torch.cat([b.rollout.tokens for b in batches]),
+                                              torch.cat([b.rollout.reveal_step >= 0 for b in batches]))
+        return self.refresher.buffer.filled
+
     def refresh(self) -> dict:
         """Train iters_per_publish steps into the next judge version -> its weights, metrics and the full state.
         With no policy samples yet (all dropped, or lost with a restart) it trains nothing and says so."""
@@ -68,12 +86,16 @@ class JudgeTrainerActor:
 
     def load_state(self, restore: tuple) -> dict:
         """restore = (state, policy samples sent after it): the state of the last version, then the samples
-        it had not seen, in the order they were sent."""
+        it had not seen, in the order they were sent: each (tokens, generated), or (refs, sizes) of scored
+        batches (add_batches)."""
         t0 = time.perf_counter()
         state, samples = restore
         self.refresher.load_state(*state)
-        for tokens, generated in samples:
-            self.refresher.add_policy_samples(tokens, generated)
+        for first, second in samples:
+            if isinstance(first, torch.Tensor):
+                self.refresher.add_policy_samples(first, second)
+            else:
+                self._add_batches(first, second)
         self.waiting_for_state = False
         return {"version": self.refresher.version, "load_s": time.perf_counter() - t0}
 

@@ -2,6 +2,9 @@
 
 A plain class; the driver turns it into a Ray actor with the resources of the
 `resources.rollout` config section. Given a GPU it samples there, otherwise on CPU.
+The driver's calls leave the batches in the object store (`generate_by_ref`, references.py). Weights arrive
+as one object of the object store (`set_weights`) or by the learner's collective broadcast
+(`receive_weights`, collective.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from ..models.sampler import sample
 from ..models.transformer import ModelConfig
 from ..precision import describe_precision, pick_device, resolve_precision
 from ..protocols import RolloutBatch, RolloutRequest, WeightSnapshot
+from .collective import BroadcastMember
+from .references import Receipt
 from .telemetry import ActorTelemetry, placement
 
 
@@ -39,6 +44,7 @@ class RolloutWorker:
         print(f"precision: rollout worker {worker_id}: {self.precision}", flush=True)
         self.version = -1  # no weights yet
         self.telemetry = ActorTelemetry("rollout", str(worker_id), enabled=metrics)
+        self.collective = BroadcastMember()
 
     def set_weights(self, snapshot: WeightSnapshot) -> dict:
         t0 = time.perf_counter()
@@ -47,6 +53,24 @@ class RolloutWorker:
         load_s = time.perf_counter() - t0
         self.telemetry.gauge("policy_version", self.version)
         return {"worker_id": self.worker_id, "version": self.version, "load_s": load_s}
+
+    def receive_weights(self, spec: dict) -> dict:
+        """Takes part in the learner's collective broadcast of version spec["version"] (collective.py);
+        {"version": None} when the broadcast failed (the driver then sends the weights as an object)."""
+        result = self.collective.broadcast(self.model, spec)
+        if not result["ok"]:
+            print(f"rollout worker {self.worker_id}: the weight broadcast of epoch {spec['epoch']} failed: "
+                  f"{result['error']}", flush=True)
+            self.version = -1  # some tensors may be new and others not: hold nothing until the next load
+            return {"worker_id": self.worker_id, "version": None, "error": result["error"]}
+        self.version = spec["version"]
+        self.telemetry.gauge("policy_version", self.version)
+        return {"worker_id": self.worker_id, "version": self.version, "load_s": result["seconds"]}
+
+    def generate_by_ref(self, request: RolloutRequest) -> tuple[RolloutBatch, Receipt]:
+        """generate, for the driver's calls with num_returns=2: the batch stays in the object store."""
+        batch = self.generate(request)
+        return batch, Receipt.of(batch)
 
     def generate(self, request: RolloutRequest, reference: WeightSnapshot | None = None) -> RolloutBatch:
         """Sample `group_size` completions of each prompt with the weights this worker holds. A request with

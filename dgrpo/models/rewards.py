@@ -154,6 +154,13 @@ class JudgeReward(RewardFunction):
 ENSEMBLE_MODES = ("mean", "mean_minus_std", "min")
 
 
+def judge_disagreement(batches) -> dict:
+    """{"judge_disagreement": mean over samples of the sample std of the ensemble members' rewards} of scored
+    batches, or {} when the reward is not an ensemble."""
+    members = [b.member_rewards for b in batches if b.member_rewards.shape[0] >= 2]
+    return {"judge_disagreement": float(torch.cat([member_std(m) for m in members]).mean())} if members else {}
+
+
 def member_std(members: torch.Tensor) -> torch.Tensor:
     """(M, B) -> (B,) sample standard deviation over the M members (divisor M - 1).
 

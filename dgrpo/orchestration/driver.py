@@ -1,12 +1,20 @@
 """The GRPO driver: schedules rollouts, routes batches, trains, broadcasts weights.
 
-One GRPO step, following the data:
+One GRPO step, following the data; the batches travel by reference (actors/references.py): they stay in
+the object store of the node that made them and go from there to the actor that needs them, while the
+driver reads only receipts (ids, versions, sizes, timings):
 
-    driver  --RolloutRequest-->  RolloutWorker.generate    (policy version v)
-    driver  --RolloutBatch---->  JudgeWorker.score         (rewards)
-    driver  --ScoredBatch*---->  LearnerActor.train        (advantages, PPO-clip + KL, AdamW)
-    driver  <--ObjectRef-------  LearnerActor.publish      (ray.put of version v+1, once)
-    driver  --ObjectRef------->  RolloutWorker.set_weights (every worker loads the same object)
+    driver  --RolloutRequest-->  RolloutWorker.generate_by_ref  (policy version v) -> batch ref + receipt
+    driver  --[batch ref]----->  JudgeWorker.score_by_ref       (rewards) -> scored batch ref + receipt
+    driver  --[scored refs]--->  LearnerActor.train_by_ref      (advantages, PPO-clip + KL, AdamW)
+    driver  <--ObjectRef-------  LearnerActor.publish           (ray.put of version v+1, once)
+    driver  --ObjectRef------->  RolloutWorker.set_weights      (every worker loads the same object)
+        or, with run.weight_sync: collective (weights.py), a broadcast from the learner:
+    driver  --epoch, ranks---->  LearnerActor.broadcast_weights + RolloutWorker.receive_weights
+
+A batch lost with its node (the judge or the learner finds its input gone: not an actor's death) is
+made again: its request is issued again with the same id and seed (regenerated_batches), and a step
+whose batch was lost gives the others back, first in line, so that each request is trained once.
 
 Synchronous mode issues exactly one step's prompts and waits for the new weights
 before issuing more. Asynchronous mode keeps every worker generating while the
@@ -18,88 +26,53 @@ in groups.py: the driver submits calls and reads results.
 With judge_refresh.enabled a judge trainer runs beside the learner and publishes judge
 versions to the judges (judge_refresh.py).
 
-Each evaluation samples held-out prompts, scores them with the reward (and
-run.selection_judge), and measures their KL to the starting generator, which the
-driver keeps for that; the best evaluation on run.selection (within
-run.selection_kl_max) is checkpointed and named by checkpoints/best.json.
+Run set-up and its checks are startup.py's; held-out evaluation and checkpoint selection
+(checkpoints/best.json) heldout.py's; the weight sync weights.py's. The driver keeps the starting
+generator's weights (`reference`) for the evaluations' KL.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
-import torch
 
 from ..actors.judge import JudgeWorker
 from ..actors.judge_trainer import JudgeTrainerActor
 from ..actors.learner import LearnerActor
+from ..actors.references import Receipt
 from ..actors.rollout import RolloutWorker, StaleWorkerError
 from ..config import TrainConfig, to_dict
-from ..corpus import (CharTokenizer, PromptStream, VocabularyError, check_length, fixed_windows, load_corpus,
-                      make_prompts)
 from ..errors import RunError, TrainingHalted
-from ..models.checkpoint import CheckpointError, load_checkpoint
-from ..models.diffusion import DiffusionLM, load_generator
-from ..models.rewards import JudgeReward, compute_rewards, member_std
-from ..models.transformer import preset_config
-from ..protocols import RolloutRequest, ScoredBatch, WeightSnapshot
+from ..models.rewards import judge_disagreement  # noqa: F401 (a name of this module before issue 26)
+from ..protocols import RolloutRequest, WeightSnapshot
 from ..protocols.rollout_log import RolloutLogWriter
+from .checkpoints import load_newest, save_checkpoint, truncate_logs
 from .cluster import connect, describe_needs, make_actor
-from .groups import ActorLost, ActorManager
-from .judge_refresh import JudgeRefreshRole, check_judge_refresh
-from .metrics import MetricsLogger, truncate_jsonl
+from .groups import ActorManager, Call
+from .heldout import HeldOut
+from .judge_refresh import JudgeRefreshRole
+from .metrics import MetricsLogger
 from .progress import ProgressPrinter
-from .rundir import (BEST_POINTER, checkpoint_path, find_checkpoints, keep_last_checkpoints, open_run_dir,
-                     remove_partial_checkpoints, truncate_rollout_log, write_best)
+from .rundir import open_run_dir
 from .scale import ScaleControl
-
-# the held-out value each run.selection ranks evaluations by
-SELECTION_KEYS = {"eval_reward": "eval_reward_mean", "selection_judge": "eval_selection_reward_mean"}
-
-
-def initial_policy(cfg: TrainConfig):
-    """(tokenizer, initial policy, corpus): the pretrained generator, or a fresh `generator.preset`."""
-    c = cfg.corpus
-    if cfg.generator.checkpoint:
-        model, tokenizer, _ = load_generator(cfg.generator.checkpoint)
-        return tokenizer, model, load_corpus(c.path, c.cache_dir, c.val_fraction, tokenizer=tokenizer)
-    corpus = load_corpus(c.path, c.cache_dir, c.val_fraction)
-    torch.manual_seed(cfg.run.seed)
-    return corpus.tokenizer, DiffusionLM(preset_config(cfg.generator.preset, corpus.tokenizer.vocab_size)), corpus
+from .startup import RunInputs
+from .weights import weight_sync
 
 
-def check_judge_vocabulary(cfg: TrainConfig, tokenizer: CharTokenizer, length: int) -> None:
-    for path in cfg.reward.judge_paths:
-        judge = load_checkpoint(path, expect_kind="judge")
-        try:
-            CharTokenizer.from_dict(judge.vocab).check_same(tokenizer, "judge vs generator")
-        except VocabularyError as e:
-            raise VocabularyError(f"{path}: {e}") from None
-        if judge.model_config.block_size < length:
-            raise RunError(f"the judge {path} scores windows of at most {judge.model_config.block_size} characters "
-                           f"but prompts are {length} long; set prompts.length <= {judge.model_config.block_size}")
+@dataclass
+class Scored:
+    """A scored batch waiting for its step: its reference, its receipt and the request that made it."""
+    ref: object
+    receipt: Receipt
+    request: RolloutRequest
 
-
-def load_selection_judge(cfg: TrainConfig, tokenizer: CharTokenizer, length: int) -> JudgeReward | None:
-    """run.selection_judge, checked: the generator's vocabulary, the prompts' length, and a training seed
-    that no reward judge shares (the same seed gives the same initial weights and refill samples)."""
-    path = cfg.run.selection_judge
-    if not path:
-        return None
-    judge = JudgeReward.from_checkpoint(path, tokenizer=tokenizer)
-    if judge.block_size != length:
-        raise RunError(f"run.selection_judge {path} scores windows of {judge.block_size} characters, the prompts "
-                       f"have {length}; train it for prompts.length")
-    seed = (load_checkpoint(path, expect_kind="judge").config or {}).get("seed")
-    for reward_path in cfg.reward.judge_paths:
-        if seed is not None and seed == (load_checkpoint(reward_path, expect_kind="judge").config or {}).get("seed"):
-            raise RunError(f"run.selection_judge {path} was trained with the seed {seed} of the reward judge "
-                           f"{reward_path}: the same initial weights and refill samples; train it with another seed")
-    return judge
+    @property
+    def request_id(self) -> int:
+        return self.receipt.request_id
 
 
 class Driver:
@@ -119,21 +92,10 @@ class Driver:
         self.out = Path(cfg.run.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         run = cfg.run
-        tokenizer, model, corpus = initial_policy(cfg)
-        self.tokenizer = tokenizer
-        self.length = cfg.prompts.length or model.cfg.block_size
-        if self.length > model.cfg.block_size:
-            raise RunError(f"prompts.length={self.length} exceeds the generator's block size {model.cfg.block_size}")
-        check_length(corpus.train, self.length, "train")
-        check_length(corpus.val, self.length, "validation")
-        check_judge_vocabulary(cfg, tokenizer, self.length)
-        check_judge_refresh(cfg)
-        self.selection_judge = load_selection_judge(cfg, tokenizer, self.length)
-        self.prompts = PromptStream(corpus.train, self.length, tokenizer.mask_id, cfg.prompts.kind,
-                                    cfg.prompts.mask_fraction, seed=run.seed)
-        eval_windows = fixed_windows(corpus.val, run.eval_prompts, self.length, seed=run.eval_seed)
-        self.eval_prompts = make_prompts(eval_windows, tokenizer.mask_id, cfg.prompts.kind, cfg.prompts.mask_fraction,
-                                         generator=torch.Generator().manual_seed(run.eval_seed))
+        inputs = RunInputs(cfg)
+        tokenizer, model = inputs.tokenizer, inputs.model
+        self.tokenizer, self.length, self.prompts = tokenizer, inputs.length, inputs.prompts
+        self.heldout = HeldOut(cfg, self.out, tokenizer, inputs.eval_prompts, inputs.selection_judge)
         self.progress = ProgressPrinter(run.steps, run.max_minutes, enabled=not quiet)
         self.actors = None
         try:
@@ -148,7 +110,7 @@ class Driver:
         run, res = cfg.run, cfg.resources
         self.counters = {"dropped_stale_batches": 0, "duplicate_batches": 0, "worker_restarts": 0,
                          "judge_restarts": 0, "reissued_requests": 0, "batches_trained": 0,
-                         "actors_lost_with_node": 0, "nodes_lost": 0}
+                         "actors_lost_with_node": 0, "nodes_lost": 0, "regenerated_batches": 0}
         self.actors = ActorManager(run.actor_timeout_s, run.max_worker_failures, self.counters,
                                    placement_timeout_s=run.placement_timeout_s, check_s=run.membership_check_s)
         vocab, metrics_on = tokenizer.to_dict(), run.metrics_export
@@ -158,18 +120,20 @@ class Driver:
             "learner", 1, lambda _: make_actor(self.learner_cls, res.learner, cfg.grpo, model.cfg, vocab, init,
                                                seed=run.seed, precision=res.learner.precision,
                                                torch_threads=res.torch_threads),
-            restartable=False, call_names={"train": "a step"}, needs=describe_needs(res.learner))
+            restartable=False, call_names={"train_by_ref": "a step"}, needs=describe_needs(res.learner))
         self.workers = self.actors.group(
             "rollout", res.rollout.num_workers,
             lambda i: make_actor(self.rollout_cls, res.rollout, i, model.cfg, cfg.sampler, res.rollout.precision,
                                  res.torch_threads, metrics_on),
-            *res.rollout.bounds, on_lost={"generate": "requeue"}, restarted=(StaleWorkerError,),
+            *res.rollout.bounds, on_lost={"generate_by_ref": "requeue"}, restarted=(StaleWorkerError,),
             needs=describe_needs(res.rollout))
         self.judges = self.actors.group(
             "judge", res.judge.num_workers,
             lambda i: make_actor(self.judge_cls, res.judge, i, cfg.reward, vocab, res.torch_threads, metrics_on,
                                  precision=res.judge.precision),
-            *res.judge.bounds, on_lost={"score": "resubmit"}, load_method="set_judge", needs=describe_needs(res.judge))
+            *res.judge.bounds, on_lost={"score_by_ref": "resubmit"}, load_method="set_judge",
+            needs=describe_needs(res.judge))
+        self.weights = weight_sync(run, self.learner, self.workers, self.counters)
         self.scale = ScaleControl(self.out, {"rollout": self.workers, "judge": self.judges}, run.membership_check_s)
         self.judge_refresh = None
         if cfg.judge_refresh.enabled:
@@ -183,56 +147,32 @@ class Driver:
         self.step = 0
         self.version = 0
         self.request_counter = 0
-        self.eval_history: list[dict] = []
-        self.best: dict | None = None  # the evaluation checkpoints/best.json names
         self.zero_signal_steps = 0  # consecutive steps in which every group's rewards were equal
         if resume:
             self._resume()
         self.logger = MetricsLogger(self.out, ray_metrics=metrics_on, tensorboard=run.tensorboard,
                                     wandb_project=run.wandb_project, config=to_dict(cfg))
         self.rollout_log = RolloutLogWriter(self.out / "rollouts.msgpack", repair_tail=True) if run.log_rollouts else None
-        self.ready: deque[ScoredBatch] = deque()  # scored batches waiting for a step
+        self.ready: deque[Scored] = deque()  # scored batches waiting for a step
         self.consumed: set[int] = set()  # request ids whose scored batch arrived (a second one is a duplicate)
         self.window_gen_s = 0.0  # worker generate seconds since the last step ended
-        self.step_batches: list[ScoredBatch] = []
-
-    def ask_learner(self, method: str, *args, **kwargs):
-        """A blocking call on the learner (publish, save, load)."""
-        return self.learner.call(method, *args, **kwargs)
+        self.step_batches: list[Scored] = []  # the step the learner trains now
 
     # -- resume ----------------------------------------------------------
     def _resume(self) -> None:
-        remove_partial_checkpoints(self.out)
-        for path in reversed(find_checkpoints(self.out)):
-            try:
-                ckpt = load_checkpoint(path, expect_kind="generator")
-            except CheckpointError as e:
-                print(f"skipping unusable checkpoint {path}: {e}")
-                continue
-            try:  # a checkpoint whose tensors are corrupt or truncated is skipped too
-                state = self.ask_learner("load", str(path), passthrough=(CheckpointError,))
-                saved_refresh = JudgeRefreshRole.saved(ckpt, state) if self.judge_refresh is not None else None
-            except CheckpointError as e:
-                print(f"skipping unusable checkpoint {path}: {getattr(e, 'cause', e)}")
-                continue
-            # the policy version is the learner's (the manifest's), not in the driver's state
-            self.step, self.version = state["step"], int(ckpt.state["version"])
-            self.request_counter = state["request_counter"]
-            self.prompts.load_state_dict(state["prompts"])
-            self.counters.update(state["counters"])
-            self.eval_history = state.get("eval_history", [])
-            self.restore_best(state.get("best"))
-            kept = truncate_jsonl(self.out / "metrics.jsonl", self.step)
-            truncate_jsonl(self.out / "samples.jsonl", self.step)
-            truncate_rollout_log(self.out / "rollouts.msgpack", self.request_counter)
-            print(f"resumed from {path}: step {self.step}, policy version {self.version}, {kept} metric rows kept")
-            if self.judge_refresh is not None:
-                self.judge_refresh.restore(saved_refresh, self.step)
-            elif "judge_refresh" in state:
-                print(f"note: the checkpoint holds judge version {state['judge_refresh']['version']} of a judge "
-                      f"refresh; with judge_refresh.enabled=false the judges score with reward.judge_checkpoint")
-            return
-        raise RunError(f"--resume: no usable checkpoint under {self.out / 'checkpoints'}; start without --resume")
+        """The run's state from its newest usable checkpoint (checkpoints.py); the logs cut back to it."""
+        path, state, self.version, saved_refresh = load_newest(self.out, self.learner, self.judge_refresh is not None)
+        self.step, self.request_counter = state["step"], state["request_counter"]
+        self.prompts.load_state_dict(state["prompts"])
+        self.counters.update(state["counters"])
+        self.heldout.restore(state.get("eval_history", []), state.get("best"))
+        kept = truncate_logs(self.out, self.step, self.request_counter)
+        print(f"resumed from {path}: step {self.step}, policy version {self.version}, {kept} metric rows kept")
+        if self.judge_refresh is not None:
+            self.judge_refresh.restore(saved_refresh, self.step)
+        elif "judge_refresh" in state:
+            print(f"note: the checkpoint holds judge version {state['judge_refresh']['version']} of a judge "
+                  f"refresh; with judge_refresh.enabled=false the judges score with reward.judge_checkpoint")
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> dict:
@@ -246,10 +186,10 @@ class Driver:
         self.broadcast()
         if not self.eval_history:
             first = self.evaluate()
-            if self.select(first):
+            if self.heldout.select(first):
                 self.save_checkpoint()
             self.logger.log({"step": self.step, "policy_version": self.version, "wall_time": 0.0, **first,
-                             **self.best_fields()})
+                             **self.heldout.best_fields()})
         self.logger.phase("generating")
         self.step_started = self.t_loop = time.perf_counter()
         self.progress.start(self.step, self.eval_history[-1] if self.eval_history else None)
@@ -261,16 +201,17 @@ class Driver:
             if not self.actors.busy():
                 raise RunError("driver has nothing in flight; no rollout worker holds weights")
             for call, result in self.actors.results():
-                if call.method == "generate":  # a RolloutBatch: to the least busy judge
-                    self.window_gen_s += result.timings["generate_s"]
-                    self.judges.submit_least_loaded("score", result, size=call.size)
-                elif call.method == "score":  # a ScoredBatch: waits for its step
-                    self.collect(result)
-                elif call.method == "train":  # a step: publish, broadcast, log, evaluate, checkpoint
+                if call.method == "generate_by_ref":  # a rollout batch: to the least busy judge
+                    self.score(call, result)
+                elif call.method == "score_by_ref":  # a scored batch (or a lost input): waits for its step
+                    self.collect(call, result)
+                elif call.method == "train_by_ref":  # a step: publish, broadcast, log, evaluate, checkpoint
                     self.after_train(result)
+                elif call.method == "broadcast_weights":  # the learner's side of a collective broadcast
+                    self.weights.answered(result)
                 elif call.method == "refresh":  # a judge version: to every judge actor
                     self.judge_refresh.apply(result, self.step)
-                # add_samples answers need nothing
+                # add_batches answers need nothing
         summary = self.summary()
         self.progress.best(summary["best"])
         return summary
@@ -278,11 +219,11 @@ class Driver:
     # -- scheduling ----------------------------------------------------------
     @property
     def training(self) -> bool:
-        return bool(self.actors.calls("train"))
+        return bool(self.actors.calls("train_by_ref"))
 
     def groups_in_flight(self) -> int:
-        return sum(c.size for c in self.actors.calls("generate", "score")) + \
-            sum(b.rollout.num_groups for b in self.ready)
+        return sum(c.size for c in self.actors.calls("generate_by_ref", "score_by_ref")) + \
+            sum(b.receipt.num_groups for b in self.ready)
 
     def issue_generation(self) -> None:
         """Every idle worker that holds weights gets a request: lost work first, else fresh prompts."""
@@ -307,16 +248,35 @@ class Driver:
                                          seed=cfg.run.seed * 1_000_003 + self.request_counter)
                 self.request_counter += 1
             request.min_version = self.version if sync else max(0, self.version - cfg.run.max_staleness)
-            self.workers.submit(slot, "generate", request, size=request.prompts.shape[0])
+            self.workers.submit(slot, "generate_by_ref", request, size=request.prompts.shape[0], stored=1)
 
-    def collect(self, scored: ScoredBatch) -> None:
-        if scored.rollout.request_id in self.consumed:
+    def score(self, call: Call, receipt: Receipt) -> None:
+        """A rollout batch is in (call.values[0]): to the least busy judge, by reference."""
+        self.window_gen_s += receipt.generate_s
+        self.judges.submit_least_loaded("score_by_ref", [call.values[0]], size=call.size, work=call.payload,
+                                        stored=1)
+
+    def collect(self, call: Call, receipt: Receipt) -> None:
+        """A scored batch is in (call.values[0]); its rollout batch was lost with its node (receipt.lost): made
+        again; a second one of a request: counted and dropped."""
+        request = call.payload
+        if receipt.lost:
+            self.regenerate([request], f"the judge's input (rollout batch of request {request.request_id})")
+            return
+        if receipt.request_id in self.consumed:
             self.counters["duplicate_batches"] += 1
             return
-        self.consumed.add(scored.rollout.request_id)
-        if self.rollout_log is not None:
-            self.rollout_log.write(scored)
-        self.ready.append(scored)
+        self.consumed.add(receipt.request_id)
+        if self.rollout_log is not None:  # the only place the driver fetches a batch's bytes
+            self.rollout_log.write(ray.get(call.values[0]))
+        self.ready.append(Scored(call.values[0], receipt, request))
+
+    def regenerate(self, requests: list[RolloutRequest], what: str) -> None:
+        """Batches lost with their node: their requests are issued again (same id and seed)."""
+        print(f"{what} was lost with its node; request(s) {[r.request_id for r in requests]} are issued again",
+              flush=True)
+        self.counters["regenerated_batches"] += len(requests)
+        self.workers.requeued.extend(requests)
 
     def maybe_train(self) -> None:
         """Drop batches too stale to train on; once a step's groups are ready, send them to the learner."""
@@ -325,31 +285,43 @@ class Driver:
         per_step = self.cfg.grpo.prompts_per_step
         fresh = deque()
         for b in self.ready:
-            if self.version - b.rollout.policy_version > self.cfg.run.max_staleness:
+            if self.version - b.receipt.policy_version > self.cfg.run.max_staleness:
                 self.counters["dropped_stale_batches"] += 1
             else:
                 fresh.append(b)
         self.ready = fresh
-        if sum(b.rollout.num_groups for b in self.ready) < per_step:
+        if sum(b.receipt.num_groups for b in self.ready) < per_step:
             return
         take, groups = [], 0
         while groups < per_step:
             b = self.ready.popleft()
             take.append(b)
-            groups += b.rollout.num_groups
-        take.sort(key=lambda b: b.rollout.request_id)
+            groups += b.receipt.num_groups
+        take.sort(key=lambda b: b.receipt.request_id)
         self.step_batches = take
         self.logger.phase("training")
-        self.learner.submit(self.learner.slots[0], "train", *take)
-        if self.judge_refresh is not None:
-            self.judge_refresh.forward(take)
+        self.learner.submit(self.learner.slots[0], "train_by_ref", [b.ref for b in take])
         self.issue_generation()  # async: the next step's rollouts start now, overlapping this update
 
     def after_train(self, metrics: dict) -> None:
-        """A step is done: publish and broadcast its weights, log it, evaluate and checkpoint when due."""
-        batches = self.step_batches
+        """A step is done: publish and broadcast its weights, log it, evaluate and checkpoint when due.
+        A step whose batches were not all there (lost with their node) trained nothing: the lost ones are
+        made again, the others wait first in line."""
+        batches, self.step_batches = self.step_batches, []
+        if "lost_inputs" in metrics:
+            lost = set(metrics["lost_inputs"])
+            for i in lost:
+                self.consumed.discard(batches[i].receipt.request_id)
+            self.ready.extendleft(reversed([b for i, b in enumerate(batches) if i not in lost]))
+            self.regenerate([batches[i].request for i in sorted(lost)], "a scored batch of the step")
+            self.logger.phase("generating")
+            return
+        receipts = [b.receipt for b in batches]
+        if self.judge_refresh is not None:
+            self.judge_refresh.forward([b.ref for b in batches], receipts)
         self.counters["batches_trained"] += len(batches)
         self.step += 1
+        self.version = metrics.pop("policy_version")
         sync = self.broadcast()
         now, cpu = time.perf_counter(), time.process_time()
         wall, driver_cpu = now - self.step_started, cpu - self.cpu_started
@@ -357,8 +329,8 @@ class Driver:
         n_workers = max(self.workers.placed(), 1)
         record = {"step": self.step, "policy_version": self.version, "wall_time": now - self.t0, **metrics, **sync,
                   "time/step_s": wall,
-                  "time/generate_s": sum(b.rollout.timings["generate_s"] for b in batches),
-                  "time/score_s": sum(b.timings["score_s"] for b in batches),
+                  "time/generate_s": sum(r.generate_s for r in receipts),
+                  "time/score_s": sum(r.score_s for r in receipts),
                   "time/learn_s": metrics["learn_s"],
                   "time/driver_cpu_s": driver_cpu, "driver_cpu_ratio": driver_cpu / wall,
                   "rollout_workers": self.workers.placed(), "rollout_workers_target": self.workers.target,
@@ -366,8 +338,7 @@ class Driver:
                   "learner_idle_ratio": max(0.0, 1 - metrics["learn_s"] / wall),
                   "rollout_idle_ratio": max(0.0, 1 - self.window_gen_s / (n_workers * wall)),
                   "steps_per_min": 60.0 * (self.step - self.start_step) / (now - self.t_loop),
-                  "batch_versions": sorted({b.rollout.policy_version for b in batches}),
-                  **judge_disagreement(batches), **self.counters}
+                  "batch_versions": sorted({r.policy_version for r in receipts}), **self.counters}
         self.window_gen_s = 0.0
         run = self.cfg.run
         out_of_time = run.max_minutes is not None and now - self.t0 > 60 * run.max_minutes
@@ -375,10 +346,10 @@ class Driver:
         improved = False
         if self.step % run.eval_every == 0 or self.finished:
             result = self.evaluate()
-            improved = self.select(result)
-            record.update(result, **self.best_fields())
+            improved = self.heldout.select(result)
+            record.update(result, **self.heldout.best_fields())
         if self.judge_refresh is not None:
-            record.update(self.judge_refresh.after_step(self.step, batches))
+            record.update(self.judge_refresh.after_step(self.step, receipts))
         self.logger.log(record)
         self.progress.step(record, elapsed_s=now - self.t0, last=self.finished)
         if self.report is not None:
@@ -408,103 +379,31 @@ class Driver:
 
     # -- weights ---------------------------------------------------------
     def broadcast(self) -> dict:
-        """The learner publishes its weights once; every worker loads them (sync mode: waits for all)."""
-        t0 = time.perf_counter()
+        """The learner's weights (self.version) to every worker, by run.weight_sync (weights.py); sync mode, and
+        the first broadcast, wait until every worker holds them."""
         self.logger.phase("syncing")
-        ref, info = self.ask_learner("publish")
-        self.version = info["version"]
-        previous_loads = self.workers.take_load_seconds()
-        self.workers.publish(ref)
-        waited = self.cfg.run.mode == "sync" or self.step == 0
-        if waited:
-            while self.workers.loading():
-                self.actors.results(methods=())
-        # async: acks arrive while the loop runs on, so report the previous broadcast's load times
-        loads = self.workers.take_load_seconds() if waited else previous_loads
-        return {"time/sync_s": time.perf_counter() - t0, "sync_load_s_mean": sum(loads) / max(len(loads), 1),
-                "weights_mb": info["nbytes"] / 2**20,
-                "time/publish_s": info["publish_s"]}
+        return self.weights.broadcast(self.version, wait=self.cfg.run.mode == "sync" or self.step == 0)
 
     # -- evaluation ------------------------------------------------------------
     def evaluate(self) -> dict:
-        """Reward of held-out prompts, fixed seed, one sample each, at the current version."""
+        """The held-out evaluation of the current version (heldout.py)."""
         self.logger.phase("evaluating")
-        request = RolloutRequest(request_id=-1, prompts=self.eval_prompts, group_size=1,
-                                 seed=self.cfg.run.eval_seed, min_version=self.version, measure_kl=True)
-        for _attempt in range(3):
-            try:  # a dead worker or judge is recovered (and charged) by its group; then try again
-                batch = self.workers.call("generate", request, self.reference, what="rollout.generate (eval)")
-                scored = self.judges.call("score", batch, what="judge.score (eval)")
-                break
-            except ActorLost:
-                continue
-        else:
-            raise RunError("evaluation failed 3 times; see actor logs")
-        r = scored.rewards
-        result = {"step": self.step, "eval_reward_mean": float(r.mean()),
-                  "eval_reward_stderr": float(r.std() / len(r) ** 0.5), "policy_version": self.version}
-        kl = batch.kl_to_reference
-        result.update(eval_kl_seq=float(kl.mean()), eval_kl_seq_stderr=float(kl.std() / len(kl) ** 0.5))
-        result.update({f"eval_{k}": v for k, v in judge_disagreement([scored]).items()})
-        if self.selection_judge is not None:
-            s = compute_rewards(self.selection_judge, batch.tokens)
-            result.update(eval_selection_reward_mean=float(s.mean()),
-                          eval_selection_reward_stderr=float(s.std() / len(s) ** 0.5))
-        self.eval_history.append(result)
-        texts = self.tokenizer.decode_batch(batch.tokens[:4])
-        with open(self.out / "samples.jsonl", "a") as fh:
-            fh.write(json.dumps({"step": self.step, "version": self.version, "texts": texts,
-                                 "rewards": r[:4].tolist()}) + "\n")
-        return result
+        return self.heldout.evaluate(self.workers, self.judges, self.reference, self.step, self.version)
 
-    # -- checkpoint selection ----------------------------------------------------
-    def select(self, result: dict) -> bool:
-        """Whether this evaluation becomes the best: the highest run.selection value so far among the
-        evaluations within run.selection_kl_max (ties keep the earlier one)."""
-        run = self.cfg.run
-        if run.selection == "none":
-            return False
-        if run.selection_kl_max is not None and result["eval_kl_seq"] > run.selection_kl_max:
-            return False
-        value = result[SELECTION_KEYS[run.selection]]
-        if self.best is not None and value <= self.best["value"]:
-            return False
-        self.best = {"step": self.step, "checkpoint": checkpoint_path(self.out, self.step).name,
-                     "selection": run.selection, "value": value, "eval_kl_seq": result["eval_kl_seq"],
-                     "eval_reward_mean": result["eval_reward_mean"]}
-        return True
+    @property
+    def eval_history(self) -> list[dict]:
+        return self.heldout.history
 
-    def best_fields(self) -> dict:
-        return {"best_step": self.best["step"], "best_value": self.best["value"]} if self.best else {}
-
-    def restore_best(self, best: dict | None) -> None:
-        """On resume: the best of the restored state, if its checkpoint is still there; the pointer follows it."""
-        pointer = self.out / "checkpoints" / BEST_POINTER
-        if best is not None and not (self.out / "checkpoints" / best["checkpoint"]).is_dir():
-            print(f"the best checkpoint {best['checkpoint']} of the restored state is gone; selecting anew")
-            best = None
-        self.best = best
-        if best is None:
-            pointer.unlink(missing_ok=True)
-        else:
-            write_best(self.out, best)
+    @property
+    def best(self) -> dict | None:
+        return self.heldout.best
 
     # -- checkpoints -------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         self.logger.phase("checkpointing")
-        path = checkpoint_path(self.out, self.step)
         state = {"step": self.step, "request_counter": self.request_counter,
-                 "prompts": self.prompts.state_dict(), "counters": dict(self.counters),
-                 "eval_history": self.eval_history, "best": self.best}
-        trainer_tensors = None
-        if self.judge_refresh is not None:
-            state["judge_refresh"], trainer_tensors = self.judge_refresh.checkpoint()
-        self.ask_learner("save", str(path), state, to_dict(self.cfg), trainer_tensors)
-        if self.best is not None and self.best["step"] == self.step:
-            write_best(self.out, self.best)
-        best_path = self.out / "checkpoints" / self.best["checkpoint"] if self.best else None
-        keep_last_checkpoints(self.out, self.cfg.run.keep_checkpoints, protect=best_path)
-        return path
+                 "prompts": self.prompts.state_dict(), "counters": dict(self.counters)}
+        return save_checkpoint(self.cfg, self.out, self.step, state, self.learner, self.heldout, self.judge_refresh)
 
     # -- the end ---------------------------------------------------------------
     def summary(self) -> dict:
@@ -521,7 +420,7 @@ class Driver:
 
     def requests_in_flight(self) -> set[int]:
         """Ids of the issued requests not yet scored: generating, scoring, or lost and waiting to be issued again."""
-        return {c.payload.request_id for c in self.actors.calls("generate", "score")} | \
+        return {c.payload.request_id for c in self.actors.calls("generate_by_ref", "score_by_ref")} | \
             {r.request_id for r in self.workers.requeued}
 
     def close(self) -> None:
@@ -530,13 +429,6 @@ class Driver:
         if self.rollout_log is not None:
             self.rollout_log.close()
         self.actors.close()
-
-
-def judge_disagreement(batches: list[ScoredBatch]) -> dict:
-    """{"judge_disagreement": mean over samples of the sample std of the ensemble members' rewards}, or {} when
-    the reward is not an ensemble."""
-    members = [b.member_rewards for b in batches if b.member_rewards.shape[0] >= 2]
-    return {"judge_disagreement": float(torch.cat([member_std(m) for m in members]).mean())} if members else {}
 
 
 def run_training(cfg: TrainConfig, resume: bool = False, report=None, quiet: bool = False, overwrite: bool = False,

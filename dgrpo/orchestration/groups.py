@@ -26,6 +26,9 @@ Everything else happens here, and nothing here blocks the run on one actor:
   (`resubmit`: a score), or handed back to the driver, which schedules it like new work
   (`requeue`: a rollout request must go to a worker holding the right weights);
 * a call that raised (bad input, a bug) stops the run: it would fail again;
+* results passed on by reference: a call with `stored=k` leaves its first k results in the object
+  store (`call.values`, which the driver hands to the next actor) and answers with the last one, a
+  small receipt (actors/references.py); `work` names what a call is for (the driver's request);
 * a group that cannot restart (the learner: a restarted one would have lost its state) stops
   the run when its actor dies, hangs or loses its node; `dgrpo train --resume` goes on.
 """
@@ -103,12 +106,18 @@ class Call:
     method: str
     args: tuple
     size: int = 0  # work the call carries, in the driver's unit (prompt groups)
+    work: object = None  # what the call is for (the driver's request), if not its first argument
+    stored: int = 0  # results left in the object store (values); the answer is the last result
+    values: tuple = ()  # their references, known from the moment the call is sent
     epoch: int = 0
     submitted: float = field(default_factory=time.perf_counter)
     probe: bool = False  # a placement probe: no deadline
 
     @property
     def payload(self):
+        """What the call is for: its `work`, else its first argument."""
+        if self.work is not None:
+            return self.work
         return self.args[0] if self.args else None
 
 
@@ -161,7 +170,7 @@ class ActorManager:
         self.tick()
         wanted = None if methods is None else set(methods)
         refs = [r for r, c in self.in_flight.items()
-                if wanted is None or c.method in wanted or c.probe or c.method == c.group.load_method]
+                if wanted is None or c.method in wanted or c.probe or c.method in c.group.load_methods]
         if any(s.state == RECOVERING for g in self.groups for s in g.slots):
             timeout = min(timeout, REPROBE_S)
         if refs:
@@ -268,7 +277,8 @@ class ActorGroup:
     restartable    Ray may restart its actors and the group recovers them (else a fault stops the run)
     on_lost        method -> "resubmit" | "requeue": what becomes of a call lost with its actor
     restarted      errors a call raises when it reached a restarted incarnation (a death, not a bug)
-    load_method    the actor method that loads published weights (it answers {"version", "load_s"})
+    load_method    the actor method that loads published weights (it answers {"version", "load_s"}); methods
+                   that load weights otherwise (a collective broadcast) join load_methods through load_via
     call_names     method -> what one call is called in messages ("a step")
     min_size       fewest placed actors the run goes on with (for longer than run.placement_timeout_s)
     max_size       most actors the target may ask for
@@ -282,13 +292,15 @@ class ActorGroup:
         self.manager, self.role, self.factory = manager, role, factory
         self.restartable, self.on_lost, self.restarted = restartable, on_lost or {}, restarted
         self.load_method, self.call_names = load_method, call_names or {}
+        self.load_methods = {load_method}
         self.min_size, self.max_size, self.needs = min_size, max_size, needs
         self.target = 0
         self.restart_timeout_s = manager.timeout_s  # how long a restarting actor may take to answer again
         self.slots: list[Slot] = []
         self.next_index = 0
-        self.weights = None  # the last published weights (an ObjectRef); every slot loads them before work
+        self.weights = None  # the published weights (an ObjectRef, or a function making one when first needed)
         self.recovery_only = False  # the weights are only for recovered slots (keep_for_recovery)
+        self.weights_source = None  # (group, slot) whose actor owns the published object, if not the driver
         self.requeued: deque = deque()  # lost work the driver issues again (same id, same seed)
         self.backlog: deque[Call] = deque()  # calls waiting for their slot (or any slot) to be usable
         self.load_seconds: list[float] = []  # of the weight loads answered since the driver last took them
@@ -303,6 +315,9 @@ class ActorGroup:
 
     def placed(self) -> int:
         return sum(s.state == READY and not s.retiring for s in self.slots)
+
+    def placed_slots(self) -> list[Slot]:
+        return [s for s in self.slots if s.state == READY and not s.retiring]
 
     def usable(self, slot: Slot) -> bool:
         """Placed, not retiring, and holding the published weights (if any were published). A placed slot's
@@ -386,38 +401,44 @@ class ActorGroup:
                            f"raise run.placement_timeout_s; then resume with --resume")
 
     # -- calls -------------------------------------------------------------------
-    def _send(self, slot: Slot, method: str, args: tuple, size: int = 0, probe: bool = False) -> Call:
-        call = Call(self, slot, method, args, size=size, epoch=slot.epoch, probe=probe)
-        self.manager.in_flight[getattr(slot.handle, method).remote(*args)] = call
+    def _send(self, slot: Slot, method: str, args: tuple, size: int = 0, probe: bool = False, work=None,
+              stored: int = 0) -> Call:
+        call = Call(self, slot, method, args, size=size, work=work, stored=stored, epoch=slot.epoch, probe=probe)
+        remote = getattr(slot.handle, method)
+        if stored:
+            *values, answer = remote.options(num_returns=stored + 1).remote(*args)
+            call.values = tuple(values)
+        else:
+            answer = remote.remote(*args)
+        self.manager.in_flight[answer] = call
         slot.in_flight += 1
         return call
 
-    def submit(self, slot: Slot, method: str, *args, size: int = 0) -> Call:
+    def submit(self, slot: Slot, method: str, *args, size: int = 0, work=None, stored: int = 0) -> Call:
         """Sends a call to `slot`; if the slot is not placed (starting or being recovered), the call waits
-        in the backlog and goes to it once it is (its weights loaded first)."""
+        in the backlog and goes to it once it is (its weights loaded first). work, stored: see Call."""
         if slot.state == READY and not slot.removed:
-            return self._send(slot, method, args, size)
-        call = Call(self, slot, method, args, size=size)
+            return self._send(slot, method, args, size, work=work, stored=stored)
+        call = Call(self, slot, method, args, size=size, work=work, stored=stored)
         self.backlog.append(call)
         return call
 
-    def submit_least_loaded(self, method: str, *args, size: int = 0) -> Call:
+    def submit_least_loaded(self, method: str, *args, size: int = 0, work=None, stored: int = 0) -> Call:
         """To the usable slot with the fewest calls in flight; with none usable, to the backlog."""
         usable = [s for s in self.slots if self.usable(s)]
         if not usable:
-            call = Call(self, None, method, args, size=size)
+            call = Call(self, None, method, args, size=size, work=work, stored=stored)
             self.backlog.append(call)
             return call
-        load = Counter(id(c.slot) for c in self.manager.in_flight.values())
-        return self._send(min(usable, key=lambda s: load[id(s)]), method, args, size)
+        return self._send(min(usable, key=lambda s: s.in_flight), method, args, size, work=work, stored=stored)
 
     def _flush_backlog(self) -> None:
         waiting, self.backlog = self.backlog, deque()
         for call in waiting:
             if call.slot is None or call.slot.removed:
-                self.submit_least_loaded(call.method, *call.args, size=call.size)
+                self.submit_least_loaded(call.method, *call.args, size=call.size, work=call.work, stored=call.stored)
             else:
-                self.submit(call.slot, call.method, *call.args, size=call.size)
+                self.submit(call.slot, call.method, *call.args, size=call.size, work=call.work, stored=call.stored)
 
     def waiting_calls(self, *methods: str) -> list[Call]:
         return [c for c in self.backlog if not methods or c.method in methods]
@@ -478,8 +499,13 @@ class ActorGroup:
             if isinstance(e, self.restarted):
                 self._lost(call, e)  # the call reached a restarted incarnation that holds nothing yet
                 return False, None
+            if call.method in self.load_methods and self.weights_source is not None \
+                    and isinstance(getattr(e, "cause", None), ray.exceptions.ObjectLostError):
+                # the weights died with their owner (the learner's ray.put): the publisher is lost, not this actor
+                source, source_slot = self.weights_source
+                raise source._died(f"{self.role}.{call.method}", e, source_slot)
             # the actor is alive but the call raised: bad input or a bug, not a crash; do not retry
-            raise RunError(f"{call.method} on {self.role} actor {slot.index} failed: "
+            raise RunError(f"{call.method.removesuffix('_by_ref')} on {self.role} actor {slot.index} failed: "
                            f"{type(e.cause).__name__}: {e.cause}") from None
         except DEATHS as e:
             self._lost(call, e)
@@ -488,25 +514,49 @@ class ActorGroup:
             if current:
                 self._placed(slot, result)
             return False, None
-        if call.method == self.load_method:
-            if current:
-                slot.version = result["version"]
-            self.load_seconds.append(result["load_s"])
-            if self.backlog:
-                self._flush_backlog()  # calls that waited for a slot holding the weights
+        if call.method in self.load_methods:
+            self._loaded(slot, current, result)
             return False, None
         if slot.retiring and slot.in_flight == 0 and not slot.removed:
             self._remove(slot)
         return True, result
 
     # -- weights -----------------------------------------------------------------
-    def publish(self, weights) -> None:
+    def _loaded(self, slot: Slot, current: bool, result: dict) -> None:
+        """A weight load answered; one that failed ({"version": None}: a broken collective) loads the
+        published object instead."""
+        if result["version"] is None:
+            if current and not slot.retiring and not slot.removed:
+                self._send(slot, self.load_method, (self.current_weights(),))
+            return
+        if current:
+            slot.version = result["version"]
+        self.load_seconds.append(result["load_s"])
+        if self.backlog:
+            self._flush_backlog()  # calls that waited for a slot holding the weights
+
+    def current_weights(self):
+        """The published weights as an ObjectRef (made now if they were published as a function making one)."""
+        if callable(self.weights):
+            self.weights = self.weights()
+        return self.weights
+
+    def publish(self, weights, source: tuple | None = None) -> None:
         """Every placed slot loads `weights` (one object in the object store); so does each slot placed or
-        recovered later, before its first call."""
-        self.weights, self.recovery_only = weights, False
-        for slot in self.slots:
-            if slot.state == READY and not slot.retiring:
-                self._send(slot, self.load_method, (weights,))
+        recovered later, before its first call. source: (group, slot) of the actor that put the object (its
+        owner: a load failing because the object died with it stops the run as that actor's loss)."""
+        self.weights, self.recovery_only, self.weights_source = weights, False, source
+        for slot in self.placed_slots():
+            self._send(slot, self.load_method, (weights,))
+
+    def load_via(self, method: str, args: dict, weights) -> None:
+        """Each slot of `args` (slot -> its call's arguments) loads new weights by its own `method` call (a
+        collective broadcast it takes part in); every other slot, placed or recovered later, or whose call
+        fails, loads `weights` (an ObjectRef, or a function making one when first needed)."""
+        self.weights, self.recovery_only, self.weights_source = weights, False, None
+        self.load_methods.add(method)
+        for slot, slot_args in args.items():
+            self._send(slot, method, slot_args)
 
     def keep_for_recovery(self, weights) -> None:
         """What a recovered slot loads before its next call, not sent to the live slots (a trainer's
@@ -514,7 +564,7 @@ class ActorGroup:
         self.weights, self.recovery_only = weights, True
 
     def loading(self) -> bool:
-        return any(c.group is self and c.method == self.load_method for c in self.manager.in_flight.values())
+        return any(c.group is self and c.method in self.load_methods for c in self.manager.in_flight.values())
 
     def idle_slots(self) -> list[Slot]:
         """Slots that are placed, hold published weights and have no call in flight."""
@@ -579,7 +629,7 @@ class ActorGroup:
             self._remove(slot)
             return
         if self.weights is not None:
-            self._send(slot, self.load_method, (self.weights,))
+            self._send(slot, self.load_method, (self.current_weights(),))
         self._flush_backlog()
 
     def _lost(self, call: Call, error: BaseException) -> None:
@@ -610,4 +660,4 @@ class ActorGroup:
             self.requeued.append(call.payload)
         elif policy == "resubmit":
             self.manager.counters["reissued_requests"] += 1
-            self.submit_least_loaded(call.method, *call.args, size=call.size)
+            self.submit_least_loaded(call.method, *call.args, size=call.size, work=call.work, stored=call.stored)

@@ -1,6 +1,6 @@
 """The driver's side of judge refresh (docs/JUDGE_REFRESH.md): the judge trainer's group and what it is owed.
 
-    driver  --policy samples-->  JudgeTrainerActor.add_samples   (each trained step's, fire-and-forget)
+    driver  --[scored refs]--->  JudgeTrainerActor.add_batches   (each trained step's, fire-and-forget)
     driver  --every n steps--->  JudgeTrainerActor.refresh       (the next judge version and the trainer's state)
     driver  --ObjectRef------->  JudgeWorker.set_judge           (ray.put once; every judge loads it)
 
@@ -8,7 +8,9 @@ Sync mode waits for each version (and the judges' loads) before the next step's 
 are scored, so runs are reproducible; async mode never waits for the trainer. The driver
 keeps the trainer's state at its newest version and the samples sent since: a restarted
 trainer gets both back before its next call (ActorGroup.keep_for_recovery), so it redoes a
-lost refresh on the same data, and a checkpoint holds both without waiting for the trainer.
+lost refresh on the same data, and a checkpoint holds both without waiting for the trainer. The samples
+sent since are references to scored batches (the driver holds no batch bytes); a checkpoint fetches
+them, and a batch lost with its node since is left out (judge_samples_dropped).
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import ray
 import torch
 
 from ..actors.judge_trainer import TrainerRestartedError
+from ..actors.references import fetch
 from ..config import TrainConfig
 from ..errors import RunError
 from ..models.checkpoint import load_checkpoint
-from ..protocols import ScoredBatch, WeightSnapshot
+from ..protocols import WeightSnapshot
 from ..training.judge_refresh import STATE_SETS, batch_split
 from .groups import ActorGroup, ActorLost, ActorManager
 
@@ -54,7 +57,9 @@ class JudgeRefreshRole:
         self.version = 0  # the newest judge version sent to the judge actors
         self.published_step = 0
         self.samples_sent = 0  # policy samples sent to the trainer, in all
-        self.unversioned: list = []  # (samples_sent after it, tokens, generated) sent since self.state
+        # what was sent since self.state: (samples_sent after it, refs of scored batches, their sizes), or
+        # (samples_sent after it, tokens, generated) restored from a checkpoint
+        self.unversioned: list = []
         self.figures: dict = {}  # of the last version, for the next step's record
         self.state = self.ask("state")  # the trainer's (tensors, scalars) at its newest version: 0 for now
         self.remember()
@@ -70,23 +75,22 @@ class JudgeRefreshRole:
 
     def remember(self) -> None:
         """What a restarted trainer loads: its newest version's state, then the samples sent since."""
-        self.group.keep_for_recovery((self.state, tuple((t, g) for _, t, g in self.unversioned)))
+        self.group.keep_for_recovery((self.state, tuple((a, b) for _, a, b in self.unversioned)))
 
     # -- the run ---------------------------------------------------------------
-    def forward(self, batches: list[ScoredBatch]) -> None:
-        """A trained step's samples go to the trainer, unless max_pending_batches steps of them still
-        wait there: then they are dropped (counted), so that a slow trainer never stalls GRPO."""
-        tokens = torch.cat([b.rollout.tokens for b in batches])
-        generated = torch.cat([b.rollout.reveal_step >= 0 for b in batches])
-        if len(self.actors.calls("add_samples")) >= self.cfg.max_pending_batches:
-            self.counters["judge_samples_dropped"] += len(tokens)
+    def forward(self, refs: list, receipts: list) -> None:
+        """A trained step's scored batches (references) go to the trainer, unless max_pending_batches steps of
+        them still wait there: then they are dropped (counted), so that a slow trainer never stalls GRPO."""
+        sizes = [r.num_samples for r in receipts]
+        if len(self.actors.calls("add_batches")) >= self.cfg.max_pending_batches:
+            self.counters["judge_samples_dropped"] += sum(sizes)
             return
-        self.group.submit(self.group.slots[0], "add_samples", tokens, generated)
-        self.samples_sent += len(tokens)
-        self.unversioned.append((self.samples_sent, tokens, generated))
+        self.group.submit(self.group.slots[0], "add_batches", list(refs), sizes)
+        self.samples_sent += sum(sizes)
+        self.unversioned.append((self.samples_sent, list(refs), sizes))
         self.remember()
 
-    def after_step(self, step: int, batches: list[ScoredBatch]) -> dict:
+    def after_step(self, step: int, batches: list) -> dict:
         """Every publish_every steps the trainer makes the next version from the samples sent so far (async:
         unless the last one is still training); sync mode waits until the judges hold it. -> the step's figures."""
         t0 = time.perf_counter()
@@ -130,11 +134,22 @@ class JudgeRefreshRole:
         and the samples sent since; nothing waits for the trainer."""
         tensors, meta = self.state
         T = tensors["buffer"]["tokens"].shape[1]
-        pending = {"tokens": torch.cat([t for _, t, _ in self.unversioned] or [torch.zeros(0, T, dtype=torch.long)]),
-                   "generated": torch.cat([g for _, _, g in self.unversioned]
-                                          or [torch.zeros(0, T, dtype=torch.bool)])}
+        samples = [s for s in (self.fetch(a, b) for _, a, b in self.unversioned) if s is not None]
+        pending = {"tokens": torch.cat([t for t, _ in samples] + [torch.zeros(0, T, dtype=torch.long)]),
+                   "generated": torch.cat([g for _, g in samples] + [torch.zeros(0, T, dtype=torch.bool)])}
         sets = {f"judge_refresh_{name}": tensors[name] for name in STATE_SETS}
         return {**meta, "published_step": self.published_step}, {**sets, "judge_refresh_pending": pending}
+
+    @staticmethod
+    def fetch(first, second) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(tokens, generated) of an entry of unversioned: its tensors, or its scored batches fetched (those
+        lost with their node since are left out, as the trainer leaves them out); None if none is left."""
+        if isinstance(first, torch.Tensor):
+            return first, second
+        batches, _lost = fetch(first)
+        if not batches:
+            return None
+        return (torch.cat([b.rollout.tokens for b in batches]), torch.cat([b.rollout.reveal_step >= 0 for b in batches]))
 
     @staticmethod
     def saved(ckpt, driver_state: dict):
