@@ -127,6 +127,7 @@ def test_gao_fits_recover_known_coefficients(form, a, b):
     fit = fit_gao(form, d, noisy)
     assert abs(fit["a"] - a) < 0.05 and 0.9 < fit["r2"] <= 1.0
     assert fit_gao(form, [0.0, 1.0], [0.0, 0.1]) is None  # one point at d > 0 cannot fix two coefficients
+    assert fit_gao(form, [0.0, 1.0, 2.0], [0.0, 0.1, 0.1]) is None  # two fix them exactly: no test of the form
 
 
 def test_the_levers_of_a_run_name_its_curve():
@@ -221,7 +222,7 @@ def test_evaluate_writes_every_measure_with_error_bars(tmp_path, checkpoints):
     c = checkpoints
     out = tmp_path / "eval.json"
     result = _evaluate("--policy", c["same"], "--run", c["run_moved"], "--generator", c["generator"],
-                       "--best-of", "2,4", "--gold", c["gold"], "--lm", c["lm"], "--out", str(out))
+                       "--best-of", "2,3,4", "--gold", c["gold"], "--lm", c["lm"], "--out", str(out))
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     # says what it evaluated
@@ -233,7 +234,7 @@ def test_evaluate_writes_every_measure_with_error_bars(tmp_path, checkpoints):
     assert {"cpu", "avx2", "avx512_bf16", "amx_bf16"} <= set(report["machine"])
     assert report["timings"]["total_s"] > 0 and report["timings"]["sample_s"] > 0
     names = [r["name"] for r in report["rows"]]
-    assert names == ["generator", "best-of-1", "best-of-2", "best-of-4", f"policy {c['same']}",
+    assert names == ["generator", "best-of-1", "best-of-2", "best-of-3", "best-of-4", f"policy {c['same']}",
                      f"policy {c['moved']}"]
     measured = [k for k in PER_SAMPLE if k != "proxy_disagreement"]  # one proxy judge: no spread
     keys = measured + [f"distinct_{n}" for n in (1, 2, 3, 4)] + ["kl_per_sequence", "char_2gram_js"]
@@ -245,7 +246,7 @@ def test_evaluate_writes_every_measure_with_error_bars(tmp_path, checkpoints):
         if row["kind"] != "base":
             assert set(row["paired_vs_base"]) == set(measured)
             assert all(_finite_bar(v) for v in row["paired_vs_base"].values())
-    base, bon, policies = report["rows"][0], report["rows"][1:4], report["rows"][4:]
+    base, bon, policies = report["rows"][0], report["rows"][1:5], report["rows"][5:]
     assert base["kl_kind"] == "base" and base["kl_per_sequence"]["mean"] == 0.0
     for row in bon:
         assert row["kl_kind"] == "bon_bound" and row["samples_per_prompt"] == 4
@@ -290,7 +291,7 @@ def test_report_draws_the_overoptimization_plot(tmp_path, checkpoints):
     c = checkpoints
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     for out, seed in ((a, "1"), (b, "2")):
-        result = _evaluate("--policy", c["moved"], "--generator", c["generator"], "--best-of", "2,4",
+        result = _evaluate("--policy", c["moved"], "--generator", c["generator"], "--best-of", "2,3,4",
                            "--gold", c["gold"], "--seed", seed, "--out", str(out))
         assert result.exit_code == 0, result.output
     png = tmp_path / "plots" / "overopt.png"
@@ -300,7 +301,7 @@ def test_report_draws_the_overoptimization_plot(tmp_path, checkpoints):
     summary = json.loads(png.with_suffix(".json").read_text())
     assert [c_["method"] for c_ in summary["curves"]] == ["bon", "rl", "bon", "rl"]
     fit = summary["curves"][0]["fits"]["gold"]
-    assert set(fit) == {"form", "a", "b", "r2", "n_points"} and fit["n_points"] == 3
+    assert set(fit) == {"form", "a", "b", "r2", "n_points"} and fit["n_points"] == 4
     assert "a=" in result.output
     bad = CliRunner().invoke(main, ["report", "--overoptimization", str(tmp_path / "none.json")])
     assert bad.exit_code == 2 and "does not exist" in bad.output

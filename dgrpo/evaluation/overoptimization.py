@@ -40,10 +40,12 @@ def gao_curve(form: str, a: float, b: float, d) -> torch.Tensor:
 
 
 def fit_gao(form: str, d, gain) -> dict | None:
-    """Least-squares (a, b) of gain = R(d) in the given form; None with fewer than 2 points at d > 0."""
+    """Least-squares (a, b) of gain = R(d) in the given form; None with fewer than 3 points at d > 0:
+    two points determine both coefficients exactly, so a curve through them would show a shape no data
+    supports (and an R² of 1)."""
     d = torch.as_tensor(d, dtype=torch.float64).flatten()
     y = torch.as_tensor(gain, dtype=torch.float64).flatten()
-    if int((d > 0).sum()) < 2:
+    if int((d > 0).sum()) < 3:
         return None
     X = gao_features(form, d)
     coef = torch.linalg.lstsq(X, y[:, None]).solution.flatten()
@@ -107,6 +109,6 @@ def report_series(report: dict, source: str = "") -> list[dict]:
 
 def format_fit(fit: dict | None) -> str:
     if fit is None:
-        return "no fit (fewer than 2 points at d > 0)"
+        return "no fit (fewer than 3 points at d > 0)"
     r2 = "n/a" if fit["r2"] is None or not math.isfinite(fit["r2"]) else f"{fit['r2']:.2f}"
     return f"a={fit['a']:.3g}, b={fit['b']:.3g}, R²={r2}"
