@@ -34,7 +34,7 @@ from dgrpo.models.diffusion import load_generator
 from dgrpo.models.judge import load_judge
 from dgrpo.models.trajectory import trajectory_logprobs
 from dgrpo.precision import machine_summary, resolve_precision
-from dgrpo.training.judge import judge_scores
+from dgrpo.training.train_judge import judge_scores
 
 REWARD_KINDS = ("judge", "shuffled")
 

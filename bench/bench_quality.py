@@ -58,7 +58,7 @@ from dgrpo.evaluation.statistics import mean_stderr
 from dgrpo.models.checkpoint import load_checkpoint, save_checkpoint
 from dgrpo.models.diffusion import DiffusionLM
 from dgrpo.models.judge import Judge, judge_config, load_judge
-from dgrpo.training.judge import judge_scores
+from dgrpo.training.train_judge import judge_scores
 from dgrpo.models.transformer import preset_config
 
 SAMPLER_DEFAULTS = {"steps": 32, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "order": "random"}

@@ -8,7 +8,7 @@ trajectory KL, with the gold gain per nat of it.
         (--minutes 3 | --steps 40) [--seed 0] [--prompts 64] [--samples-per-prompt 2] \\
         [--out bench/results/text_levers.json]
 
-`--config demo` takes the demo's GRPO section (dgrpo/orchestration/demo.py), a YAML path a pipeline config's.
+`--config demo` takes the demo's GRPO section (dgrpo/entrypoints/demo.py), a YAML path a pipeline config's.
 A variant is a name in VARIANTS or `name:key.path=value;key.path=value` (TrainConfig keys over the GRPO section).
 """
 
@@ -23,9 +23,9 @@ from bench.common import default_out, machine_info, print_table, write_json
 from dgrpo.config import PipelineConfig, TrainConfig, deep_merge, load_config, parse_override, to_dict
 from dgrpo.evaluation import EvaluateOptions, evaluate
 from dgrpo.evaluation.verdict import text_verdict
-from dgrpo.orchestration.demo import demo_config
+from dgrpo.entrypoints.demo import demo_config
 from dgrpo.orchestration.driver import run_training
-from dgrpo.orchestration.pipeline import stage_configs
+from dgrpo.entrypoints.pipeline import stage_configs
 from dgrpo.orchestration.rundir import read_best
 
 VARIANTS = {

@@ -1,6 +1,6 @@
 """diffusion-grpo: GRPO fine-tuning of masked-diffusion language models on Ray.
 
-The Python API (dgrpo/orchestration/api.py), loaded on first use so that `import dgrpo` imports neither
+The Python API (dgrpo/entrypoints/api.py), loaded on first use so that `import dgrpo` imports neither
 Ray nor torch:
 
     make_config(kind, source, overrides, **sections)   a validated config (train, pretrain, judge, lm, pipeline)
@@ -19,7 +19,8 @@ The layers, bottom up; each imports only layers below it (tests/test_layering.py
     training, learner   pretraining, judge and LM training, judge refresh; GRPO math and the learner core
     evaluation          the gold evaluation: proxy and gold judges, LM bits/char, diversity, KL, best-of-N
     actors              thin Ray shells: rollout, judge and learner workers, judge trainer, telemetry
-    orchestration       driver, actor groups, the Python API and the CLI over it, Tune, reports, demo, cluster
+    orchestration       the run-time machinery: driver, roles, actor groups, batches, weight sync, cluster
+    entrypoints         what users call: the Python API and the CLI over it, pipeline, demo, Tune, reports
 
 Nothing below `actors` imports Ray.
 """
@@ -31,7 +32,7 @@ __all__ = list(API)
 
 def __getattr__(name: str):
     if name in API:
-        from .orchestration import api
+        from .entrypoints import api
         return getattr(api, name)
     raise AttributeError(f"module 'dgrpo' has no attribute {name!r}")
 

@@ -16,12 +16,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 
 from .errors import ConfigError
+from .precision import PRECISIONS
 
 
 RevealOrder = Literal["random", "confidence", "gumbel_confidence"]
 AdvantageMode = Literal["zscore", "center", "loo"]
 KLEstimator = Literal["k1", "k2", "k3"]
 LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+Preset = Literal["tiny", "small", "base"]
+Precision = Literal[PRECISIONS]  # precision.py's names
 
 
 class Section(BaseModel):
@@ -53,7 +56,7 @@ class SamplerConfig(Section):
 
 
 class PretrainConfig(Section):
-    preset: Literal["tiny", "small", "base"] = "small"
+    preset: Preset = "small"
     out: str = "runs/pretrain"
     seed: int = 0
     max_iters: int = Field(3000, ge=1)
@@ -81,7 +84,7 @@ class PretrainConfig(Section):
         "each window twice per batch, once with a mask and once with its complement (batch_size must be even)"))
     elbo_weight: bool = False
     stratified_t: bool = Field(True, description="spread each batch's t evenly over (0, 1) (lower-variance loss)")
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Precision = "auto"
     compile: bool = Field(True, description=(
         "torch.compile the model for training: more tokens/s once compiled (compiling counts against "
         "max_minutes); needs a C++ compiler"))
@@ -100,7 +103,7 @@ class PretrainConfig(Section):
 
 class JudgeTrainConfig(Section):
     generator: str = Field(..., description="generator checkpoint directory")
-    preset: Literal["tiny", "small", "base"] = "small"
+    preset: Preset = "small"
     out: str = "runs/judge"
     seed: int = 0
     max_iters: int = Field(1500, ge=1)
@@ -110,7 +113,7 @@ class JudgeTrainConfig(Section):
     warmup_iters: int = Field(30, ge=0)
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Precision = "auto"
     p_real: float = Field(0.25, ge=0, le=1, description="share of windows with x = 0")
     p_generated: float = Field(0.25, ge=0, le=1, description="share of windows with x = 1")
     refill_pool: int = Field(256, ge=8, description="generator refills cached per refresh")
@@ -139,7 +142,7 @@ class JudgeTrainConfig(Section):
 
 class LMTrainConfig(Section):
     """The autoregressive character model of the gold evaluation (dgrpo/models/char_lm.py)."""
-    preset: Literal["tiny", "small", "base"] = "small"
+    preset: Preset = "small"
     out: str = "runs/lm"
     seed: int = 0
     max_iters: int = Field(3000, ge=1)
@@ -153,7 +156,7 @@ class LMTrainConfig(Section):
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = Field(1.0, gt=0)
     dropout: Optional[float] = Field(None, ge=0, lt=1, description="override the preset's dropout")
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Precision = "auto"
     eval_every: int = Field(500, ge=1)
     eval_windows: int = Field(256, ge=1, description="held-out validation windows per evaluation")
     max_minutes: Optional[float] = Field(None, gt=0, description="stop (and checkpoint) after this wall time")
@@ -162,7 +165,7 @@ class LMTrainConfig(Section):
 
 class GeneratorConfig(Section):
     checkpoint: Optional[str] = Field(None, description="pretrained generator; None = fresh init of `preset`")
-    preset: Literal["tiny", "small", "base"] = "tiny"
+    preset: Preset = "tiny"
 
 
 class RewardConfig(Section):
@@ -284,7 +287,7 @@ class GRPOConfig(Section):
 class RoleResources(Section):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Precision = "auto"
     max_restarts: int = Field(3, ge=0)
     custom_resources: dict[str, PositiveFloat] = Field(
         default_factory=dict, description="Ray custom resources per actor of this role, e.g. {dgrpo_rollout: 0.001} "
@@ -482,6 +485,14 @@ class TrainConfig(Section):
                              "reward.judge_checkpoint, or judge_refresh.enabled=false")
         return self
 
+    def role_precisions(self) -> dict[str, str]:
+        """The precision each role of a run computes in, as configured (auto resolves on its machine)."""
+        res = self.resources
+        roles = {"rollout": res.rollout.precision, "judge": res.judge.precision, "learner": res.learner.precision}
+        if self.judge_refresh.enabled:
+            roles["judge trainer"] = res.judge_trainer.precision
+        return roles
+
     def warnings(self) -> list[str]:
         """Settings that run but do not do what their names promise; printed at the start of a run."""
         found = []
@@ -603,7 +614,7 @@ class PipelineEvaluateConfig(Section):
     samples_per_prompt: int = Field(4, ge=1, description="samples of the base generator and of the policy per prompt")
     best_of: list[int] = Field([1, 2, 4, 8, 16, 32, 64], description="best-of-N curve from the base generator "
                                                                        "(one pool of max(N) per prompt); [] = none")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description=(
+    precision: Precision = Field("auto", description=(
         "sampling and scoring; the measured KL stays exact in either (policy and reference in one precision)"))
     samples_shown: int = Field(5, ge=0, description="texts printed before and after")
 

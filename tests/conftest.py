@@ -62,7 +62,7 @@ def tiny_generator(tmp_path_factory, tiny_corpus_file):
 def tiny_judge(tmp_path_factory, tiny_generator, tiny_corpus_file):
     """A tiny judge (block 32) trained 20 iterations against tiny_generator, with a refill pool of 16."""
     from dgrpo.config import JudgeTrainConfig, to_dict
-    from dgrpo.training.judge import train_judge
+    from dgrpo.training.train_judge import train_judge
 
     out = tmp_path_factory.mktemp("tiny_judge") / "judge"
     cfg = JudgeTrainConfig(generator=tiny_generator, preset="tiny", out=str(out), max_iters=20, batch_size=8,

@@ -26,7 +26,7 @@ import ray
 import torch
 from click.testing import CliRunner
 
-from dgrpo.actors.judge import JudgeWorker
+from dgrpo.actors.judge_worker import JudgeWorker
 from dgrpo.config import RewardConfig, TrainConfig
 from dgrpo.corpus import CharTokenizer, load_corpus
 from dgrpo.errors import RunError
@@ -34,7 +34,7 @@ from dgrpo.models.checkpoint import save_checkpoint
 from dgrpo.models.diffusion import DiffusionLM
 from dgrpo.models.judge import Judge, judge_config
 from dgrpo.models.transformer import preset_config
-from dgrpo.orchestration.cli import main
+from dgrpo.entrypoints.cli import main
 from dgrpo.orchestration.driver import Driver
 from dgrpo.protocols import RolloutBatch, ScoredBatch, encode
 from dgrpo.protocols.rollout_log import RolloutLogWriter

@@ -12,7 +12,7 @@ from dgrpo.models.char_lm import CharLM, bits_per_char, char_logprobs, lm_config
 from dgrpo.training.lm import train_char_lm
 from dgrpo.models.checkpoint import CheckpointError
 from dgrpo.models.transformer import ModelConfig
-from dgrpo.orchestration.cli import main
+from dgrpo.entrypoints.cli import main
 from dgrpo.config import LMTrainConfig, to_dict
 
 N_CHARS = 20

@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from dgrpo.config import SamplerConfig, TrainConfig, to_yaml
-from dgrpo.orchestration import api
-from dgrpo.orchestration.cli import main, train_overrides
+from dgrpo.entrypoints import api
+from dgrpo.entrypoints.cli import main, train_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = ("-c/--set", "--out", "--overwrite", "--resume", "--quiet", "--json", "--precision", "--threads")

@@ -40,7 +40,7 @@ def test_dashboard_answers_on_loopback_during_a_tiny_run(tiny_corpus_file, tmp_p
             "run.eval_every": 100, "run.eval_prompts": 4, "corpus.path": tiny_corpus_file, "generator.preset": "tiny",
             "prompts.length": 16, "sampler.steps": 4, "grpo.group_size": 4, "grpo.prompts_per_step": 2,
             "grpo.minibatch_size": 8, "resources.rollout.num_workers": 1}
-    cmd = [sys.executable, "-m", "dgrpo.orchestration.cli", "train"]
+    cmd = [sys.executable, "-m", "dgrpo.entrypoints.cli", "train"]
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -83,7 +83,7 @@ def test_dashboard_answers_on_loopback_during_a_tiny_run(tiny_corpus_file, tmp_p
 
 
 def test_the_demo_watches_its_grpo_stage_in_the_dashboard(tmp_path):
-    from dgrpo.orchestration.demo import demo_config
-    from dgrpo.orchestration.pipeline import stage_configs
+    from dgrpo.entrypoints.demo import demo_config
+    from dgrpo.entrypoints.pipeline import stage_configs
     run = stage_configs(demo_config(str(tmp_path / "demo"), None, minutes=12, threads=1)).grpo.run
     assert run.dashboard and run.metrics_export  # `make demo` prints the URL (demo.run_demo, cluster.connect)

@@ -17,7 +17,7 @@ import yaml
 
 from dgrpo.config import TrainConfig, load_config
 from dgrpo.orchestration.cluster import required_resources, role_options
-from dgrpo.orchestration.tune import trial_bundles
+from dgrpo.entrypoints.tune import trial_bundles
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

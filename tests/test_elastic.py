@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from dgrpo.config import TrainConfig, to_yaml
-from dgrpo.orchestration.cli import main
+from dgrpo.entrypoints.cli import main
 from dgrpo.orchestration.metrics import read_jsonl
 from dgrpo.orchestration.scale import read_targets
 from dgrpo.protocols.rollout_log import read_rollout_log

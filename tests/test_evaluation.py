@@ -17,7 +17,7 @@ from dgrpo.evaluation import (TextStats, best_of_n_expectation, best_of_n_weight
 from dgrpo.evaluation.evaluate import PER_SAMPLE
 from dgrpo.evaluation.text_stats import (char_2gram_divergence, distinct_fraction, ngram_counts,
                                          repeated_fraction, words)
-from dgrpo.orchestration.cli import main
+from dgrpo.entrypoints.cli import main
 
 # --- text statistics ------------------------------------------------------------------------------
 

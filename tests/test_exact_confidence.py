@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from dgrpo.actors.judge import JudgeWorker
+from dgrpo.actors.judge_worker import JudgeWorker
 from dgrpo.actors.rollout import RolloutWorker
 from dgrpo.config import GRPOConfig, RewardConfig, SamplerConfig
 from dgrpo.corpus import CharTokenizer

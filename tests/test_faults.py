@@ -25,7 +25,7 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from dgrpo.actors.judge import JudgeWorker
+from dgrpo.actors.judge_worker import JudgeWorker
 from dgrpo.actors.learner import LearnerActor
 from dgrpo.actors.rollout import RolloutWorker
 from dgrpo.config import TrainConfig
@@ -190,6 +190,17 @@ def hanging_learner():
     return HangingLearner
 
 
+def learner_dying_before_placed(marker: str, every_time: bool = False):
+    """A learner whose process exits when first asked where it runs (the probe every new actor gets): the first
+    incarnation only, or every one."""
+    class LearnerDyingBeforePlaced(LearnerActor):
+        def info(self):
+            if marker_once(marker) or every_time:
+                os._exit(1)
+            return super().info()
+    return LearnerDyingBeforePlaced
+
+
 # -- tests -----------------------------------------------------------------------
 
 
@@ -257,6 +268,21 @@ def test_judge_dies_and_rollout_hangs(baseline, tiny_corpus_file, tmp_path):
     check_every_batch_trained_once(cfg, summary, state)
     assert_same_weights(final_weights(cfg), baseline)
     assert time.perf_counter() - t0 < 600  # the hung call sleeps an hour: recovered, not waited out
+
+
+def test_learner_dying_before_it_is_placed_is_started_once_more(baseline, tiny_corpus_file, tmp_path):
+    """Seen on loaded machines: Ray reports the learner's process dead of a system error before it answered
+    its first call. It held nothing yet, so one new learner is started and the run is the fault-free one;
+    a second death before placement stops the run, naming the learner and the resume command."""
+    cfg = fault_config(tmp_path, tiny_corpus_file)
+    summary, state = run_driver(cfg, driver_class(learner=learner_dying_before_placed(str(tmp_path / "died"))))
+    assert (tmp_path / "died").exists()
+    check_every_batch_trained_once(cfg, summary, state)
+    assert_same_weights(final_weights(cfg), baseline)
+    cfg = fault_config(tmp_path, tiny_corpus_file, name="run2")
+    cls = driver_class(learner=learner_dying_before_placed(str(tmp_path / "died2"), every_time=True))
+    with pytest.raises(RunError, match=r"the learner actor died during learner.info .*--resume"):
+        run_driver(cfg, cls)
 
 
 def test_worker_dying_past_the_limit_stops_the_run(ray_cluster, tiny_corpus_file, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import ray
 import torch
 
-from dgrpo.actors.judge import JudgeWorker
+from dgrpo.actors.judge_worker import JudgeWorker
 from dgrpo.actors.rollout import RolloutWorker
 from dgrpo.config import GRPOConfig, RewardConfig, SamplerConfig, TrainConfig
 from dgrpo.corpus import load_corpus, make_prompts, random_windows
@@ -120,7 +120,7 @@ def test_grpo_raises_reward_with_two_workers(ray_cluster, tiny_corpus_file, tmp_
 def test_train_cli_prints_a_line_per_step_unless_quiet(ray_cluster, tiny_corpus_file, tmp_path, quiet):
     from click.testing import CliRunner
 
-    from dgrpo.orchestration.cli import main
+    from dgrpo.entrypoints.cli import main
     args = ["train", "--set", f"run.out_dir={tmp_path / 'run'}", "--set", f"corpus.path={tiny_corpus_file}",
             "--set", "generator.preset=tiny", "--set", "reward.kind=char_frequency", "--set", "run.steps=3",
             "--set", "run.eval_every=2", "--set", "run.eval_prompts=4", "--set", "run.metrics_export=false",

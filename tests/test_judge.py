@@ -13,8 +13,8 @@ from dgrpo.models.diffusion import DiffusionLM
 from dgrpo.models.generation import generate_texts
 from dgrpo.models.judge import Judge, judge_config, load_judge
 from dgrpo.models.transformer import preset_config
-from dgrpo.orchestration.cli import main
-from dgrpo.training.judge import (auc, average_ranks, build_refills, copy_generator_trunk, judge_targets,
+from dgrpo.entrypoints.cli import main
+from dgrpo.training.train_judge import (auc, average_ranks, build_refills, copy_generator_trunk, judge_targets,
                                          realised_fractions, sample_fractions, spearman, train_judge)
 
 FIGURES = ("auc", "spearman", "score_real", "score_generated")

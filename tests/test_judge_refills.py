@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dgrpo.config import JudgeTrainConfig, SamplerConfig
-from dgrpo.training.judge import build_refills
+from dgrpo.training.train_judge import build_refills
 
 
 class Fixed(torch.nn.Module):

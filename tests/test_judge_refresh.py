@@ -24,17 +24,17 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from dgrpo.actors.judge_trainer import JudgeTrainerActor
+from dgrpo.actors.judge_refresh_trainer import JudgeTrainerActor
 from dgrpo.config import JudgeRefreshConfig, JudgeTrainConfig, TrainConfig, load_config, to_dict
 from dgrpo.corpus import load_corpus
 from dgrpo.errors import ConfigError, RunError
 from dgrpo.models.checkpoint import load_checkpoint
 from dgrpo.models.judge import Judge
-from dgrpo.orchestration.cli import main
+from dgrpo.entrypoints.cli import main
 from dgrpo.orchestration.driver import Driver, run_training
 from dgrpo.orchestration.metrics import read_jsonl
 from dgrpo.protocols.rollout_log import read_rollout_log
-from dgrpo.training.judge import train_judge
+from dgrpo.training.train_judge import train_judge
 from dgrpo.training.judge_refresh import STATE_SETS, refresher_from_checkpoint
 
 ray.cloudpickle.register_pickle_by_value(__import__(__name__))  # Ray workers cannot import this module

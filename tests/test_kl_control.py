@@ -16,7 +16,7 @@ import statistics
 import pytest
 import torch
 
-from dgrpo.actors.judge import JudgeWorker
+from dgrpo.actors.judge_worker import JudgeWorker
 from dgrpo.actors.learner import LearnerActor
 from dgrpo.actors.rollout import RolloutWorker
 from dgrpo.config import GRPOConfig, RewardConfig, SamplerConfig, TrainConfig, load_config

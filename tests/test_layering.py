@@ -8,7 +8,8 @@ The layers, bottom up (dgrpo/__init__.py draws the same list):
     models                 networks, sampler, replay, rewards, checkpoints, optimizers
     training, learner      pretraining and judge training; GRPO math and the learner core
     actors                 thin Ray shells around models and learner
-    orchestration          driver, actor groups, CLI, Tune, reports, demo
+    orchestration          driver, roles, actor groups, batches, weight sync, cluster
+    entrypoints            the Python API, the CLI, pipeline, demo, Tune, reports
 
 Packages of one layer do not import each other. Imports inside functions count too.
 """
@@ -30,6 +31,7 @@ LAYERS = [
     {"evaluation"},
     {"actors"},
     {"orchestration"},
+    {"entrypoints"},
 ]
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
 NO_RAY = {"errors", "precision", "config", "corpus", "protocols", "models", "training", "learner", "evaluation"}
@@ -106,3 +108,49 @@ def test_the_checker_sees_upward_and_sideways_imports(tmp_path, monkeypatch):
     assert "line 2: models imports dgrpo.learner" in message
     assert "line 4: imports ray" in message
     assert "line 5" not in message  # config is below models
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the dgrpo modules it imports (at any depth of its code; a name imported from a package's
+    __init__ counts as the package)."""
+    names = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in names.items():
+        targets = set()
+        for _line, module in imported_modules(path):
+            while module and module not in names:
+                module = module.rpartition(".")[0]
+            if module and module != name and module != "dgrpo":
+                targets.add(module)
+        graph[name] = targets
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found, state = [], {}  # state: 1 on the current path, 2 done
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                found.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_no_module_imports_itself_round_a_circle():
+    """Within a layer too: no chain of imports (inside functions included) leads back to where it started."""
+    assert cycles(import_graph()) == []
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]

@@ -7,7 +7,7 @@ import pytest
 
 from dgrpo.config import PipelineConfig
 from dgrpo.errors import ConfigError
-from dgrpo.orchestration.pipeline import (Pipeline, format_headline, headline, matched_best_of_n, run_pipeline,
+from dgrpo.entrypoints.pipeline import (Pipeline, format_headline, headline, matched_best_of_n, run_pipeline,
                                           stage_configs)
 
 

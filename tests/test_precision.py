@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from dgrpo import precision
-from dgrpo.actors.judge import JudgeWorker
+from dgrpo.actors.judge_worker import JudgeWorker
 from dgrpo.actors.rollout import RolloutWorker
 from dgrpo.config import GRPOConfig, JudgeTrainConfig, PretrainConfig, RewardConfig, SamplerConfig, to_dict
 from dgrpo.corpus import fixed_windows, load_corpus, make_prompts, random_windows
@@ -23,9 +23,9 @@ from dgrpo.models.judge import load_judge
 from dgrpo.models.sampler import sample
 from dgrpo.models.trajectory import trajectory_logprobs
 from dgrpo.models.transformer import preset_config
-from dgrpo.orchestration.cli import main
+from dgrpo.entrypoints.cli import main
 from dgrpo.protocols import RolloutRequest, WeightSnapshot
-from dgrpo.training.judge import train_judge
+from dgrpo.training.train_judge import train_judge
 from dgrpo.training.pretrain import pretrain
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}

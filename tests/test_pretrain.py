@@ -11,7 +11,7 @@ from dgrpo.corpus import fixed_windows, load_corpus
 from dgrpo.models.checkpoint import CheckpointError, load_checkpoint
 from dgrpo.models.diffusion import DiffusionLM
 from dgrpo.models.transformer import preset_config
-from dgrpo.orchestration.cli import main
+from dgrpo.entrypoints.cli import main
 from dgrpo.training.loop import scheduled_lr
 from dgrpo.training.pretrain import ema_with_warmup, evaluate_masked_ce, pretrain
 

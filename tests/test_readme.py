@@ -146,7 +146,7 @@ RUNNER = r"""
 import json, sys
 import ray
 from click.testing import CliRunner
-from dgrpo.orchestration.cli import main
+from dgrpo.entrypoints.cli import main
 
 commands = json.loads(open(sys.argv[1]).read())
 ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,

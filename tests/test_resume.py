@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from dgrpo.config import TrainConfig
 from dgrpo.errors import RunError
 from dgrpo.models.checkpoint import load_checkpoint
-from dgrpo.orchestration.cli import main
+from dgrpo.entrypoints.cli import main
 from dgrpo.orchestration.driver import run_training
 from dgrpo.orchestration.metrics import read_jsonl
 from dgrpo.orchestration.rundir import find_checkpoints

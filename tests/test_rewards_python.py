@@ -14,12 +14,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dgrpo.actors.judge import JudgeWorker
+from dgrpo.actors.judge_worker import JudgeWorker
 from dgrpo.config import RewardConfig, TrainConfig
 from dgrpo.corpus import CharTokenizer
 from dgrpo.models.rewards import (MASK_CHAR, CharFrequencyReward, PythonReward, RegexReward, RewardError,
                                   build_reward, check_python_reward, compute_rewards)
-from dgrpo.orchestration.cli import main
+from dgrpo.entrypoints.cli import main
 from dgrpo.protocols import RolloutBatch
 
 REPO = Path(__file__).resolve().parent.parent

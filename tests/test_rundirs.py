@@ -41,7 +41,7 @@ from dgrpo.learner.core import LearnerCore
 from dgrpo.models.checkpoint import load_checkpoint, save_checkpoint
 from dgrpo.models.diffusion import DiffusionLM
 from dgrpo.models.transformer import preset_config
-from dgrpo.orchestration.cli import main
+from dgrpo.entrypoints.cli import main
 from dgrpo.orchestration.driver import Driver
 from dgrpo.orchestration.metrics import read_jsonl
 from dgrpo.orchestration.rundir import config_differences, fingerprint, open_run_dir, resolve_out_dir

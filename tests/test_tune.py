@@ -8,7 +8,7 @@ import pytest
 
 from dgrpo.config import TrainConfig, load_config
 from dgrpo.errors import ConfigError
-from dgrpo.orchestration.tune import (SearchSpec, TuneSettings, apply_params, load_search, num_grid_points,
+from dgrpo.entrypoints.tune import (SearchSpec, TuneSettings, apply_params, load_search, num_grid_points,
                                       to_param_space, trial_bundles)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def test_tune_two_trials_each_in_its_own_placement_group(ray_cluster, tiny_corpu
     from click.testing import CliRunner
     from ray.core.generated import gcs_pb2
 
-    from dgrpo.orchestration.cli import main
+    from dgrpo.entrypoints.cli import main
     search = write(tmp_path, """
 grpo.lr: {grid: [0.01, 0.000001]}
 tune: {scheduler: asha, grace_period: 1, reduction_factor: 2, metric: kl, mode: max,

@@ -37,7 +37,7 @@ from ..models.diffusion import DiffusionLM
 from ..models.judge import load_judge
 from ..models.diffusion import load_generator
 from ..models.rewards import ENSEMBLE_MODES, combine_member_rewards, member_std
-from ..training.judge import judge_scores
+from ..training.train_judge import judge_scores
 from ..models.sampler import sample, validate_sampling
 from ..precision import machine_summary, resolve_precision
 from .best_of_n import best_of_n_expectation, bon_kl_bound

@@ -12,7 +12,7 @@ from ..errors import RunError
 from ..models.checkpoint import CheckpointError, load_checkpoint
 from .groups import ActorGroup
 from .heldout import HeldOut
-from .judge_refresh import JudgeRefreshRole
+from .judge_refresh_role import JudgeRefreshRole
 from .metrics import truncate_jsonl
 from .rundir import (checkpoint_path, find_checkpoints, keep_last_checkpoints, remove_partial_checkpoints,
                      truncate_rollout_log, write_best)

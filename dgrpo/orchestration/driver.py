@@ -24,55 +24,39 @@ behaviour log-probs. Actor faults (deadlines, restarts, lost work) are handled
 in groups.py: the driver submits calls and reads results.
 
 With judge_refresh.enabled a judge trainer runs beside the learner and publishes judge
-versions to the judges (judge_refresh.py).
+versions to the judges (judge_refresh_role.py).
 
-Run set-up and its checks are startup.py's; held-out evaluation and checkpoint selection
-(checkpoints/best.json) heldout.py's; the weight sync weights.py's. The driver keeps the starting
-generator's weights (`reference`) for the evaluations' KL.
+Which request goes to which worker and which batches make a step is batches.py's; one step's record and
+the checks that stop a run that cannot learn steps.py's; run set-up startup.py's; held-out evaluation and
+checkpoint selection (checkpoints/best.json) heldout.py's; the weight sync weights.py's; checkpoints
+checkpoints.py's. The driver keeps the starting generator's weights (`reference`) for the evaluations' KL.
 """
 
 from __future__ import annotations
 
-import time
-from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 
-from ..actors.judge import JudgeWorker
-from ..actors.judge_trainer import JudgeTrainerActor
+from ..actors.judge_worker import JudgeWorker
+from ..actors.judge_refresh_trainer import JudgeTrainerActor
 from ..actors.learner import LearnerActor
 from ..actors.references import Receipt
-from ..actors.rollout import RolloutWorker, StaleWorkerError
+from ..actors.rollout import RolloutWorker
 from ..config import TrainConfig, to_dict
 from ..errors import RunError, TrainingHalted
-from ..models.rewards import judge_disagreement  # noqa: F401 (a name of this module before issue 26)
-from ..protocols import RolloutRequest, WeightSnapshot
 from ..protocols.rollout_log import RolloutLogWriter
+from .batches import BatchFlow
 from .checkpoints import load_newest, save_checkpoint, truncate_logs
-from .cluster import connect, describe_needs, make_actor
+from .cluster import connect
 from .groups import ActorManager, Call
 from .heldout import HeldOut
-from .judge_refresh import JudgeRefreshRole
 from .metrics import MetricsLogger
 from .progress import ProgressPrinter
+from .roles import start_roles
 from .rundir import open_run_dir
-from .scale import ScaleControl
 from .startup import RunInputs
-from .weights import weight_sync
-
-
-@dataclass
-class Scored:
-    """A scored batch waiting for its step: its reference, its receipt and the request that made it."""
-    ref: object
-    receipt: Receipt
-    request: RolloutRequest
-
-    @property
-    def request_id(self) -> int:
-        return self.receipt.request_id
+from .steps import LearningGuard, StepClock, step_record
 
 
 class Driver:
@@ -107,79 +91,52 @@ class Driver:
 
     def _start(self, cfg: TrainConfig, model, tokenizer, resume: bool) -> None:
         """Starts the actors, then the run's state: fresh, or from the newest usable checkpoint."""
-        run, res = cfg.run, cfg.resources
+        run = cfg.run
         self.counters = {"dropped_stale_batches": 0, "duplicate_batches": 0, "worker_restarts": 0,
                          "judge_restarts": 0, "reissued_requests": 0, "batches_trained": 0,
                          "actors_lost_with_node": 0, "nodes_lost": 0, "regenerated_batches": 0}
         self.actors = ActorManager(run.actor_timeout_s, run.max_worker_failures, self.counters,
                                    placement_timeout_s=run.placement_timeout_s, check_s=run.membership_check_s)
-        vocab, metrics_on = tokenizer.to_dict(), run.metrics_export
-        init = ray.put(WeightSnapshot.from_module(model, version=0))
-        self.reference = init  # the starting generator: held-out evaluations measure the KL to it
-        self.learner = self.actors.group(
-            "learner", 1, lambda _: make_actor(self.learner_cls, res.learner, cfg.grpo, model.cfg, vocab, init,
-                                               seed=run.seed, precision=res.learner.precision,
-                                               torch_threads=res.torch_threads),
-            restartable=False, call_names={"train_by_ref": "a step"}, needs=describe_needs(res.learner))
-        self.workers = self.actors.group(
-            "rollout", res.rollout.num_workers,
-            lambda i: make_actor(self.rollout_cls, res.rollout, i, model.cfg, cfg.sampler, res.rollout.precision,
-                                 res.torch_threads, metrics_on),
-            *res.rollout.bounds, on_lost={"generate_by_ref": "requeue"}, restarted=(StaleWorkerError,),
-            needs=describe_needs(res.rollout))
-        self.judges = self.actors.group(
-            "judge", res.judge.num_workers,
-            lambda i: make_actor(self.judge_cls, res.judge, i, cfg.reward, vocab, res.torch_threads, metrics_on,
-                                 precision=res.judge.precision),
-            *res.judge.bounds, on_lost={"score_by_ref": "resubmit"}, load_method="set_judge",
-            needs=describe_needs(res.judge))
-        self.weights = weight_sync(run, self.learner, self.workers, self.counters)
-        self.scale = ScaleControl(self.out, {"rollout": self.workers, "judge": self.judges}, run.membership_check_s)
-        self.judge_refresh = None
-        if cfg.judge_refresh.enabled:
-            self.judge_refresh = JudgeRefreshRole(
-                cfg, self.actors, self.judges,
-                lambda _: make_actor(self.judge_trainer_cls, res.judge_trainer, cfg.judge_refresh,
-                                     cfg.reward.judge_checkpoint, cfg.corpus, vocab, seed=run.seed,
-                                     precision=res.judge_trainer.precision, torch_threads=res.torch_threads),
-                self.counters)
-
+        classes = {"learner": self.learner_cls, "rollout": self.rollout_cls, "judge": self.judge_cls,
+                   "judge_trainer": self.judge_trainer_cls}
+        roles = start_roles(cfg, self.actors, model, tokenizer, self.out, classes, self.counters)
+        self.reference, self.learner, self.workers, self.judges = roles.reference, roles.learner, roles.workers, \
+            roles.judges
+        self.weights, self.scale, self.judge_refresh = roles.weights, roles.scale, roles.judge_refresh
         self.step = 0
         self.version = 0
-        self.request_counter = 0
-        self.zero_signal_steps = 0  # consecutive steps in which every group's rewards were equal
-        if resume:
-            self._resume()
-        self.logger = MetricsLogger(self.out, ray_metrics=metrics_on, tensorboard=run.tensorboard,
+        requests_issued = self._resume() if resume else 0
+        self.logger = MetricsLogger(self.out, ray_metrics=run.metrics_export, tensorboard=run.tensorboard,
                                     wandb_project=run.wandb_project, config=to_dict(cfg))
         self.rollout_log = RolloutLogWriter(self.out / "rollouts.msgpack", repair_tail=True) if run.log_rollouts else None
-        self.ready: deque[Scored] = deque()  # scored batches waiting for a step
-        self.consumed: set[int] = set()  # request ids whose scored batch arrived (a second one is a duplicate)
-        self.window_gen_s = 0.0  # worker generate seconds since the last step ended
-        self.step_batches: list[Scored] = []  # the step the learner trains now
+        self.flow = BatchFlow(cfg, self.prompts, self.workers, self.judges, self.counters, self.rollout_log,
+                              requests_issued)
+        self.guard = LearningGuard(cfg)
+        self.clock = StepClock(self.step)
+        self.step_batches = []  # the step the learner trains now
 
     # -- resume ----------------------------------------------------------
-    def _resume(self) -> None:
-        """The run's state from its newest usable checkpoint (checkpoints.py); the logs cut back to it."""
+    def _resume(self) -> int:
+        """The run's state from its newest usable checkpoint (checkpoints.py); the logs cut back to it.
+        -> the number of requests issued before it."""
         path, state, self.version, saved_refresh = load_newest(self.out, self.learner, self.judge_refresh is not None)
-        self.step, self.request_counter = state["step"], state["request_counter"]
+        self.step, requests_issued = state["step"], state["request_counter"]
         self.prompts.load_state_dict(state["prompts"])
         self.counters.update(state["counters"])
         self.heldout.restore(state.get("eval_history", []), state.get("best"))
-        kept = truncate_logs(self.out, self.step, self.request_counter)
+        kept = truncate_logs(self.out, self.step, requests_issued)
         print(f"resumed from {path}: step {self.step}, policy version {self.version}, {kept} metric rows kept")
         if self.judge_refresh is not None:
             self.judge_refresh.restore(saved_refresh, self.step)
         elif "judge_refresh" in state:
             print(f"note: the checkpoint holds judge version {state['judge_refresh']['version']} of a judge "
                   f"refresh; with judge_refresh.enabled=false the judges score with reward.judge_checkpoint")
+        return requests_issued
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
-        self.t0 = self.step_started = time.perf_counter()
-        self.cpu_started = time.process_time()
-        self.start_step = self.step
+        self.clock = StepClock(self.step)
         self.logger.phase("starting")
         self.scale.poll(force=True)
         self.actors.wait_placed()
@@ -191,12 +148,12 @@ class Driver:
             self.logger.log({"step": self.step, "policy_version": self.version, "wall_time": 0.0, **first,
                              **self.heldout.best_fields()})
         self.logger.phase("generating")
-        self.step_started = self.t_loop = time.perf_counter()
+        self.clock.loop_started()
         self.progress.start(self.step, self.eval_history[-1] if self.eval_history else None)
         self.finished = self.step >= cfg.run.steps
         while not self.finished:
             self.scale.poll()
-            self.issue_generation()
+            self.flow.issue(self.version, self.training)
             self.maybe_train()
             if not self.actors.busy():
                 raise RunError("driver has nothing in flight; no rollout worker holds weights")
@@ -221,87 +178,37 @@ class Driver:
     def training(self) -> bool:
         return bool(self.actors.calls("train_by_ref"))
 
-    def groups_in_flight(self) -> int:
-        return sum(c.size for c in self.actors.calls("generate_by_ref", "score_by_ref")) + \
-            sum(b.receipt.num_groups for b in self.ready)
+    @property
+    def request_counter(self) -> int:
+        return self.flow.request_counter
 
-    def issue_generation(self) -> None:
-        """Every idle worker that holds weights gets a request: lost work first, else fresh prompts."""
-        cfg = self.cfg
-        per_step = cfg.grpo.prompts_per_step
-        per_request = -(-per_step // self.workers.target)  # the target, not the live count: same requests as ever
-        sync = cfg.run.mode == "sync"
-        # async: generate the next step's groups while the learner trains on this step's;
-        # more look-ahead than max_staleness steps would only produce batches to drop
-        limit = per_step if sync else per_step * max(1, cfg.run.max_staleness)
-        for slot in self.workers.idle_slots():
-            if sync and (self.training or slot.version != self.version):
-                continue
-            request = self.workers.pop_requeued()
-            if request is None:
-                room = limit - self.groups_in_flight()
-                if room <= 0:
-                    return
-                n = min(per_request, room)
-                request = RolloutRequest(request_id=self.request_counter, prompts=self.prompts.next(n),
-                                         group_size=cfg.grpo.group_size,
-                                         seed=cfg.run.seed * 1_000_003 + self.request_counter)
-                self.request_counter += 1
-            request.min_version = self.version if sync else max(0, self.version - cfg.run.max_staleness)
-            self.workers.submit(slot, "generate_by_ref", request, size=request.prompts.shape[0], stored=1)
+    @property
+    def ready(self):
+        return self.flow.ready
+
+    def requests_in_flight(self) -> set[int]:
+        return self.flow.requests_in_flight()
 
     def score(self, call: Call, receipt: Receipt) -> None:
         """A rollout batch is in (call.values[0]): to the least busy judge, by reference."""
-        self.window_gen_s += receipt.generate_s
-        self.judges.submit_least_loaded("score_by_ref", [call.values[0]], size=call.size, work=call.payload,
-                                        stored=1)
+        self.clock.generate_s += receipt.generate_s
+        self.flow.to_judge(call)
 
     def collect(self, call: Call, receipt: Receipt) -> None:
-        """A scored batch is in (call.values[0]); its rollout batch was lost with its node (receipt.lost): made
-        again; a second one of a request: counted and dropped."""
-        request = call.payload
-        if receipt.lost:
-            self.regenerate([request], f"the judge's input (rollout batch of request {request.request_id})")
-            return
-        if receipt.request_id in self.consumed:
-            self.counters["duplicate_batches"] += 1
-            return
-        self.consumed.add(receipt.request_id)
-        if self.rollout_log is not None:  # the only place the driver fetches a batch's bytes
-            self.rollout_log.write(ray.get(call.values[0]))
-        self.ready.append(Scored(call.values[0], receipt, request))
-
-    def regenerate(self, requests: list[RolloutRequest], what: str) -> None:
-        """Batches lost with their node: their requests are issued again (same id and seed)."""
-        print(f"{what} was lost with its node; request(s) {[r.request_id for r in requests]} are issued again",
-              flush=True)
-        self.counters["regenerated_batches"] += len(requests)
-        self.workers.requeued.extend(requests)
+        """A scored batch is in (call.values[0]): it waits for its step (batches.py)."""
+        self.flow.collect(call, receipt)
 
     def maybe_train(self) -> None:
-        """Drop batches too stale to train on; once a step's groups are ready, send them to the learner."""
+        """Once a step's groups are ready (stale ones dropped), they go to the learner."""
         if self.training:
             return
-        per_step = self.cfg.grpo.prompts_per_step
-        fresh = deque()
-        for b in self.ready:
-            if self.version - b.receipt.policy_version > self.cfg.run.max_staleness:
-                self.counters["dropped_stale_batches"] += 1
-            else:
-                fresh.append(b)
-        self.ready = fresh
-        if sum(b.receipt.num_groups for b in self.ready) < per_step:
+        take = self.flow.take_step(self.version)
+        if take is None:
             return
-        take, groups = [], 0
-        while groups < per_step:
-            b = self.ready.popleft()
-            take.append(b)
-            groups += b.receipt.num_groups
-        take.sort(key=lambda b: b.receipt.request_id)
         self.step_batches = take
         self.logger.phase("training")
         self.learner.submit(self.learner.slots[0], "train_by_ref", [b.ref for b in take])
-        self.issue_generation()  # async: the next step's rollouts start now, overlapping this update
+        self.flow.issue(self.version, training=True)  # async: the next step's rollouts start now, overlapping it
 
     def after_train(self, metrics: dict) -> None:
         """A step is done: publish and broadcast its weights, log it, evaluate and checkpoint when due.
@@ -309,11 +216,7 @@ class Driver:
         made again, the others wait first in line."""
         batches, self.step_batches = self.step_batches, []
         if "lost_inputs" in metrics:
-            lost = set(metrics["lost_inputs"])
-            for i in lost:
-                self.consumed.discard(batches[i].receipt.request_id)
-            self.ready.extendleft(reversed([b for i, b in enumerate(batches) if i not in lost]))
-            self.regenerate([batches[i].request for i in sorted(lost)], "a scored batch of the step")
+            self.flow.give_back(batches, set(metrics["lost_inputs"]))
             self.logger.phase("generating")
             return
         receipts = [b.receipt for b in batches]
@@ -323,25 +226,11 @@ class Driver:
         self.step += 1
         self.version = metrics.pop("policy_version")
         sync = self.broadcast()
-        now, cpu = time.perf_counter(), time.process_time()
-        wall, driver_cpu = now - self.step_started, cpu - self.cpu_started
-        self.step_started, self.cpu_started = now, cpu
-        n_workers = max(self.workers.placed(), 1)
-        record = {"step": self.step, "policy_version": self.version, "wall_time": now - self.t0, **metrics, **sync,
-                  "time/step_s": wall,
-                  "time/generate_s": sum(r.generate_s for r in receipts),
-                  "time/score_s": sum(r.score_s for r in receipts),
-                  "time/learn_s": metrics["learn_s"],
-                  "time/driver_cpu_s": driver_cpu, "driver_cpu_ratio": driver_cpu / wall,
-                  "rollout_workers": self.workers.placed(), "rollout_workers_target": self.workers.target,
-                  "judge_workers": self.judges.placed(),
-                  "learner_idle_ratio": max(0.0, 1 - metrics["learn_s"] / wall),
-                  "rollout_idle_ratio": max(0.0, 1 - self.window_gen_s / (n_workers * wall)),
-                  "steps_per_min": 60.0 * (self.step - self.start_step) / (now - self.t_loop),
-                  "batch_versions": sorted({r.policy_version for r in receipts}), **self.counters}
-        self.window_gen_s = 0.0
+        times = self.clock.lap(self.step, metrics["learn_s"], self.workers.placed())
+        record = step_record(self.step, self.version, metrics, sync, times, receipts, self.workers, self.judges,
+                             self.counters)
         run = self.cfg.run
-        out_of_time = run.max_minutes is not None and now - self.t0 > 60 * run.max_minutes
+        out_of_time = run.max_minutes is not None and times["wall_time"] > 60 * run.max_minutes
         self.finished = self.step >= run.steps or out_of_time
         improved = False
         if self.step % run.eval_every == 0 or self.finished:
@@ -351,31 +240,13 @@ class Driver:
         if self.judge_refresh is not None:
             record.update(self.judge_refresh.after_step(self.step, receipts))
         self.logger.log(record)
-        self.progress.step(record, elapsed_s=now - self.t0, last=self.finished)
+        self.progress.step(record, elapsed_s=times["wall_time"], last=self.finished)
         if self.report is not None:
             self.report(record)
-        self.check_learning(metrics)
+        self.guard.check(self.step, metrics)
         if self.step % run.checkpoint_every == 0 or self.finished or improved:
             self.save_checkpoint()
         self.logger.phase("generating")
-
-    def check_learning(self, metrics: dict) -> None:
-        """Stop (TrainingHalted, no checkpoint) on a non-finite update, or when no group has carried a signal
-        for run.max_zero_signal_steps steps in a row."""
-        if metrics.get("nonfinite_updates"):
-            raise TrainingHalted(
-                f"step {self.step}: the loss or gradient was not finite in {metrics['nonfinite_updates']:.0f} of "
-                f"{metrics['nonfinite_updates'] + metrics['optimizer_steps']:.0f} updates (skipped, the weights are "
-                f"those before them): the policy diverged; lower grpo.lr (now {self.cfg.grpo.lr:g}) or raise "
-                f"grpo.kl_coef, then resume from the last checkpoint (--resume) or start afresh")
-        self.zero_signal_steps = self.zero_signal_steps + 1 if metrics["zero_std_ratio"] >= 1.0 else 0
-        limit = self.cfg.run.max_zero_signal_steps
-        if limit and self.zero_signal_steps >= limit:
-            raise TrainingHalted(
-                f"steps {self.step - limit + 1}-{self.step}: every group's rewards were equal (mean reward "
-                f"{metrics['reward_mean']:.4g}) in {limit} steps in a row (run.max_zero_signal_steps), so nothing is "
-                f"left to learn: the policy collapsed (it samples the same text; lower grpo.lr, now "
-                f"{self.cfg.grpo.lr:g}, or raise grpo.kl_coef) or the reward saturated")
 
     # -- weights ---------------------------------------------------------
     def broadcast(self) -> dict:
@@ -401,7 +272,7 @@ class Driver:
     # -- checkpoints -------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         self.logger.phase("checkpointing")
-        state = {"step": self.step, "request_counter": self.request_counter,
+        state = {"step": self.step, "request_counter": self.flow.request_counter,
                  "prompts": self.prompts.state_dict(), "counters": dict(self.counters)}
         return save_checkpoint(self.cfg, self.out, self.step, state, self.learner, self.heldout, self.judge_refresh)
 
@@ -410,18 +281,13 @@ class Driver:
         first, last = (self.eval_history[0], self.eval_history[-1]) if self.eval_history else ({}, {})
         refresh = {"judge_version": self.judge_refresh.version} if self.judge_refresh is not None else {}
         best = self.best and {**self.best, "checkpoint": str(self.out / "checkpoints" / self.best["checkpoint"])}
-        return {"steps": self.step, "policy_version": self.version, "wall_time_s": time.perf_counter() - self.t0,
+        return {"steps": self.step, "policy_version": self.version, "wall_time_s": self.clock.elapsed_s(),
                 "eval_reward_before": first.get("eval_reward_mean"), "eval_reward_after": last.get("eval_reward_mean"),
                 "eval_reward_after_stderr": last.get("eval_reward_stderr"),
                 "eval_kl_seq_after": last.get("eval_kl_seq"), "best": best, "out_dir": str(self.out),
-                **refresh, **self.counters, "requests_issued": self.request_counter,
-                "requests_in_flight": len(self.requests_in_flight()), "batches_waiting": len(self.ready),
+                **refresh, **self.counters, "requests_issued": self.flow.request_counter,
+                "requests_in_flight": len(self.flow.requests_in_flight()), "batches_waiting": len(self.flow.ready),
                 "nodes": {g.role: sorted(g.nodes_used) for g in self.actors.groups}}
-
-    def requests_in_flight(self) -> set[int]:
-        """Ids of the issued requests not yet scored: generating, scoring, or lost and waiting to be issued again."""
-        return {c.payload.request_id for c in self.actors.calls("generate_by_ref", "score_by_ref")} | \
-            {r.request_id for r in self.workers.requeued}
 
     def close(self) -> None:
         self.logger.phase("done")

@@ -143,14 +143,15 @@ class ActorManager:
         self.announce = False  # print placements (after the start, when they are news)
         self.last_check = time.monotonic()
 
-    def group(self, role: str, slots: int, factory: Callable[[int], object], min_size: int | None = None,
+    def group(self, role: str, target: int, factory: Callable[[int], object], min_size: int | None = None,
               max_size: int | None = None, **policy) -> "ActorGroup":
-        """A group of `role` that starts `slots` actors (its target), each made by factory(slot index);
-        min_size..max_size bound the target (default: exactly `slots`); policy: see ActorGroup."""
-        group = ActorGroup(self, role, factory, min_size=slots if min_size is None else min_size,
-                           max_size=slots if max_size is None else max_size, **policy)
+        """A group of `role` that aims for `target` actors (a run's resources.<role>.num_workers), each made by
+        factory(slot index); min_size..max_size bound the target (default: exactly `target`); policy: see
+        ActorGroup."""
+        group = ActorGroup(self, role, factory, min_size=target if min_size is None else min_size,
+                           max_size=target if max_size is None else max_size, **policy)
         self.groups.append(group)  # before its actors start: a failed start still stops the started ones
-        group.resize(slots)
+        group.resize(target)
         return group
 
     def calls(self, *methods: str) -> list[Call]:
@@ -443,11 +444,24 @@ class ActorGroup:
     def waiting_calls(self, *methods: str) -> list[Call]:
         return [c for c in self.backlog if not methods or c.method in methods]
 
-    def call(self, method: str, *args, what: str | None = None, passthrough: tuple[type[BaseException], ...] = ()):
+    def call(self, method: str, *args, what: str | None = None, passthrough: tuple[type[BaseException], ...] = (),
+             attempts: int | None = None):
         """A blocking call on a usable slot (waiting for one to be placed), due within run.actor_timeout_s.
-        A dead actor is recovered (ActorLost); errors of `passthrough` types are the caller's to handle;
-        any other error stops the run."""
+        A dead actor is recovered by the group; the call then raises ActorLost, or with `attempts` is made again
+        on a usable slot, the run stopping (RunError) when all of them were lost. Errors of `passthrough` types
+        are the caller's to handle; any other error stops the run."""
         what = what or f"{self.role}.{method}"
+        if attempts is None:
+            return self._call_once(method, args, what, passthrough)
+        for _attempt in range(attempts):
+            try:
+                return self._call_once(method, args, what, passthrough)
+            except ActorLost as lost:
+                last = lost
+        raise RunError(f"{what} was lost with its actor {attempts} times (last: {last}); see the actor logs "
+                       f"(Ray dashboard or /tmp/ray/session_latest/logs)")
+
+    def _call_once(self, method: str, args: tuple, what: str, passthrough: tuple[type[BaseException], ...]):
         slot = self.wait_usable(what)
         epoch = slot.epoch
         timeout = self.manager.timeout_s
@@ -640,6 +654,12 @@ class ActorGroup:
         if call.probe and current and slot.state == STARTING and getattr(error, "actor_init_failed", False):
             raise RunError(f"{self.role} actor {slot.index} could not start: {error}") from None
         if not self.restartable:
+            if call.probe and current and slot.state == STARTING and slot.replacements == 0:
+                # it died before it was placed: no call has reached it, so a new one starts where it would have
+                print(f"the {self.role} actor died before it was placed ({type(error).__name__}); it held nothing "
+                      f"yet, so a new one is started (once)", flush=True)
+                self._replace(slot)
+                return
             raise self._died(f"{self.role}.{call.method}", error, slot)
         if call.probe:
             if not current:

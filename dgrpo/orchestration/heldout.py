@@ -16,10 +16,9 @@ import torch
 
 from ..config import TrainConfig
 from ..corpus import CharTokenizer
-from ..errors import RunError
 from ..models.rewards import JudgeReward, compute_rewards, judge_disagreement
 from ..protocols import RolloutRequest
-from .groups import ActorGroup, ActorLost
+from .groups import ActorGroup
 from .rundir import BEST_POINTER, checkpoint_path, write_best
 
 # the held-out value each run.selection ranks evaluations by
@@ -41,15 +40,9 @@ class HeldOut:
         generator's weights (an ObjectRef), for the KL."""
         request = RolloutRequest(request_id=-1, prompts=self.eval_prompts, group_size=1,
                                  seed=self.cfg.run.eval_seed, min_version=version, measure_kl=True)
-        for _attempt in range(3):
-            try:  # a dead worker or judge is recovered (and charged) by its group; then try again
-                batch = workers.call("generate", request, reference, what="rollout.generate (eval)")
-                scored = judges.call("score", batch, what="judge.score (eval)")
-                break
-            except ActorLost:
-                continue
-        else:
-            raise RunError("evaluation failed 3 times; see actor logs")
+        # a dead worker or judge is recovered (and charged) by its group, and the call made again
+        batch = workers.call("generate", request, reference, what="rollout.generate (eval)", attempts=3)
+        scored = judges.call("score", batch, what="judge.score (eval)", attempts=3)
         r = scored.rewards
         result = {"step": step, "eval_reward_mean": float(r.mean()),
                   "eval_reward_stderr": float(r.std() / len(r) ** 0.5), "policy_version": version}

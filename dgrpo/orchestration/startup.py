@@ -18,7 +18,7 @@ from ..models.checkpoint import load_checkpoint
 from ..models.diffusion import DiffusionLM, load_generator
 from ..models.rewards import JudgeReward
 from ..models.transformer import preset_config
-from .judge_refresh import check_judge_refresh
+from .judge_refresh_role import check_judge_refresh
 
 
 class RunInputs:

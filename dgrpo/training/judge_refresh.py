@@ -35,7 +35,7 @@ from ..models.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from ..models.judge import Judge, load_judge
 from ..models.optim import make_optimizer
 from ..protocols import WeightSnapshot
-from .judge import RefillPool, auc, judge_loss, judge_scores
+from .train_judge import RefillPool, auc, judge_loss, judge_scores
 
 STATE_SETS = ("model", "optimizer", "buffer", "rng")  # the tensor sets of state()
 

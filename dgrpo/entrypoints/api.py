@@ -189,7 +189,7 @@ def pretrain(cfg=None, *, resume: bool = False, overwrite: bool = False, quiet: 
 def train_judge(cfg=None, *, resume: bool = False, overwrite: bool = False, quiet: bool = False,
                 threads: int | None = None, **keys) -> dict:
     """Train a judge against a generator (`dgrpo judge train`); returns its final state and held-out figures."""
-    from ..training.judge import train_judge as run_train_judge
+    from ..training.train_judge import train_judge as run_train_judge
     cfg = _as_config("judge", cfg, keys)
     prepare_checkpoint_dir(cfg.out, resume, overwrite)
     _threads(threads)
@@ -211,7 +211,7 @@ def evaluate_judge(judge: str, *, generator: str | None = None, corpus: str | No
                    threads: int | None = None) -> dict:
     """A judge's held-out AUC, Spearman and mean scores (`dgrpo judge eval`); written as JSON to `out` if given.
     The generator, corpus and precision default to the judge's training config."""
-    from ..training.judge import evaluate_judge_cli
+    from ..training.train_judge import evaluate_judge_cli
     if out is not None:
         prepare_output_file(out, overwrite)
     _threads(threads)
@@ -227,7 +227,7 @@ def train(cfg=None, *, resume: bool = False, overwrite: bool = False, quiet: boo
     if resume and overwrite:
         raise ConfigError("--resume continues the run in run.out_dir, --overwrite deletes it: pass one")
     cfg = resolved_train_config(_as_config("train", cfg, keys))
-    from .driver import run_training
+    from ..orchestration.driver import run_training
     return run_training(cfg, resume=resume, overwrite=overwrite, quiet=quiet)
 
 
@@ -236,7 +236,7 @@ def train(cfg=None, *, resume: bool = False, overwrite: bool = False, quiet: boo
 def read_metrics(run_dir) -> list[dict]:
     """The rows of RUN/metrics.jsonl: one per GRPO step (reward_mean, kl, loss, ...; eval_* when it evaluated),
     and the held-out evaluation before the first step (step 0)."""
-    from .metrics import read_jsonl
+    from ..orchestration.metrics import read_jsonl
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise RunError(f"{path} does not exist; give a `dgrpo train` run directory (its run.out_dir)")
@@ -254,7 +254,7 @@ def read_summary(run_dir) -> dict:
 def resolve_checkpoint(path) -> Path:
     """A checkpoint directory: `path` itself, or for a `dgrpo train` run directory its best checkpoint
     (checkpoints/best.json), else its newest."""
-    from .rundir import find_checkpoints, read_best
+    from ..orchestration.rundir import find_checkpoints, read_best
     p = Path(path)
     if (p / "config.json").is_file() or not (p / "checkpoints").is_dir():
         return p
@@ -342,7 +342,7 @@ def evaluate(policies=(), runs=(), *, best: bool = False, out: str | None = None
     samples_per_prompt, precision, sampler={...}, ...). Written as JSON to `out` if given."""
     from ..evaluation import EvaluateOptions
     from ..evaluation import evaluate as run_evaluate
-    from .rundir import find_checkpoints, read_best
+    from ..orchestration.rundir import find_checkpoints, read_best
     if best and not runs:
         raise ConfigError("--best picks the best checkpoint of each --run directory; pass --run DIR")
     if out is not None:

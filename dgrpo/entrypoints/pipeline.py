@@ -163,7 +163,7 @@ class Pipeline:
         import torch
 
         from ..corpus import load_corpus
-        from ..training.judge import train_judge
+        from ..training.train_judge import train_judge
         from ..training.lm import train_char_lm
         from ..training.pretrain import pretrain
 
@@ -191,10 +191,9 @@ class Pipeline:
                 "iter", "val_bits_per_char", "wall_time_s"))
 
     def train(self) -> dict:
-        from .driver import run_training
-        from .cli import role_precisions
+        from ..orchestration.driver import run_training
         g = self.stages.grpo
-        self.echo(precision_report(role_precisions(g)))
+        self.echo(precision_report(g.role_precisions()))
         done = self.stage("GRPO", g.run.out_dir, g, lambda resume: run_training(g, resume=resume, quiet=self.quiet))
         return done["figures"]
 
@@ -202,7 +201,7 @@ class Pipeline:
         """The checkpoints to evaluate (the run's last one, and before it the best one on its held-out
         selection measure when it kept one) and the one the verdict is about: the selected checkpoint, chosen
         without the gold judge, or the last one when the run selects none."""
-        from .rundir import read_best
+        from ..orchestration.rundir import read_best
         run_dir = Path(self.stages.grpo.run.out_dir)
         last = sorted((run_dir / "checkpoints").glob("step_*"))
         if not last:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import RunError
-from .metrics import read_jsonl
+from ..orchestration.metrics import read_jsonl
 
 PHASE_KEYS = [("time/generate_s", "generation (worker-s)"), ("time/score_s", "scoring"),
               ("time/learn_s", "learning"), ("time/sync_s", "weight sync")]

@@ -21,14 +21,14 @@ from typing import Callable
 import ray
 import torch
 
-from ..actors.judge_trainer import TrainerRestartedError
+from ..actors.judge_refresh_trainer import TrainerRestartedError
 from ..actors.references import fetch
 from ..config import TrainConfig
 from ..errors import RunError
 from ..models.checkpoint import load_checkpoint
 from ..protocols import WeightSnapshot
 from ..training.judge_refresh import STATE_SETS, batch_split
-from .groups import ActorGroup, ActorLost, ActorManager
+from .groups import ActorGroup, ActorManager
 
 COUNTERS = ("judge_trainer_restarts", "judge_samples_dropped", "judge_refreshes_skipped")
 
@@ -66,12 +66,7 @@ class JudgeRefreshRole:
 
     def ask(self, method: str, *args):
         """A blocking call on the trainer; a restarted one gets its state back first (groups.py)."""
-        for _attempt in range(3):
-            try:
-                return self.group.call(method, *args)
-            except ActorLost:
-                continue
-        raise RunError(f"the judge trainer failed 3 times during {method}; see the actor logs")
+        return self.group.call(method, *args, what=f"the judge trainer's {method}", attempts=3)
 
     def remember(self) -> None:
         """What a restarted trainer loads: its newest version's state, then the samples sent since."""

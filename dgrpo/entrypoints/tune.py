@@ -220,8 +220,8 @@ def _trial(params: dict, base: dict) -> None:
     from ray import tune
     from ray.util.placement_group import get_current_placement_group
 
-    from .driver import run_training
-    from .metrics import read_jsonl
+    from ..orchestration.driver import run_training
+    from ..orchestration.metrics import read_jsonl
 
     ctx = tune.get_context()
     cfg = apply_params(base, params)
@@ -266,7 +266,7 @@ def trial_progress(base: dict):
     """A Tune callback that prints one line per trial result, as `dgrpo train` prints per step."""
     from ray import tune
 
-    from .progress import step_line
+    from ..orchestration.progress import step_line
 
     class TrialProgress(tune.Callback):
         def __init__(self):
@@ -304,7 +304,7 @@ def run_tune(cfg: TrainConfig, search: SearchSpec, quiet: bool = False) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from .cluster import connect
+    from ..orchestration.cluster import connect
 
     settings = search.settings
     base = absolute_paths(cfg)

@@ -27,8 +27,7 @@ from pathlib import Path
 
 import click
 
-from ..config import (JudgeTrainConfig, LMTrainConfig, PipelineConfig, PretrainConfig, SamplerConfig, TrainConfig,
-                      load_config, to_dict, to_yaml)
+from ..config import Precision, Preset, SamplerConfig, to_dict, to_yaml
 from ..errors import ConfigError, RunError, TrainingHalted
 from ..precision import forced_precision, precision_report
 from . import api
@@ -38,8 +37,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, RunError)
 USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOSPC,
                errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG}
 POSITIVE, NON_NEGATIVE = click.IntRange(min=1), click.IntRange(min=0)
-PRESETS = click.Choice(["tiny", "small", "base"])
-PRECISIONS = click.Choice(["auto", "fp32", "bf16"])
+PRESETS = click.Choice(typing.get_args(Preset))
+PRECISIONS = click.Choice(typing.get_args(Precision))
 SAMPLER_DEFAULTS = SamplerConfig()
 REVEAL_ORDERS = list(typing.get_args(SamplerConfig.model_fields["order"].annotation))
 check_writable = api.check_writable  # for callers of the CLI module
@@ -415,14 +414,6 @@ def train_overrides(out, precision, threads) -> list[tuple[str, str]]:
     return pairs
 
 
-def role_precisions(cfg: TrainConfig) -> dict[str, str]:
-    res = cfg.resources
-    roles = {"rollout": res.rollout.precision, "judge": res.judge.precision, "learner": res.learner.precision}
-    if cfg.judge_refresh.enabled:
-        roles["judge trainer"] = res.judge_trainer.precision
-    return roles
-
-
 @main.command()
 @config_options
 @out_option("the run directory (sets run.out_dir)")
@@ -438,7 +429,7 @@ def train(config_file, overrides, out, resume, overwrite, quiet, as_json, precis
     if resume and overwrite:
         raise click.UsageError("--resume continues the run in run.out_dir, --overwrite deletes it: pass one")
     cfg = api.make_config("train", config_file, train_overrides(out, precision, threads) + list(overrides))
-    echo_config(cfg, role_precisions(cfg), quiet)
+    echo_config(cfg, cfg.role_precisions(), quiet)
     summary = api.train(cfg, resume=resume, overwrite=overwrite, quiet=quiet)
     emit(summary, as_json, json.dumps(summary, indent=2))
 
@@ -454,7 +445,7 @@ def scale(run_dir, rollout_workers, judge_workers, as_json):
 
     The run applies a new target within run.membership_check_s: new workers load the current weights before
     their first request, surplus ones finish theirs and leave (docs/OPERATIONS.md, "Elastic workers")."""
-    from .scale import format_state, read_state, write_targets
+    from ..orchestration.scale import format_state, read_state, write_targets
     targets = {role: n for role, n in (("rollout", rollout_workers), ("judge", judge_workers)) if n is not None}
     if not targets:
         state = read_state(run_dir)
