@@ -3,6 +3,8 @@
 Every loss option, resource and schedule lives here; nothing is hidden in code.
 Unknown keys and out-of-range values are errors that name the key and the
 allowed range (pydantic, extra="forbid").
+One file, longer than most: the whole tree with every option's help is what `dgrpo config` prints and
+every checkpoint stores.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 
 from .errors import ConfigError
-from .precision import PRECISIONS
 
 
 RevealOrder = Literal["random", "confidence", "gumbel_confidence"]
@@ -24,7 +25,7 @@ AdvantageMode = Literal["zscore", "center", "loo"]
 KLEstimator = Literal["k1", "k2", "k3"]
 LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 Preset = Literal["tiny", "small", "base"]
-Precision = Literal[PRECISIONS]  # precision.py's names
+Precision = Literal["auto", "fp32", "bf16"]  # precision.PRECISIONS (that module imports torch; this one must not)
 
 
 class Section(BaseModel):

@@ -83,18 +83,34 @@ def ray_cluster():
     ray.shutdown()
 
 
+def tiny_run_config(out_dir, corpus: str, **sections):
+    """The tests' GRPO run: tiny preset, the made-up corpus, a character-frequency reward, 4 sampler steps,
+    4 groups of 4 a step, 2 rollout workers, no metrics export. Each keyword names a section whose keys it
+    sets (run={"steps": 6}); a value given for a nested section (resources={"rollout": {...}}) replaces it."""
+    from dgrpo.config import TrainConfig
+
+    base = {
+        "run": {"out_dir": str(out_dir), "eval_prompts": 8, "checkpoint_every": 100, "metrics_export": False,
+                "actor_timeout_s": 120},
+        "corpus": {"path": corpus},
+        "generator": {"preset": "tiny"},
+        "reward": {"kind": "char_frequency", "chars": "e"},
+        "sampler": {"steps": 4},
+        "grpo": {"group_size": 4, "prompts_per_step": 4, "lr": 3e-3},
+        "resources": {"rollout": {"num_workers": 2}},
+    }
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    return TrainConfig.model_validate(base)
+
+
 @pytest.fixture
 def metrics_run_config(tmp_path, tiny_corpus_file):
     """A short tiny-preset GRPO run that exports metrics: steps -> its validated TrainConfig."""
-    from dgrpo.config import TrainConfig
-
-    def make(steps: int) -> TrainConfig:
-        return TrainConfig.model_validate({
-            "run": {"out_dir": str(tmp_path / "run"), "steps": steps, "eval_every": steps, "eval_prompts": 8,
-                    "checkpoint_every": 100, "metrics_export": True, "actor_timeout_s": 120},
-            "corpus": {"path": tiny_corpus_file}, "generator": {"preset": "tiny"},
-            "reward": {"kind": "char_frequency", "chars": "e"}, "sampler": {"steps": 4},
-            "grpo": {"group_size": 4, "prompts_per_step": 2, "minibatch_size": 8},
-            "resources": {"rollout": {"num_workers": 2, "num_cpus": 0.5}, "judge": {"num_cpus": 0.25},
-                          "learner": {"num_cpus": 0.5}}})
+    def make(steps: int):
+        return tiny_run_config(
+            tmp_path / "run", tiny_corpus_file, run={"steps": steps, "eval_every": steps, "metrics_export": True},
+            grpo={"group_size": 4, "prompts_per_step": 2, "minibatch_size": 8},
+            resources={"rollout": {"num_workers": 2, "num_cpus": 0.5}, "judge": {"num_cpus": 0.25},
+                       "learner": {"num_cpus": 0.5}})
     return make

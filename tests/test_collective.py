@@ -81,8 +81,9 @@ def test_a_member_lost_mid_broadcast_leaves_the_run_going(object_store_run, tiny
     cls = driver_class(rollout=dies_in_broadcast(str(tmp_path / "died"), version=2))
     summary, state = run_driver(cfg, cls, on_step=check_bit_for_bit)
     assert (tmp_path / "died").exists()
-    assert summary["worker_restarts"] == 1 and summary["broadcasts_failed"] >= 1
-    assert summary["broadcast_groups"] >= 2
+    # the learner's send may complete into the dying member's socket before its exit is seen (then no failed
+    # broadcast is counted); either way the restarted worker is a new member and the group is built again
+    assert summary["worker_restarts"] == 1 and summary["broadcast_groups"] >= 2
     check_every_batch_trained_once(cfg, summary, state)
     assert_same_weights(final_weights(cfg), object_store_run)
 

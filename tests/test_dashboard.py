@@ -19,7 +19,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from raynodes import REPO, free_ports
+
+# the second tier (`make test-cluster`): clusters of their own, run one at a time
+pytestmark = pytest.mark.cluster
 
 
 def get(url: str, token: str | None = None) -> tuple[int, str]:

@@ -106,6 +106,7 @@ def cluster():
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_a_batch_lost_with_its_node_is_regenerated(cluster, tiny_corpus_file, tmp_path):
     config = run_config(tmp_path / "run", tiny_corpus_file, rollout=(1, 2), judge=(1, 2), steps=6,
                         checkpoint_every=100, max_worker_failures=0, log_rollouts=False)  # logging would copy them

@@ -33,6 +33,7 @@ from dgrpo.errors import RunError
 from dgrpo.orchestration.driver import Driver
 from dgrpo.orchestration.metrics import read_jsonl
 from dgrpo.protocols.rollout_log import read_rollout_log
+from conftest import tiny_run_config
 
 # Ray workers cannot import this test module: ship its functions and classes by value
 ray.cloudpickle.register_pickle_by_value(__import__(__name__))
@@ -41,23 +42,14 @@ STEPS = 4
 
 
 def fault_config(tmp_path: Path, corpus: str, name: str = "run", **over) -> TrainConfig:
-    base = {
-        "run": {"out_dir": str(tmp_path / name), "steps": STEPS, "eval_every": 100, "eval_prompts": 8,
-                "checkpoint_every": 100, "keep_checkpoints": 1, "metrics_export": False, "log_rollouts": True,
-                "actor_timeout_s": 60, "max_worker_failures": 5, "seed": 3},
-        "corpus": {"path": corpus},
-        "generator": {"preset": "tiny"},
-        "reward": {"kind": "char_frequency", "chars": "e"},
-        "prompts": {"length": 16},
-        # temperature 1: the elastic runs train a tiny policy at a high rate for hundreds of steps, and at the
-        # default 0.5 its groups can collapse to one text (run.max_zero_signal_steps then stops the run)
-        "sampler": {"steps": 4, "temperature": 1.0},
-        "grpo": {"group_size": 4, "prompts_per_step": 4, "minibatch_size": 16, "lr": 3e-3},
-        "resources": {"rollout": {"num_workers": 2}},
-    }
-    for section, values in over.items():
-        base.setdefault(section, {}).update(values)
-    return TrainConfig.model_validate(base)
+    run = {"steps": STEPS, "eval_every": 100, "keep_checkpoints": 1, "log_rollouts": True, "actor_timeout_s": 60,
+           "max_worker_failures": 5, "seed": 3, **over.pop("run", {})}
+    # temperature 1: the elastic runs train a tiny policy at a high rate for hundreds of steps, and at the
+    # default 0.5 its groups can collapse to one text (run.max_zero_signal_steps then stops the run)
+    sampler = {"steps": 4, "temperature": 1.0, **over.pop("sampler", {})}
+    grpo = {"group_size": 4, "prompts_per_step": 4, "minibatch_size": 16, "lr": 3e-3, **over.pop("grpo", {})}
+    prompts = {"length": 16, **over.pop("prompts", {})}
+    return tiny_run_config(tmp_path / name, corpus, run=run, sampler=sampler, grpo=grpo, prompts=prompts, **over)
 
 
 def driver_class(rollout=None, judge=None, learner=None) -> type[Driver]:

@@ -16,22 +16,15 @@ from dgrpo.models.transformer import preset_config
 from dgrpo.orchestration.driver import run_training
 from dgrpo.protocols import RolloutRequest, WeightSnapshot
 from dgrpo.protocols.rollout_log import read_rollout_log
+from conftest import tiny_run_config
 
 
 def train_config(tmp_path, corpus, **over) -> TrainConfig:
-    base = {
-        "run": {"out_dir": str(tmp_path / "run"), "steps": 20, "eval_every": 20, "eval_prompts": 32,
-                "checkpoint_every": 100, "metrics_export": False, "actor_timeout_s": 120},
-        "corpus": {"path": corpus},
-        "generator": {"preset": "tiny"},
-        "reward": {"kind": "char_frequency", "chars": "e"},
-        "sampler": {"steps": 8},
-        "grpo": {"group_size": 8, "prompts_per_step": 4, "minibatch_size": 32, "lr": 3e-3, "kl_coef": 0.0},
-        "resources": {"rollout": {"num_workers": 2}},
-    }
-    for section, values in over.items():
-        base.setdefault(section, {}).update(values)
-    return TrainConfig.model_validate(base)
+    run = {"steps": 20, "eval_every": 20, "eval_prompts": 32, **over.pop("run", {})}
+    sampler = {"steps": 8, **over.pop("sampler", {})}
+    grpo = {"group_size": 8, "prompts_per_step": 4, "minibatch_size": 32, "lr": 3e-3, "kl_coef": 0.0,
+            **over.pop("grpo", {})}
+    return tiny_run_config(tmp_path / "run", corpus, run=run, sampler=sampler, grpo=grpo, **over)
 
 
 def local_rollouts(corpus_file, n_prompts=4, k=4, steps=6, seed=0):

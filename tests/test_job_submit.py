@@ -19,6 +19,9 @@ import pytest
 
 from raynodes import BIN, REPO, alive, free_ports, ray_env, session_pids, stop_session
 
+# the second tier (`make test-cluster`): clusters of their own, run one at a time
+pytestmark = pytest.mark.cluster
+
 
 @pytest.fixture
 def head_node():

@@ -18,26 +18,17 @@ from dgrpo.orchestration.driver import Driver, run_training
 from dgrpo.orchestration.metrics import read_jsonl
 from dgrpo.orchestration.rundir import find_checkpoints, read_best
 from dgrpo.protocols.rollout_log import read_rollout_log
+from conftest import tiny_run_config
 
 LENGTH = 16
 
 
 def levers_config(tmp_path: Path, corpus: str, name: str = "run", **over) -> TrainConfig:
-    base = {
-        "run": {"out_dir": str(tmp_path / name), "steps": 6, "eval_every": 1, "eval_prompts": 8,
-                "checkpoint_every": 100, "keep_checkpoints": 1, "metrics_export": False, "actor_timeout_s": 120,
-                "seed": 4},
-        "corpus": {"path": corpus},
-        "generator": {"preset": "tiny"},
-        "reward": {"kind": "char_frequency", "chars": "e"},
-        "prompts": {"length": LENGTH},
-        "sampler": {"steps": 4},
-        "grpo": {"group_size": 4, "prompts_per_step": 4, "minibatch_size": 16, "lr": 3e-3},
-        "resources": {"rollout": {"num_workers": 1, "precision": "fp32"}},
-    }
-    for section, values in over.items():
-        base.setdefault(section, {}).update(values)
-    return TrainConfig.model_validate(base)
+    run = {"steps": 6, "eval_every": 1, "keep_checkpoints": 1, "seed": 4, **over.pop("run", {})}
+    grpo = {"group_size": 4, "prompts_per_step": 4, "minibatch_size": 16, "lr": 3e-3, **over.pop("grpo", {})}
+    prompts = {"length": LENGTH, **over.pop("prompts", {})}
+    resources = {"rollout": {"num_workers": 1, "precision": "fp32"}, **over.pop("resources", {})}
+    return tiny_run_config(tmp_path / name, corpus, run=run, grpo=grpo, prompts=prompts, resources=resources, **over)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,9 @@ from dgrpo.orchestration.metrics import read_jsonl
 from raynodes import REPO, LocalCluster
 from test_faults import check_every_batch_trained_once, fault_config
 
+# the second tier (`make test-cluster`): clusters of their own, run one at a time
+pytestmark = pytest.mark.cluster
+
 ROLE_MARKERS = {"learner": "dgrpo_learner", "judge": "dgrpo_judge", "rollout": "dgrpo_rollout"}
 HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
 

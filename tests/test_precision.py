@@ -38,6 +38,12 @@ SAME_PRECISION_TOL = {"fp32": 1e-5, "bf16": 2e-3}
 
 # --- the policy ---------------------------------------------------------------------------------
 
+
+def test_the_config_offers_the_precisions_there_are():
+    import typing
+    from dgrpo.config import Precision
+    assert typing.get_args(Precision) == precision.PRECISIONS
+
 def test_auto_follows_the_hardware_unless_the_environment_sets_it(monkeypatch):
     monkeypatch.delenv(precision.FORCE_ENV, raising=False)
     for native in (True, False):

@@ -25,6 +25,9 @@ import yaml
 
 from dgrpo.orchestration.metrics import DRIVER_GAUGES, PHASES, MetricsLogger
 
+# the second tier (`make test-cluster`): clusters of their own, run one at a time
+pytestmark = pytest.mark.cluster
+
 REPO = Path(__file__).resolve().parents[1]
 PROM_DIR = REPO / "deploy" / "prometheus"
 DASHBOARD = REPO / "deploy" / "grafana" / "dgrpo_dashboard.json"

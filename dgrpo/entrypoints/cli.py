@@ -13,6 +13,9 @@
 Errors a user can fix (bad config or flag values, missing files, wrong vocabulary, an unwritable
 output, ...) are printed as one clear `error: ...` message with exit code 2, never a traceback;
 a run stopped because training went wrong (TrainingHalted) exits with 3.
+
+Longer than most files because every command states its options with their help here; what they do is
+api.py's.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ trained independently), lm_bits_per_char (a causal character LM, char_lm.py), di
 and repeated n-grams (text_stats.py), kl_per_sequence; and their paired differences to the
 base row, prompt by prompt. The base and the policies are sampled from the same seed (common
 random numbers), the best-of-N pool from another.
+
+One file, longer than most: every row is sampled, scored and paired on the same prompts and seeds, and
+that contract is easier to check in one place than across modules.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Fault tolerance and membership in one place: the actors of each role, the calls in flight on them,
 their recovery, and how many there are.
+One file by design, longer than most: a fault handled in two places is handled twice or not at all.
 
 An ActorGroup holds the slots of one role (rollout worker i, judge j, the learner); a slot is
 one position of the role and its current actor. The driver submits calls on slots and asks the

@@ -42,6 +42,9 @@ fully generated (x = 1) windows (Mann-Whitney, average ranks for ties), Spearman
 rank correlation of the score with x over n real + n fully generated + n windows
 with x ~ U(0, 1), and the mean scores of real and of generated windows. Computed
 in torch (no sklearn / scipy at run time).
+
+One file, longer than most: the refill data, the loss and the held-out evaluation must make windows the
+same way, and read best side by side.
 """
 
 from __future__ import annotations
