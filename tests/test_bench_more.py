@@ -58,6 +58,24 @@ def test_bench_learner(tmp_path, capsys):
 def test_bench_learner_passes():
     assert bench_learner.passes_per_row(1, "behaviour") == 4
     assert bench_learner.passes_per_row(2, "recompute") == 8
+    assert bench_learner.passes_per_row(1, "behaviour", "rollout") == 3
+
+
+def test_bench_learner_reference_on_rollout(tmp_path, capsys):
+    """--reference-on learner,rollout: both sides per configuration, their ratio, and the workers' cost."""
+    data, printed = _run(bench_learner, tmp_path, capsys, "--reference-on", "learner,rollout")
+    rows = data["results"]
+    assert sorted(r["reference_on"] for r in rows) == ["learner"] * 4 + ["rollout"] * 4
+    for r in rows:
+        assert (r["ref_share"] == 0) == (r["reference_on"] == "rollout")
+        assert r["passes_per_row"] == (3 if r["reference_on"] == "rollout" else 4)
+    sides = [x for x in data["ratios"] if "reference on rollout vs learner" in x["compare"]]
+    assert len(sides) == 4 and all(_positive(x["speedup"]) for x in sides)
+    assert {(w["steps"], w["replay"]) for w in data["workers"]} == {(4, "all"), (8, "all"), (4, "2"), (8, "2")}
+    for w in data["workers"]:
+        for key in ("sample_s_per_sample", "reference_s_per_sample", "added_fraction"):
+            assert _positive(w[key]), key
+    assert "reference s/sample" in printed
 
 
 def test_bench_weight_sync(ray_cluster, tmp_path, capsys):

@@ -175,6 +175,7 @@ def trajectory_logprobs(model, tokens: torch.Tensor, reveal_step: torch.Tensor, 
                                     autocast_dtype=autocast_dtype, rows=rows)[0]
 
 
+@torch.no_grad()
 def reference_terms(model, tokens: torch.Tensor, reveal_step: torch.Tensor, steps: int, replay_steps: int | None,
                     seed: int, rule: RevealRule = RevealRule(), reveal_rank: torch.Tensor | None = None,
                     rows_per_chunk: int = 256, autocast_dtype: torch.dtype | None = None,
