@@ -131,6 +131,19 @@ def test_bench_e2e(ray_cluster, tmp_path, capsys):
     assert "steps/min" in printed and "learner idle" in printed
 
 
+def test_bench_e2e_reference_on_both_sides(ray_cluster, tmp_path, capsys):
+    """--reference-on learner,rollout: one row per (mode, side), the ratio between the sides, peak memory."""
+    data, printed = _run(bench_e2e, tmp_path, capsys, "--modes", "sync", "--reference-on", "learner,rollout")
+    assert [(m["mode"], m["reference_on"]) for m in data["modes"]] == [("sync", "learner"), ("sync", "rollout")]
+    learner_side, rollout_side = data["modes"]
+    assert learner_side["speedup_vs_reference_on_learner"] == pytest.approx(1.0)
+    assert _positive(rollout_side["speedup_vs_reference_on_learner"]) and _positive(rollout_side["samples_per_min"])
+    assert _positive(learner_side["ref_replay_s_per_step"]) and rollout_side["ref_replay_s_per_step"] == 0
+    for m in data["modes"]:
+        assert _positive(m["learner_peak_rss_mib"]) and _positive(m["rollout_peak_rss_mib"])
+    assert "vs ref on learner" in printed
+
+
 def test_e2e_summarise_shares():
     rows = [{"step": 0, "eval_reward_mean": 0.1}]
     for s in range(1, 4):
