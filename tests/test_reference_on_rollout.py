@@ -8,7 +8,7 @@ import torch
 
 from dgrpo.config import GRPOConfig
 from dgrpo.learner.core import LearnerCore
-from dgrpo.models.trajectory import ReplayRows, trajectory_step_logprobs
+from dgrpo.models.trajectory import ReplayRows, replay_rows, trajectory_step_logprobs
 
 from test_exact_confidence import ORDERS, one_batch, policy_and_reference  # noqa: F401 (a fixture)
 
@@ -56,6 +56,15 @@ def test_worker_terms_equal_the_learners_own(policy_and_reference, order, replay
     assert sent["kl_seq"] == pytest.approx(own["kl_seq"], abs=1e-6)
     assert sent["kl_seq_selection"] == pytest.approx(own["kl_seq_selection"], abs=1e-6)
     assert sent["ref_replay_s"] == 0 and own["ref_replay_s"] > 0
+
+
+def test_rows_are_not_drawn_from_the_samplers_numbers(policy_and_reference):
+    """The sampler drew the trajectory from the request's seed; rows drawn from the same numbers would depend
+    on it (a biased subsample). 32 samples x 2 of 4 steps: equal masks by chance are out of the question."""
+    policy, reference = policy_and_reference
+    batch = one_batch(policy, "random", seed=11, reference=reference, reference_on="rollout", replay_steps=2).rollout
+    same_numbers = replay_rows(batch.reveal_step, batch.steps, 2, torch.Generator().manual_seed(11))
+    assert not torch.equal(batch.replay_mask, same_numbers.mask(batch.num_samples, batch.steps))
 
 
 @pytest.mark.parametrize("order", ["confidence", "gumbel_confidence"])
