@@ -12,17 +12,24 @@ FLOPs (matmul only, `forward_flops_per_token`) per replayed row of T tokens:
 revealed tokens; `replay_steps=K` replays K random steps per sample instead of
 all S (exact per-token log-probs, estimated loss).
 
+`--reference-on learner,rollout` compares the learner with and without its reference pass
+(grpo.reference_on=rollout: the batches carry the reference's terms, computed beforehand as a rollout worker
+does, trajectory.reference_terms); each rep also times what that costs a worker next to its sampling of the
+same batch (`worker_*` fields: sample() and reference_terms() on the same trajectories, one thread).
+
 All configurations are measured round-robin (rep 1 of every config, then rep
 2, ...) so the ratios between them survive the noise of a shared machine; the
 figures are medians over reps.
 
     python -m bench.bench_learner [--presets tiny,small] [--steps 16,32] [--replay all,4]
-        [--rows-per-chunk 32,256] [--old-logprob behaviour] [--threads 1] [--reps 2] [--quick] [--out ...]
+        [--rows-per-chunk 32,256] [--old-logprob behaviour] [--reference-on learner] [--threads 1] [--reps 2]
+        [--quick] [--out ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import time
 
@@ -33,7 +40,8 @@ from bench.common import (VOCAB, default_out, ints, machine_info, median, names,
 from dgrpo.config import GRPOConfig
 from dgrpo.learner.core import LearnerCore
 from dgrpo.models.diffusion import DiffusionLM
-from dgrpo.models.sampler import DEFAULTS, sample
+from dgrpo.models.sampler import DEFAULTS, RevealRule, sample
+from dgrpo.models.trajectory import reference_terms
 from dgrpo.models.transformer import count_params, forward_flops_per_token, preset_config
 from dgrpo.protocols import RolloutBatch, ScoredBatch
 
@@ -55,9 +63,23 @@ def make_scored_batch(model: DiffusionLM, n_prompts: int, group_size: int, steps
     return ScoredBatch(rollout=batch, rewards=rewards, judge_id=0)
 
 
-def passes_per_row(epochs: int, old_logprob: str) -> int:
-    """Forward-equivalents per replayed row: reference fwd, (fwd + 2x bwd) per epoch, recompute fwd."""
-    return 1 + 3 * epochs + (1 if old_logprob == "recompute" else 0)
+def with_reference_terms(scored: ScoredBatch, reference: DiffusionLM, replay_steps: int | None,
+                         seed: int) -> tuple[ScoredBatch, float]:
+    """The batch as a worker under grpo.reference_on=rollout sends it, and the seconds the terms took."""
+    r = scored.rollout
+    t0 = time.perf_counter()
+    mask, logprobs, selection = reference_terms(
+        reference.eval(), r.tokens, r.reveal_step, r.steps, replay_steps, seed, rule=RevealRule.of(vars(r)),
+        reveal_rank=r.reveal_rank, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
+    seconds = time.perf_counter() - t0
+    rollout = dataclasses.replace(r, replay_mask=mask, reference_logprobs=logprobs, reference_selection=selection)
+    return dataclasses.replace(scored, rollout=rollout), seconds
+
+
+def passes_per_row(epochs: int, old_logprob: str, reference_on: str = "learner") -> int:
+    """Forward-equivalents per replayed row: reference fwd (on the learner), (fwd + 2x bwd) per epoch,
+    recompute fwd."""
+    return (reference_on == "learner") + 3 * epochs + (1 if old_logprob == "recompute" else 0)
 
 
 def _replay_label(v) -> str:
@@ -71,6 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--replay", default="all,4", help="comma list of replay_steps: 'all' (None, exact) or K")
     ap.add_argument("--rows-per-chunk", default="32,256", help="comma list of replay_rows_per_chunk")
     ap.add_argument("--old-logprob", default="behaviour", help="comma list of behaviour, recompute")
+    ap.add_argument("--reference-on", default="learner",
+                    help="comma list of learner, rollout (grpo.reference_on: rollout brings the reference's terms "
+                         "with the batches)")
     ap.add_argument("--order", default=DEFAULTS.order, choices=["random", "confidence"],
                     help="reveal order of the trajectories (confidence: the replay adds the selection terms)")
     ap.add_argument("--prompts", type=int, default=4, help="prompts (groups) per GRPO step")
@@ -86,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     presets, steps_list = names(args.presets), ints(args.steps)
     replays = [None if v.lower() in ("all", "none") else int(v) for v in names(args.replay)]
     chunks, olds, thread_list = ints(args.rows_per_chunk), names(args.old_logprob), ints(args.threads)
+    sides = names(args.reference_on)
     n_prompts, k, reps = args.prompts, args.group_size, args.reps
     if args.quick:
         presets, steps_list, replays, n_prompts, k, reps = ["tiny"], [4, 8], [None, 2], 2, 4, 1
@@ -110,22 +136,43 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  sampled {n_prompts}x{k} trajectories, {preset} S={S}: {time.perf_counter() - t0:.1f} s",
                   flush=True)
 
+    # the same batches as a worker sends them under grpo.reference_on=rollout (the reference: the start weights)
+    with_terms = {}
+    if "rollout" in sides:
+        for (preset, S), scored in data.items():
+            for replay in replays:
+                with_terms[preset, S, replay] = with_reference_terms(scored, models[preset], replay, seed=S)[0]
+
     configs = []
-    for preset, S, replay, chunk, old, threads in itertools.product(presets, steps_list, replays, chunks, olds,
-                                                                    thread_list):
+    for preset, S, replay, chunk, old, side, threads in itertools.product(presets, steps_list, replays, chunks, olds,
+                                                                          sides, thread_list):
         cfg = GRPOConfig(group_size=k, prompts_per_step=n_prompts, minibatch_size=args.minibatch_size,
                          epochs=args.epochs, replay_steps=replay, replay_rows_per_chunk=chunk, old_logprob=old,
-                         lr=1e-5)
+                         reference_on=side, lr=1e-5)
         torch.manual_seed(0)
         policy = DiffusionLM(models[preset].cfg)
         policy.load_state_dict(models[preset].state_dict())
         configs.append({"preset": preset, "steps": S, "replay_steps": replay, "rows_per_chunk": chunk,
-                        "old_logprob": old, "threads": threads, "learner": LearnerCore(policy, cfg, seed=0),
-                        "walls": [], "metrics": []})
+                        "old_logprob": old, "reference_on": side, "threads": threads,
+                        "learner": LearnerCore(policy, cfg, seed=0), "walls": [], "metrics": []})
+
+    # a worker's cost per rep: sample() of each batch and, per replay setting, the reference's terms on it
+    worker = {key: {"sample_s": [], "reference_s": []} for key in with_terms}
+
+    def time_worker(preset: str, S: int) -> None:
+        torch.set_num_threads(thread_list[0])
+        t0 = time.perf_counter()
+        make_scored_batch(models[preset], n_prompts, k, S, seed=S, order=args.order)
+        sample_s = time.perf_counter() - t0
+        for replay in replays:
+            worker[preset, S, replay]["sample_s"].append(sample_s)
+            worker[preset, S, replay]["reference_s"].append(
+                with_reference_terms(data[preset, S], models[preset], replay, seed=S)[1])
 
     def run(c, record: bool) -> None:
         torch.set_num_threads(c["threads"])
-        batch = data[c["preset"], c["steps"]]
+        batch = (with_terms[c["preset"], c["steps"], c["replay_steps"]] if c["reference_on"] == "rollout"
+                 else data[c["preset"], c["steps"]])
         t0 = time.perf_counter()
         m = c["learner"].train([batch])
         wall = time.perf_counter() - t0
@@ -141,6 +188,9 @@ def main(argv: list[str] | None = None) -> dict:
     for rep in range(reps):
         for c in configs:
             run(c, record=True)
+        if with_terms:
+            for preset, S in data:
+                time_worker(preset, S)
         print(f"  rep {rep + 1}/{reps} done", flush=True)
     torch.set_num_threads(old_threads)
 
@@ -152,14 +202,15 @@ def main(argv: list[str] | None = None) -> dict:
         m = c["metrics"][-1]
         replay_rows = m["replay_rows"]
         n_samples = m["num_samples"]
-        passes = passes_per_row(args.epochs, c["old_logprob"])
+        passes = passes_per_row(args.epochs, c["old_logprob"], c["reference_on"])
         flops = forward_flops_per_token(model.cfg, T, model.n_chars) * replay_rows * T * passes
         ref_s = median(x["ref_replay_s"] for x in c["metrics"])
         learn_s = median(x["learn_s"] for x in c["metrics"])
         rows.append({
             "preset": c["preset"], "params": count_params(model), "block_size": T, "steps": c["steps"],
             "replay_steps": c["replay_steps"], "replay": _replay_label(c["replay_steps"]),
-            "rows_per_chunk": c["rows_per_chunk"], "old_logprob": c["old_logprob"], "threads": c["threads"],
+            "rows_per_chunk": c["rows_per_chunk"], "old_logprob": c["old_logprob"],
+            "reference_on": c["reference_on"], "threads": c["threads"],
             "samples": int(n_samples), "replay_rows": int(replay_rows), "rows_per_sample": replay_rows / n_samples,
             "tokens_trained": int(m["tokens_trained"]), "optimizer_steps": int(m["optimizer_steps"]),
             "passes_per_row": passes, "reps": len(c["walls"]), "seconds": wall, "seconds_min": min(c["walls"]),
@@ -173,9 +224,29 @@ def main(argv: list[str] | None = None) -> dict:
             "ref_share": ref_s / learn_s,
         })
 
+    workers = []
+    for (preset, S, replay), w in worker.items():
+        sample_s, reference_s = median(w["sample_s"]), median(w["reference_s"])
+        workers.append({"preset": preset, "steps": S, "replay": _replay_label(replay), "samples": n_prompts * k,
+                        "reps": len(w["sample_s"]), "sample_s_per_sample": sample_s / (n_prompts * k),
+                        "reference_s_per_sample": reference_s / (n_prompts * k),
+                        "added_fraction": reference_s / sample_s, "sample_s_all": w["sample_s"],
+                        "reference_s_all": w["reference_s"]})
+
     # ratios between interleaved configurations: replay_steps=K vs all, per (preset, S, chunk, old, threads)
     ratios = []
-    key = lambda r: (r["preset"], r["steps"], r["rows_per_chunk"], r["old_logprob"], r["threads"])  # noqa: E731
+    # the reference's pass on the workers vs on the learner, same everything else
+    rkey = lambda r: (r["preset"], r["steps"], r["replay"], r["rows_per_chunk"], r["old_logprob"], r["threads"])  # noqa: E731
+    for r in rows:
+        base = next((b for b in rows if b["reference_on"] == "learner" and rkey(b) == rkey(r)), None)
+        if r["reference_on"] == "rollout" and base is not None:
+            ratios.append({"preset": r["preset"], "steps": r["steps"], "rows_per_chunk": r["rows_per_chunk"],
+                           "old_logprob": r["old_logprob"], "threads": r["threads"],
+                           "compare": f"replay {r['replay']}: reference on rollout vs learner",
+                           "speedup": base["seconds"] / r["seconds"], "row_ratio": 1.0,
+                           "gflops_ratio": r["gflops"] / base["gflops"]})
+    key = lambda r: (r["preset"], r["steps"], r["rows_per_chunk"], r["old_logprob"], r["reference_on"],  # noqa: E731
+                     r["threads"])
     for r in rows:
         if r["replay_steps"] is None:
             continue
@@ -189,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
                            "gflops_ratio": r["gflops"] / base["gflops"]})
 
     # rows_per_chunk c vs the largest chunk, same everything else
-    ckey = lambda r: (r["preset"], r["steps"], r["replay"], r["old_logprob"], r["threads"])  # noqa: E731
+    ckey = lambda r: (r["preset"], r["steps"], r["replay"], r["old_logprob"], r["reference_on"], r["threads"])  # noqa: E731
     for r in rows:
         big = max((b for b in rows if ckey(b) == ckey(r)), key=lambda b: b["rows_per_chunk"])
         if big is not r:
@@ -199,7 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
                            "speedup": big["seconds"] / r["seconds"], "row_ratio": 1.0,
                            "gflops_ratio": r["gflops"] / big["gflops"]})
     # threads t vs the fewest threads
-    tkey = lambda r: (r["preset"], r["steps"], r["replay"], r["rows_per_chunk"], r["old_logprob"])  # noqa: E731
+    tkey = lambda r: (r["preset"], r["steps"], r["replay"], r["rows_per_chunk"], r["old_logprob"],  # noqa: E731
+                      r["reference_on"])
     for r in rows:
         few = min((b for b in rows if tkey(b) == tkey(r)), key=lambda b: b["threads"])
         if few is not r:
@@ -215,15 +287,16 @@ def main(argv: list[str] | None = None) -> dict:
               "batch": {"prompts": n_prompts, "group_size": k, "minibatch_size": args.minibatch_size,
                         "epochs": args.epochs, "order": args.order},
               "flops_note": "matmul FLOPs only: forward_flops_per_token x T per replayed row x "
-                            "(1 reference + 3 per epoch + 1 if recompute)",
-              "results": rows, "ratios": ratios}
+                            "(1 reference unless reference_on=rollout + 3 per epoch + 1 if recompute)",
+              "results": rows, "ratios": ratios, "workers": workers}
 
     print(f"\nlearner throughput (LearnerCore.train, fp32), batch {n_prompts}x{k} samples, minibatch "
           f"{args.minibatch_size}, {args.epochs} epoch(s), {info['cpu']}; fp32 matmul roofline "
           + ", ".join(f"{v:.0f} GFLOP/s at {t} thread(s)" for t, v in roofline.items()) + f" (n={roofline_n})")
     print_table(rows, [
         ("preset", "preset"), ("steps", "S"), ("replay", "replay"), ("rows_per_chunk", "chunk"),
-        ("old_logprob", "old_lp"), ("threads", "thr"), ("replay_rows", "rows"), ("seconds", "s/step", ".2f"),
+        ("old_logprob", "old_lp"), ("reference_on", "ref on"), ("threads", "thr"), ("replay_rows", "rows"),
+        ("seconds", "s/step", ".2f"),
         ("samples_per_s", "samples/s", ".1f"), ("replay_tokens_per_s", "replay tok/s", ".0f"),
         ("trained_tokens_per_s", "trained tok/s", ".0f"), ("gflops", "GFLOP/s", ".1f"),
         ("roofline_fraction", "roofline", pct), ("ref_share", "ref share", pct)])
@@ -232,6 +305,12 @@ def main(argv: list[str] | None = None) -> dict:
         print_table(ratios, [("preset", "preset"), ("steps", "S"), ("rows_per_chunk", "chunk"),
                              ("threads", "thr"), ("compare", "compare"), ("speedup", "speedup", ".2f"),
                              ("row_ratio", "row ratio", ".2f"), ("gflops_ratio", "GFLOP/s ratio", ".2f")])
+    if workers:
+        print("\na rollout worker's reference terms next to its sampling of the same batch (grpo.reference_on=rollout)")
+        print_table(workers, [("preset", "preset"), ("steps", "S"), ("replay", "replay"),
+                              ("sample_s_per_sample", "sample s/sample", ".4f"),
+                              ("reference_s_per_sample", "reference s/sample", ".4f"),
+                              ("added_fraction", "added", pct)])
     write_json(report, args.out)
     return report
 

@@ -276,6 +276,20 @@ class GRPOConfig(Section):
         "e = clip(kl / kl_target - 1, -0.2, 0.2)"))
     reference_reset_every: Optional[int] = Field(None, ge=1, description=(
         "every this many steps the frozen reference becomes a copy of the current policy; None = never"))
+    reference_on: Literal["learner", "rollout"] = Field("learner", description=(
+        "where the reference's log-probs of the replayed steps are computed: `learner` replays the reference "
+        "before each update; `rollout` has each rollout worker replay it right after sampling (it holds the "
+        "starting generator from the start of the run, chooses the replay rows from the request's seed and "
+        "sends rows and terms with the batch), so the learner replays only the policy; the terms are then in the "
+        "rollout workers' precision. It pays where the learner is the bottleneck and the workers have spare "
+        "compute (bench_learner and bench_e2e --reference-on compare the two); the default keeps a learner used "
+        "on its own (without the driver's requests) working on plain batches. With reference_reset_every set the "
+        "reference moves and the learner's pass is used whatever this says"))
+
+    @property
+    def reference_on_rollout(self) -> bool:
+        """Whether the rollout workers send the reference's terms (reference_on, unless the reference moves)."""
+        return self.reference_on == "rollout" and self.reference_reset_every is None
 
     @model_validator(mode="after")
     def _kl_target_needs_a_coefficient(self):

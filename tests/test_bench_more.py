@@ -58,6 +58,24 @@ def test_bench_learner(tmp_path, capsys):
 def test_bench_learner_passes():
     assert bench_learner.passes_per_row(1, "behaviour") == 4
     assert bench_learner.passes_per_row(2, "recompute") == 8
+    assert bench_learner.passes_per_row(1, "behaviour", "rollout") == 3
+
+
+def test_bench_learner_reference_on_rollout(tmp_path, capsys):
+    """--reference-on learner,rollout: both sides per configuration, their ratio, and the workers' cost."""
+    data, printed = _run(bench_learner, tmp_path, capsys, "--reference-on", "learner,rollout")
+    rows = data["results"]
+    assert sorted(r["reference_on"] for r in rows) == ["learner"] * 4 + ["rollout"] * 4
+    for r in rows:
+        assert (r["ref_share"] == 0) == (r["reference_on"] == "rollout")
+        assert r["passes_per_row"] == (3 if r["reference_on"] == "rollout" else 4)
+    sides = [x for x in data["ratios"] if "reference on rollout vs learner" in x["compare"]]
+    assert len(sides) == 4 and all(_positive(x["speedup"]) for x in sides)
+    assert {(w["steps"], w["replay"]) for w in data["workers"]} == {(4, "all"), (8, "all"), (4, "2"), (8, "2")}
+    for w in data["workers"]:
+        for key in ("sample_s_per_sample", "reference_s_per_sample", "added_fraction"):
+            assert _positive(w[key]), key
+    assert "reference s/sample" in printed
 
 
 def test_bench_weight_sync(ray_cluster, tmp_path, capsys):
@@ -111,6 +129,19 @@ def test_bench_e2e(ray_cluster, tmp_path, capsys):
         assert m["share_learning"] + m["share_learner_idle"] == pytest.approx(1.0)
     assert len(data["runs"]) == 2
     assert "steps/min" in printed and "learner idle" in printed
+
+
+def test_bench_e2e_reference_on_both_sides(ray_cluster, tmp_path, capsys):
+    """--reference-on learner,rollout: one row per (mode, side), the ratio between the sides, peak memory."""
+    data, printed = _run(bench_e2e, tmp_path, capsys, "--modes", "sync", "--reference-on", "learner,rollout")
+    assert [(m["mode"], m["reference_on"]) for m in data["modes"]] == [("sync", "learner"), ("sync", "rollout")]
+    learner_side, rollout_side = data["modes"]
+    assert learner_side["speedup_vs_reference_on_learner"] == pytest.approx(1.0)
+    assert _positive(rollout_side["speedup_vs_reference_on_learner"]) and _positive(rollout_side["samples_per_min"])
+    assert _positive(learner_side["ref_replay_s_per_step"]) and rollout_side["ref_replay_s_per_step"] == 0
+    for m in data["modes"]:
+        assert _positive(m["learner_peak_rss_mib"]) and _positive(m["rollout_peak_rss_mib"])
+    assert "vs ref on learner" in printed
 
 
 def test_e2e_summarise_shares():

@@ -185,28 +185,37 @@ def test_replay_reproduces_the_recorded_step_probabilities(policy_and_reference,
 
 
 def one_batch(policy, order: str, seed: int = 0, random_reveal: float = 0.05, dtype: str = "fp32",
-              measure_kl: bool = False, reference=None):
-    worker = RolloutWorker(0, policy.cfg, SamplerConfig(steps=4, order=order, random_reveal=random_reveal),
-                           precision=dtype)
+              measure_kl: bool = False, reference=None, reference_on: str = "learner",
+              replay_steps: int | None = None):
+    """A scored batch; with reference_on="rollout" the worker holds `reference` from the start and sends its
+    terms on `replay_steps` rows per sample (None: every step), as grpo.reference_on=rollout has it."""
     from dgrpo.protocols import WeightSnapshot
+    ref_snapshot = None if reference is None else WeightSnapshot.from_module(reference, 0)
+    worker = RolloutWorker(0, policy.cfg, SamplerConfig(steps=4, order=order, random_reveal=random_reveal),
+                           precision=dtype, reference=ref_snapshot if reference_on == "rollout" else None)
     worker.set_weights(WeightSnapshot.from_module(policy, 0))
     judge = JudgeWorker(0, RewardConfig(kind="char_frequency", chars="e"), TOK.to_dict())
     request = RolloutRequest(request_id=seed, prompts=torch.full((4, LENGTH), TOK.mask_id), group_size=8,
-                             seed=seed, measure_kl=measure_kl)
-    ref_snapshot = None if reference is None else WeightSnapshot.from_module(reference, 0)
+                             seed=seed, measure_kl=measure_kl, reference_terms=reference_on == "rollout",
+                             replay_steps=replay_steps or 0)
     return judge.score(worker.generate(request, ref_snapshot))
+
+
+REFERENCE_ON = ["learner", "rollout"]
 
 
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_first_ratio_is_exactly_one(policy_and_reference, order, precision):
+@pytest.mark.parametrize("reference_on", REFERENCE_ON)
+def test_first_ratio_is_exactly_one(policy_and_reference, order, precision, reference_on):
     policy, reference = policy_and_reference
-    batch = one_batch(policy, order, dtype=precision)
+    batch = one_batch(policy, order, dtype=precision, reference=reference, reference_on=reference_on)
     core = LearnerCore(copy.deepcopy(policy), GRPOConfig(group_size=8, prompts_per_step=4, minibatch_size=8,
-                                                         lr=1e-3),
+                                                         lr=1e-3, reference_on=reference_on),
                        reference=copy.deepcopy(reference),
                        autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
     metrics = core.train([batch])
+    assert (metrics["ref_replay_s"] == 0) == (reference_on == "rollout")
     assert metrics["first_step_ratio_dev"] <= (1e-5 if precision == "fp32" else 2e-3)
     assert metrics["logp_mismatch"] <= (1e-6 if precision == "fp32" else 1e-3)
     if order != "random":
@@ -214,14 +223,18 @@ def test_first_ratio_is_exactly_one(policy_and_reference, order, precision):
 
 
 @pytest.mark.parametrize("order", ORDERS)
-def test_learner_kl_seq_equals_the_samplers_measured_trajectory_kl(policy_and_reference, order):
+@pytest.mark.parametrize("reference_on", REFERENCE_ON)
+def test_learner_kl_seq_equals_the_samplers_measured_trajectory_kl(policy_and_reference, order, reference_on):
     """The same samples: the learner's kl_seq (k1 on the replayed shares) and the sampler's kl_to_reference
     (measured beside the reference while sampling). Under confidence order both are the trajectory log-ratio,
-    per sample; under random order the sampler's is Rao-Blackwellised, equal in expectation."""
+    per sample; under random order the sampler's is Rao-Blackwellised, equal in expectation. With
+    reference_on=rollout the reference's shares are the ones the worker sent."""
     policy, reference = policy_and_reference
-    batch = one_batch(policy, order, seed=7, measure_kl=True, reference=reference)
-    core = LearnerCore(copy.deepcopy(policy), GRPOConfig(group_size=8, prompts_per_step=4), reference=reference)
+    batch = one_batch(policy, order, seed=7, measure_kl=True, reference=reference, reference_on=reference_on)
+    core = LearnerCore(copy.deepcopy(policy), GRPOConfig(group_size=8, prompts_per_step=4, reference_on=reference_on),
+                       reference=reference)
     data, _ = core.prepare([batch])
+    assert (data.ref_terms is not None) == (reference_on == "rollout")
     core.reference_pass(data)
     from dgrpo.learner.grpo import sequence_kl
     learner_kl = sequence_kl(data.old, data.ref, data.mask, data.scale).double()

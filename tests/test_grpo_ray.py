@@ -109,6 +109,32 @@ def test_grpo_raises_reward_with_two_workers(ray_cluster, tiny_corpus_file, tmp_
         assert mismatch and 0 < max(mismatch) < 0.02
 
 
+@pytest.mark.parametrize("mode, rollout_precision, old_logprob",
+                         [("sync", "fp32", "behaviour"), ("async", "bf16", "recompute")])
+def test_grpo_with_the_reference_pass_on_the_rollout_workers(ray_cluster, tiny_corpus_file, tmp_path, mode,
+                                                             rollout_precision, old_logprob):
+    """grpo.reference_on=rollout: the workers hold the starting generator from the start and send the reference's
+    terms on the rows they chose; the learner replays no reference, and the run learns. In fp32 the first step's
+    kl_seq is 0: the workers' reference is the learner's (the first batches come from it)."""
+    cfg = train_config(tmp_path, tiny_corpus_file, run={"mode": mode, "log_rollouts": True},
+                       grpo={"reference_on": "rollout", "replay_steps": 4, "kl_coef": 0.01, "old_logprob": old_logprob},
+                       resources={"rollout": {"num_workers": 2, "precision": rollout_precision},
+                                  "learner": {"precision": "fp32"}})
+    summary = run_training(cfg)
+    assert summary["steps"] == 20
+    assert summary["eval_reward_after"] - summary["eval_reward_before"] > 3 * summary["eval_reward_after_stderr"]
+    rows = [r for r in read_metrics(tmp_path / "run") if "reward_mean" in r]
+    assert len(rows) == 20 and all(r["ref_replay_s"] == 0 for r in rows)
+    if rollout_precision == "fp32":
+        assert rows[0]["kl_seq"] == pytest.approx(0.0, abs=1e-4)
+    assert rows[-1]["kl_seq"] > 0.01
+    logged = list(read_rollout_log(tmp_path / "run" / "rollouts.msgpack"))
+    for b in logged:
+        r = b.rollout
+        with_tokens = (r.reveal_step[:, None, :] == torch.arange(r.steps)[None, :, None]).any(-1).sum(1)
+        assert torch.equal(r.replay_mask.sum(1), with_tokens.clamp_max(4))
+
+
 @pytest.mark.parametrize("quiet", [False, True])
 def test_train_cli_prints_a_line_per_step_unless_quiet(ray_cluster, tiny_corpus_file, tmp_path, quiet):
     from click.testing import CliRunner

@@ -85,32 +85,36 @@ def test_sequence_kl_by_hand():
 
 
 def make_loop(seed: int, order: str = "confidence", **grpo):
-    """(learner, one_step) of a tiny GRPO loop without Ray: unconditional prompts, reward = share of 'e'."""
+    """(learner, one_step) of a tiny GRPO loop without Ray: unconditional prompts, reward = share of 'e'. With
+    grpo reference_on="rollout" the worker holds the starting weights and sends the reference's terms."""
     torch.manual_seed(seed)
     model = DiffusionLM(preset_config("tiny", TOK.vocab_size, block_size=LENGTH))
-    worker = RolloutWorker(0, model.cfg, SamplerConfig(steps=4, order=order), precision="fp32")
-    judge = JudgeWorker(0, RewardConfig(kind="char_frequency", chars="e"), TOK.to_dict())
     cfg = GRPOConfig(**{"group_size": 8, "prompts_per_step": 4, "minibatch_size": 32, "lr": 1e-3, **grpo})
+    start = WeightSnapshot.from_module(model, 0) if cfg.reference_on_rollout else None
+    worker = RolloutWorker(0, model.cfg, SamplerConfig(steps=4, order=order), precision="fp32", reference=start)
+    judge = JudgeWorker(0, RewardConfig(kind="char_frequency", chars="e"), TOK.to_dict())
     learner = LearnerCore(model, cfg, seed=seed)
     prompts = torch.full((cfg.prompts_per_step, LENGTH), TOK.mask_id)
 
     def one_step(i: int) -> dict:
         worker.set_weights(learner.snapshot())
         batch = worker.generate(RolloutRequest(request_id=i, prompts=prompts, group_size=cfg.group_size,
-                                               seed=1000 * seed + i))
+                                               seed=1000 * seed + i, reference_terms=cfg.reference_on_rollout,
+                                               replay_steps=cfg.replay_steps or 0))
         return learner.train([judge.score(batch)])
 
     return learner, one_step
 
 
 @pytest.mark.parametrize("order", ["random", "confidence"])
-def test_kl_controller_holds_the_target_in_a_tiny_grpo_run(order):
+@pytest.mark.parametrize("reference_on", ["learner", "rollout"])
+def test_kl_controller_holds_the_target_in_a_tiny_grpo_run(order, reference_on):
     """The budget holds the learner's kl_seq, the exact trajectory KL in both orders (under confidence order
-    with the choice of positions)."""
+    with the choice of positions), whichever side replays the reference."""
     target, steps = 4.0, 200
-    _, fixed_step = make_loop(0, order, kl_coef=0.2)
+    _, fixed_step = make_loop(0, order, kl_coef=0.2, reference_on=reference_on)
     fixed = [fixed_step(i)["kl_seq"] for i in range(steps)]
-    learner, step = make_loop(0, order, kl_coef=0.2, kl_target=target, kl_horizon=10)
+    learner, step = make_loop(0, order, kl_coef=0.2, kl_target=target, kl_horizon=10, reference_on=reference_on)
     rows = [step(i) for i in range(steps)]
     held = [r["kl_seq"] for r in rows]
     assert statistics.mean(fixed[steps // 2:]) > 2 * target  # without the controller the KL settles far above
@@ -120,6 +124,7 @@ def test_kl_controller_holds_the_target_in_a_tiny_grpo_run(order):
         assert abs(statistics.mean(tail[i:i + 25]) / target - 1) < 0.35, (i, tail[i:i + 25])
     assert rows[-1]["kl_coef"] > 0.2 and learner.kl_coef == pytest.approx(learner.kl_controller.coef)
     assert rows[0]["kl_seq"] == pytest.approx(0.0, abs=1e-4)  # the first batch comes from the reference itself
+    assert all((r["ref_replay_s"] == 0) == (reference_on == "rollout") for r in rows)
 
 
 @pytest.mark.parametrize("order", ["random", "confidence"])
@@ -153,9 +158,13 @@ def test_replay_subsample_gives_an_estimate_of_the_kl(order):
     assert statistics.pstdev(estimates) > 0  # an estimate, not the exact value
 
 
-def test_reference_reset_copies_the_policy_and_is_checkpointed(tmp_path):
-    learner, step = make_loop(2, kl_coef=0.01, reference_reset_every=3, kl_target=2.0, kl_horizon=2)
+@pytest.mark.parametrize("reference_on", ["learner", "rollout"])
+def test_reference_reset_copies_the_policy_and_is_checkpointed(tmp_path, reference_on):
+    """(reference_on=rollout falls back to the learner's pass: the reference moves.)"""
+    learner, step = make_loop(2, kl_coef=0.01, reference_reset_every=3, kl_target=2.0, kl_horizon=2,
+                              reference_on=reference_on)
     rows = [step(i) for i in range(7)]
+    assert all(r["ref_replay_s"] > 0 for r in rows)
     assert [r["reference_resets"] for r in rows] == [0, 0, 1, 1, 1, 2, 2]
     assert rows[2]["kl_seq"] > 0.1  # measured against the starting reference
     assert rows[3]["kl_seq"] == pytest.approx(0.0, abs=1e-4)  # the batch of step 4 came from the new reference

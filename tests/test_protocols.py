@@ -64,10 +64,11 @@ def make_scored(seed: int = 0, members: int = 3, **kw) -> ScoredBatch:
 
 
 V4_ROLLOUT_FIELDS = ("order", "random_reveal", "reveal_temperature", "selection", "reveal_rank")
+V5_ROLLOUT_FIELDS = ("replay_mask", "reference_logprobs", "reference_selection")
 
 
 def strip_rollout_fields_after_2(rollout: dict) -> None:
-    for name in ("kl_to_reference",) + V4_ROLLOUT_FIELDS:
+    for name in ("kl_to_reference",) + V4_ROLLOUT_FIELDS + V5_ROLLOUT_FIELDS:
         del rollout[name]
 
 
@@ -83,7 +84,7 @@ def as_schema_1(msg) -> bytes:
     if wire["schema"] == "rollout_batch":
         strip_rollout_fields_after_2(wire["data"])
     if wire["schema"] == "rollout_request":
-        del wire["data"]["measure_kl"]
+        del wire["data"]["measure_kl"], wire["data"]["reference_terms"], wire["data"]["replay_steps"]
     return msgpack.packb(wire, use_bin_type=True)
 
 
@@ -126,7 +127,8 @@ def nd(dtype: str, shape: list, data: bytes) -> dict:
 
 
 def request_wire(prompts: object) -> dict:
-    return {"request_id": 1, "prompts": prompts, "group_size": 2, "seed": 3, "min_version": 0, "measure_kl": False}
+    return {"request_id": 1, "prompts": prompts, "group_size": 2, "seed": 3, "min_version": 0, "measure_kl": False,
+            "reference_terms": False, "replay_steps": 0}
 
 
 # --------------------------------------------------------------------------- round trips
@@ -400,11 +402,11 @@ def test_scored_batch_judge_version_and_version_1_logs():
     scored.judge_version = 7
     assert_same(decode(encode(scored)), scored)
     wire = msgpack.unpackb(encode(scored))
-    assert wire["version"] == SCHEMA_VERSION == 4 and wire["data"]["judge_version"] == 7
+    assert wire["version"] == SCHEMA_VERSION == 5 and wire["data"]["judge_version"] == 7
     old = dict(wire, version=1, data={k: v for k, v in wire["data"].items()
                                       if k not in ("judge_version", "member_rewards")})
     old["data"]["rollout"] = {k: v for k, v in old["data"]["rollout"].items()
-                              if k not in ("kl_to_reference",) + V4_ROLLOUT_FIELDS}
+                              if k not in ("kl_to_reference",) + V4_ROLLOUT_FIELDS + V5_ROLLOUT_FIELDS}
     back = decode(msgpack.packb(old, use_bin_type=True), expected=ScoredBatch)
     assert back.judge_version == 0
     assert_same(back.rollout, scored.rollout) and same_bits(back.rewards, scored.rewards)
@@ -425,9 +427,10 @@ def test_kl_to_reference_and_measure_kl_round_trip_and_default_in_version_2_mess
     for msg, field_name in ((request, "measure_kl"), (batch, "kl_to_reference")):
         wire = msgpack.unpackb(encode(msg))
         del wire["data"][field_name]
-        if field_name == "kl_to_reference":
-            for name in V4_ROLLOUT_FIELDS:
-                del wire["data"][name]
+        later = V4_ROLLOUT_FIELDS + V5_ROLLOUT_FIELDS if field_name == "kl_to_reference" else \
+            ("reference_terms", "replay_steps")
+        for name in later:
+            del wire["data"][name]
         back = decode(msgpack.packb(dict(wire, version=2), use_bin_type=True))
         assert back.measure_kl is False if field_name == "measure_kl" else back.kl_to_reference.numel() == 0
     wire = msgpack.unpackb(encode(request))
@@ -447,7 +450,7 @@ def test_reveal_rule_and_selection_round_trip_and_default_in_version_3_messages(
     assert back.order == "confidence" and back.random_reveal == 0.01 and same_bits(back.selection, batch.selection)
     back.validate()
     wire = msgpack.unpackb(encode(batch))
-    for name in V4_ROLLOUT_FIELDS:
+    for name in V4_ROLLOUT_FIELDS + V5_ROLLOUT_FIELDS:
         del wire["data"][name]
     old = decode(msgpack.packb(dict(wire, version=3), use_bin_type=True))
     assert old.order == "random" and old.random_reveal == 0.0 and old.selection.numel() == 0
@@ -475,6 +478,48 @@ def test_reveal_rule_and_selection_round_trip_and_default_in_version_3_messages(
     wire["data"]["order"] = 3
     with pytest.raises(CodecError, match="RolloutBatch.order must be a str, got int"):
         decode(msgpack.packb(wire, use_bin_type=True))
+
+
+def test_schema_5_reference_terms():
+    """Schema 5 added the reference's terms a rollout worker sends (grpo.reference_on=rollout) and the request
+    fields that ask for them: they round-trip; a version-4 message reads without them; bad ones are named."""
+    batch = make_rollout()
+    n, steps = batch.num_samples, batch.steps
+    revealed = (batch.reveal_step[:, None, :] == torch.arange(steps)[None, :, None]).any(-1)
+    batch.replay_mask = revealed & (torch.rand(n, steps, generator=torch.Generator().manual_seed(1)) < 0.5)
+    batch.reference_logprobs = torch.where(batch.reveal_step >= 0, -torch.rand(n, batch.tokens.shape[1]), 0.0)
+    batch.reference_selection = torch.where(batch.replay_mask, -torch.rand(n, steps), 0.0)
+    back = decode(encode(batch))
+    assert_same(back, batch)
+    assert back.has_reference_terms
+    back.validate()
+    wire = msgpack.unpackb(encode(batch))
+    for name in V5_ROLLOUT_FIELDS:
+        del wire["data"][name]
+    old = decode(msgpack.packb(dict(wire, version=4), use_bin_type=True))
+    assert not old.has_reference_terms
+    old.validate()
+    request = RolloutRequest(request_id=1, prompts=torch.zeros(2, 8, dtype=torch.long), group_size=2, seed=3,
+                             reference_terms=True, replay_steps=4)
+    back_request = decode(encode(request))
+    assert back_request.reference_terms is True and back_request.replay_steps == 4
+    wire = msgpack.unpackb(encode(request))
+    del wire["data"]["reference_terms"], wire["data"]["replay_steps"]
+    old_request = decode(msgpack.packb(dict(wire, version=4), use_bin_type=True))
+    assert old_request.reference_terms is False and old_request.replay_steps == 0
+    bad = decode(encode(batch))
+    bad.reference_selection = torch.zeros(n, steps + 1)
+    with pytest.raises(ValueError, match="RolloutBatch.reference_selection has shape"):
+        bad.validate()
+    bad = decode(encode(batch))
+    assert (~revealed).any()  # make_rollout leaves steps that reveal nothing
+    bad.replay_mask = ~revealed
+    with pytest.raises(ValueError, match="replay_mask marks steps that revealed nothing"):
+        bad.validate()
+    bad = decode(encode(batch))
+    bad.reference_logprobs[2, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"reference_logprobs/selection have NaN/inf at rows \[2\]"):
+        bad.validate()
 
 
 def test_unknown_schema_and_wrong_expected_type():

@@ -5,6 +5,11 @@ A plain class; the driver turns it into a Ray actor with the resources of the
 The driver's calls leave the batches in the object store (`generate_by_ref`, references.py). Weights arrive
 as one object of the object store (`set_weights`) or by the learner's collective broadcast
 (`receive_weights`, collective.py).
+
+With grpo.reference_on=rollout the worker is built with the reference (the run's starting generator) and a
+request with `reference_terms` has it replay the reference right after sampling, on replay rows it draws from
+the request's seed (trajectory.reference_terms): the batch carries the rows and the terms, and the learner
+replays only the policy on exactly those rows. The terms are computed in this worker's precision.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import torch
 
 from ..config import SamplerConfig
 from ..models.diffusion import DiffusionLM
-from ..models.sampler import sample
+from ..models.sampler import RevealRule, sample
+from ..models.trajectory import reference_terms
 from ..models.transformer import ModelConfig
 from ..precision import describe_precision, pick_device, resolve_precision
 from ..protocols import RolloutBatch, RolloutRequest, WeightSnapshot
@@ -30,14 +36,18 @@ class StaleWorkerError(RuntimeError):
 
 class RolloutWorker:
     def __init__(self, worker_id: int, model_config: ModelConfig, sampler: SamplerConfig, precision: str = "auto",
-                 torch_threads: int = 1, metrics: bool = False):
+                 torch_threads: int = 1, metrics: bool = False, reference: WeightSnapshot | None = None,
+                 replay_rows_per_chunk: int = 256):
         torch.set_num_threads(torch_threads)
         self.worker_id = worker_id
         self.device = pick_device()
         self.model = DiffusionLM(model_config).to(self.device).eval()
         self.model.requires_grad_(False)
         self.model_config = model_config
-        self.reference = None  # the run's starting generator, kept from the first request that measures KL
+        # the run's starting generator: given at start (grpo.reference_on=rollout), or kept from the first
+        # request that measures KL
+        self.reference = None if reference is None else self._load_reference(reference)
+        self.replay_rows_per_chunk = replay_rows_per_chunk
         self.sampler = sampler
         self.autocast_dtype = resolve_precision(precision, self.device)
         self.precision = describe_precision(precision, self.device)
@@ -45,6 +55,11 @@ class RolloutWorker:
         self.version = -1  # no weights yet
         self.telemetry = ActorTelemetry("rollout", str(worker_id), enabled=metrics)
         self.collective = BroadcastMember()
+
+    def _load_reference(self, snapshot: WeightSnapshot) -> DiffusionLM:
+        model = DiffusionLM(self.model_config).to(self.device).eval().requires_grad_(False)
+        snapshot.load_into(model)
+        return model
 
     def set_weights(self, snapshot: WeightSnapshot) -> dict:
         t0 = time.perf_counter()
@@ -88,11 +103,24 @@ class RolloutWorker:
             if reference is None:
                 raise ValueError(f"request {request.request_id} asks rollout worker {self.worker_id} to measure the KL "
                                  "to the starting generator but sends no reference weights")
-            self.reference = DiffusionLM(self.model_config).to(self.device).eval().requires_grad_(False)
-            reference.load_into(self.reference)
+            self.reference = self._load_reference(reference)
+        if request.reference_terms and self.reference is None:
+            raise ValueError(f"request {request.request_id} asks rollout worker {self.worker_id} for the reference's "
+                             "terms (grpo.reference_on=rollout) but the worker was started without the reference")
         out = sample(self.model, prompts, generator=g, autocast_dtype=self.autocast_dtype,
                      reference=self.reference if request.measure_kl else None, **s.model_dump())
-        generate_s = time.perf_counter() - t0
+        terms, reference_s = {}, 0.0
+        if request.reference_terms:
+            t_ref = time.perf_counter()
+            mask, logprobs, selection = reference_terms(
+                self.reference, out.tokens, out.reveal_step, s.steps, request.replay_steps or None, request.seed,
+                rule=RevealRule.of(s.model_dump()), reveal_rank=out.reveal_rank,
+                rows_per_chunk=self.replay_rows_per_chunk, autocast_dtype=self.autocast_dtype,
+                temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+            terms = {"replay_mask": mask.cpu(), "reference_logprobs": logprobs.cpu(),
+                     "reference_selection": selection.cpu()}
+            reference_s = time.perf_counter() - t_ref
+        generate_s = time.perf_counter() - t0  # the worker's whole call, the reference's replay included
         n_generated = int((out.reveal_step >= 0).sum())
         self.telemetry.observe_rollout(samples=len(prompts), tokens=n_generated, seconds=generate_s)
         return RolloutBatch(
@@ -105,7 +133,8 @@ class RolloutWorker:
             reveal_rank=out.reveal_rank.cpu(),
             kl_to_reference=(out.kl_to_reference.cpu() if out.kl_to_reference is not None
                              else torch.zeros(0, dtype=torch.float64)),
-            timings={"generate_s": generate_s, "tokens_generated": float(n_generated)})
+            timings={"generate_s": generate_s, "reference_s": reference_s, "tokens_generated": float(n_generated)},
+            **terms)
 
     def info(self) -> dict:
         return {"worker_id": self.worker_id, "version": self.version, **placement(),

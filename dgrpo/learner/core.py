@@ -6,7 +6,11 @@ One `train(batches)` call is one GRPO step, in four named parts:
    rewards are all equal (no signal); choose the replay rows: every (sample, denoising step) that revealed tokens,
    or `replay_steps` random steps per sample; turn the rollouts' recorded log-probs into per-token shares of each
    trajectory (a token's own log-prob plus an equal part of its step's selection term, models/trajectory.py).
-2. `reference_pass`: without gradients, the reference policy's shares on those rows and, if
+   With grpo.reference_on=rollout the rollout workers chose the rows (from each request's seed) and replayed the
+   reference on them right after sampling (actors/rollout.py): the rows and the reference's terms come with the
+   batches, and the learner uses exactly those rows.
+2. `reference_pass`: without gradients, the reference policy's shares on those rows (unless the batches
+   brought them) and, if
    `old_logprob = "recompute"`, the current policy's (the rollout's then enter only through a truncated
    importance weight). From them `kl_seq`, the KL of the step's trajectories to the reference per sequence:
    exact in both reveal orders (under confidence order it holds the choice of positions), an unbiased estimate
@@ -54,6 +58,10 @@ class StackedBatch:
     reveal_rank: torch.Tensor  # (N, T) order of each position among its step's reveals (empty if not recorded)
     steps: int
     sampling: dict  # temperature, top_k, top_p and the reveal rule: what the replay must reproduce
+    # the rows the workers chose and the reference's terms on them (grpo.reference_on=rollout); None otherwise
+    replay_mask: torch.Tensor | None = None  # (N, S) bool
+    ref_tokens: torch.Tensor | None = None  # (N, T)
+    ref_selection: torch.Tensor | None = None  # (N, S)
 
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "order", "random_reveal", "reveal_temperature")
@@ -85,6 +93,15 @@ def stack_batches(batches: list[ScoredBatch], learner_version: int) -> StackedBa
         r = b.rollout
         return r.reveal_rank if r.reveal_rank.numel() else torch.full_like(r.reveal_step, -1)
 
+    with_terms = [b.rollout.has_reference_terms for b in batches]
+    if any(with_terms) and not all(with_terms):
+        raise ValueError("some rollout batches of the step carry the reference's terms and others do not; the "
+                         "workers' requests must all agree with grpo.reference_on")
+    terms = {}
+    if all(with_terms):
+        terms = {"replay_mask": cat(lambda b: b.rollout.replay_mask),
+                 "ref_tokens": cat(lambda b: b.rollout.reference_logprobs),
+                 "ref_selection": cat(lambda b: b.rollout.reference_selection)}
     settings = {k: getattr(first, k) for k in SAMPLING_KEYS}
     return StackedBatch(
         tokens=cat(lambda b: b.rollout.tokens), reveal_step=cat(lambda b: b.rollout.reveal_step),
@@ -93,7 +110,7 @@ def stack_batches(batches: list[ScoredBatch], learner_version: int) -> StackedBa
         staleness=cat(lambda b: torch.full((b.num_samples,), learner_version - b.rollout.policy_version)),
         reveal_rank=cat(reveal_rank), steps=first.steps,
         sampling={"temperature": first.temperature, "top_k": first.top_k, "top_p": first.top_p,
-                  "rule": RevealRule.of(settings)})
+                  "rule": RevealRule.of(settings)}, **terms)
 
 
 def revealed_mask(reveal_step: torch.Tensor, rows: ReplayRows, steps: int) -> torch.Tensor:
@@ -120,6 +137,7 @@ class StepData:
     fresh: torch.Tensor  # (N,) bool: sampled by the weights being trained
     steps: int
     sampling: dict
+    ref_terms: tuple | None = None  # the reference's (N, T) token log-probs and (N, S) selection terms, if sent
     ref: torch.Tensor | None = None  # (N, T) the reference's shares
     old: torch.Tensor | None = None  # (N, T) PPO's old shares
     old_surrogate: torch.Tensor | None = None  # (N, T) the same with the selection terms weighted down
@@ -137,8 +155,9 @@ class StepData:
                         self.scale[kept],
                         self.behaviour[kept], self.behaviour_tokens[kept], self.behaviour_selection[kept],
                         self.advantages[kept], self.keep[kept],
-                        self.fresh[kept], self.steps, self.sampling, pick(self.ref), pick(self.old),
-                        pick(self.old_surrogate), pick(self.importance))
+                        self.fresh[kept], self.steps, self.sampling,
+                        None if self.ref_terms is None else tuple(t[kept] for t in self.ref_terms),
+                        pick(self.ref), pick(self.old), pick(self.old_surrogate), pick(self.importance))
 
 
 @dataclass
@@ -218,9 +237,7 @@ class LearnerCore:
     def train(self, batches: list[ScoredBatch]) -> dict[str, float]:
         t0 = time.perf_counter()
         data, metrics = self.prepare(batches)
-        t_ref = time.perf_counter()
         metrics.update(self.reference_pass(data))
-        metrics["ref_replay_s"] = time.perf_counter() - t_ref
         kl_coef = self.kl_coef
         metrics["kl_coef"] = kl_coef
         if self.kl_controller is not None:
@@ -262,15 +279,41 @@ class LearnerCore:
             metrics.update(group_similarity=float(similarity.mean()), shaped_reward_mean=float(rewards.mean()))
         tokens, reveal = stacked.tokens.to(dev), stacked.reveal_step.to(dev)
         selection = stacked.selection.to(dev)
-        rows = replay_rows(reveal, stacked.steps, cfg.replay_steps, self.generator)
+        ref_terms = None
+        if cfg.reference_on_rollout:
+            if stacked.replay_mask is None:
+                raise ValueError("grpo.reference_on=rollout: the learner expects every rollout batch to carry the "
+                                 "reference's terms (RolloutBatch.replay_mask, reference_logprobs, "
+                                 "reference_selection), but this step's batches have none; were they sampled by "
+                                 "requests with reference_terms? Set grpo.reference_on=learner to replay the "
+                                 "reference here")
+            rows = self.sent_rows(stacked.replay_mask.to(dev), reveal, stacked.steps)
+            ref_terms = (stacked.ref_tokens.to(dev), stacked.ref_selection.to(dev))
+        else:
+            rows = replay_rows(reveal, stacked.steps, cfg.replay_steps, self.generator)
         data = StepData(
             tokens=tokens, reveal=reveal, reveal_rank=stacked.reveal_rank.to(dev), rows=rows, mask=revealed_mask(reveal, rows, stacked.steps),
             scale=subsample_scale(reveal, rows, stacked.steps),
             behaviour=token_shares(stacked.behaviour.to(dev), selection, reveal),
             behaviour_tokens=stacked.behaviour.to(dev), behaviour_selection=selection,
             advantages=advantages.to(dev), keep=keep_groups.repeat_interleave(k).to(dev),
-            fresh=(stacked.staleness == 0).to(dev), steps=stacked.steps, sampling=stacked.sampling)
+            fresh=(stacked.staleness == 0).to(dev), steps=stacked.steps, sampling=stacked.sampling,
+            ref_terms=ref_terms)
         return data, metrics
+
+    def sent_rows(self, mask: torch.Tensor, reveal: torch.Tensor, steps: int) -> ReplayRows:
+        """The replay rows the workers chose, checked against grpo.replay_steps: each sample replays that many
+        of its steps that revealed tokens (all of them if fewer, or if replay_steps is None)."""
+        s_range = torch.arange(steps, device=reveal.device)
+        with_tokens = (reveal[:, None, :] == s_range[None, :, None]).any(-1).sum(1)
+        want = with_tokens if self.cfg.replay_steps is None else with_tokens.clamp_max(self.cfg.replay_steps)
+        bad = mask.sum(1) != want
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"grpo.reference_on=rollout: sample {i} of the step brings {int(mask[i].sum())} replay "
+                             f"rows, but grpo.replay_steps={self.cfg.replay_steps} asks for {int(want[i])}; the "
+                             "workers' requests and the learner must use the same grpo.replay_steps")
+        return ReplayRows.from_mask(mask)
 
     @torch.no_grad()
     def reference_pass(self, data: StepData) -> dict:
@@ -279,7 +322,12 @@ class LearnerCore:
         replay = lambda model: trajectory_step_logprobs(  # noqa: E731
             model, data.tokens, data.reveal, data.steps, reveal_rank=data.reveal_rank, rows=data.rows,
             rows_per_chunk=cfg.replay_rows_per_chunk, autocast_dtype=self.autocast_dtype, **data.sampling)
-        ref_tokens, ref_selection = replay(self.reference)
+        if data.ref_terms is not None:  # the rollout workers replayed the reference
+            (ref_tokens, ref_selection), metrics["ref_replay_s"] = data.ref_terms, 0.0
+        else:
+            t_ref = time.perf_counter()
+            ref_tokens, ref_selection = replay(self.reference)
+            metrics["ref_replay_s"] = time.perf_counter() - t_ref
         data.ref = token_shares(ref_tokens, ref_selection, data.reveal)
         if cfg.old_logprob == "recompute":
             self.policy.eval()

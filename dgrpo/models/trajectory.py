@@ -35,6 +35,18 @@ class ReplayRows:
     def __len__(self) -> int:
         return int(self.sample_idx.numel())
 
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> "ReplayRows":
+        """The rows marked in a (B, S) bool mask, in replay_rows' order (by sample, then step)."""
+        sample_idx, step_idx = mask.nonzero(as_tuple=True)
+        return cls(sample_idx, step_idx)
+
+    def mask(self, batch_size: int, steps: int) -> torch.Tensor:
+        """(B, S) bool: the rows as a mask."""
+        out = torch.zeros((batch_size, steps), dtype=torch.bool, device=self.sample_idx.device)
+        out[self.sample_idx, self.step_idx] = True
+        return out
+
     def chunks(self, rows_per_chunk: int):
         for start in range(0, len(self), rows_per_chunk):
             yield ReplayRows(self.sample_idx[start:start + rows_per_chunk],
@@ -161,3 +173,26 @@ def trajectory_logprobs(model, tokens: torch.Tensor, reveal_step: torch.Tensor, 
     return trajectory_step_logprobs(model, tokens, reveal_step, steps, temperature, top_k, top_p,
                                     rule=RevealRule("random"), rows_per_chunk=rows_per_chunk,
                                     autocast_dtype=autocast_dtype, rows=rows)[0]
+
+
+ROWS_SEED_OFFSET = 0x2545F4914F6CDD1D  # far from any request's sampler seed (run.seed * 1_000_003 + request id)
+
+
+@torch.no_grad()
+def reference_terms(model, tokens: torch.Tensor, reveal_step: torch.Tensor, steps: int, replay_steps: int | None,
+                    seed: int, rule: RevealRule = RevealRule(), reveal_rank: torch.Tensor | None = None,
+                    rows_per_chunk: int = 256, autocast_dtype: torch.dtype | None = None,
+                    **sampling) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a rollout worker sends for the learner's reference terms (grpo.reference_on=rollout): the replay rows,
+    `replay_steps` per sample (None: every step that revealed tokens), drawn from the request's `seed` so that the
+    same request always gives the same rows, as a (B, S) mask; `model`'s (B, T) token log-probs and (B, S)
+    selection terms on them, computed by the learner's own replay function. Replaying only the rows the learner
+    will use costs replay_steps / S of a full replay."""
+    # not `seed` itself: the sampler drew the trajectory from it, and rows drawn from the same numbers would
+    # depend on the trajectory (the subsampled sums would no longer be unbiased)
+    rows_seed = (seed + ROWS_SEED_OFFSET) % 2 ** 64
+    rows = replay_rows(reveal_step, steps, replay_steps, torch.Generator().manual_seed(rows_seed))
+    logprobs, selection = trajectory_step_logprobs(model, tokens, reveal_step, steps, rule=rule,
+                                                   reveal_rank=reveal_rank, rows_per_chunk=rows_per_chunk,
+                                                   autocast_dtype=autocast_dtype, rows=rows, **sampling)
+    return rows.mask(tokens.shape[0], steps), logprobs, selection

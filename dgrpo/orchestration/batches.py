@@ -75,7 +75,9 @@ class BatchFlow:
                 n = min(per_request, room)
                 request = RolloutRequest(request_id=self.request_counter, prompts=self.prompts.next(n),
                                          group_size=cfg.grpo.group_size,
-                                         seed=cfg.run.seed * 1_000_003 + self.request_counter)
+                                         seed=cfg.run.seed * 1_000_003 + self.request_counter,
+                                         reference_terms=cfg.grpo.reference_on_rollout,
+                                         replay_steps=cfg.grpo.replay_steps or 0)
                 self.request_counter += 1
             request.min_version = version if sync else max(0, version - cfg.run.max_staleness)
             self.workers.submit(slot, "generate_by_ref", request, size=request.prompts.shape[0], stored=1)

@@ -49,10 +49,13 @@ def start_roles(cfg: TrainConfig, actors: ActorManager, model, tokenizer, out: P
                                            seed=run.seed, precision=res.learner.precision,
                                            torch_threads=res.torch_threads),
         restartable=False, call_names={"train_by_ref": "a step"}, needs=describe_needs(res.learner))
+    # grpo.reference_on=rollout: every worker (a restarted or added one too) holds the learner's reference
+    reference = init if cfg.grpo.reference_on_rollout else None
     workers = actors.group(
         "rollout", res.rollout.num_workers,
         lambda i: make_actor(classes["rollout"], res.rollout, i, model.cfg, cfg.sampler, res.rollout.precision,
-                             res.torch_threads, metrics_on),
+                             res.torch_threads, metrics_on, reference=reference,
+                             replay_rows_per_chunk=cfg.grpo.replay_rows_per_chunk),
         *res.rollout.bounds, on_lost={"generate_by_ref": "requeue"}, restarted=(StaleWorkerError,),
         needs=describe_needs(res.rollout))
     judges = actors.group(

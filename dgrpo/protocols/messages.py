@@ -21,7 +21,7 @@ from ..config import RevealOrder
 
 REVEAL_ORDERS = typing.get_args(RevealOrder)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The wire version this build writes. It reads every version from 1 up: a field added by a later
 version carries `metadata={"since": version}` and takes its default in messages of older versions.
 
@@ -32,6 +32,8 @@ version carries `metadata={"since": version}` and takes its default in messages 
     4: RolloutBatch.order, .random_reveal, .reveal_temperature, .selection and .reveal_rank (the reveal rule, each
        step's log-probability of its choice of positions and the order of its reveals, which the learner's replay
        needs to be exact under the confidence rules)
+    5: RolloutRequest.reference_terms and .replay_steps, RolloutBatch.replay_mask, .reference_logprobs and
+       .reference_selection (grpo.reference_on=rollout: the worker replays the reference on the rows it chose)
 """
 
 
@@ -66,6 +68,10 @@ class RolloutRequest:
     min_version: int = 0  # worker must hold at least this policy version
     # also measure each sample's KL to the run's starting generator (held-out evaluations)
     measure_kl: bool = field(default=False, metadata={"since": 3})
+    # also replay the reference on `replay_steps` steps per sample (0: every step), rows drawn from `seed`
+    # (grpo.reference_on=rollout): the learner then replays only the policy
+    reference_terms: bool = field(default=False, metadata={"since": 5})
+    replay_steps: int = field(default=0, metadata={"since": 5})
 
 
 @dataclass(eq=False)
@@ -102,6 +108,15 @@ class RolloutBatch:
     # gumbel_confidence rule's replay needs it, other rules may leave it empty
     reveal_rank: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long),
                                       metadata={"since": 4})
+    # when the request asked for reference terms: (G*k, steps) bool the (sample, step) rows the learner must
+    # replay, and the reference's (G*k, T) float32 log-probs of the tokens of those rows (0 elsewhere) and
+    # (G*k, steps) float32 selection terms (0 off the rows); empty otherwise
+    replay_mask: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.bool),
+                                      metadata={"since": 5})
+    reference_logprobs: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.float32),
+                                             metadata={"since": 5})
+    reference_selection: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.float32),
+                                              metadata={"since": 5})
 
     @property
     def num_samples(self) -> int:
@@ -110,6 +125,10 @@ class RolloutBatch:
     @property
     def num_groups(self) -> int:
         return int(self.group_index.max()) + 1 if self.group_index.numel() else 0
+
+    @property
+    def has_reference_terms(self) -> bool:
+        return bool(self.replay_mask.numel() or self.reference_logprobs.numel() or self.reference_selection.numel())
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
@@ -146,6 +165,20 @@ class RolloutBatch:
             if bool(bad.any()):
                 raise ValueError(f"RolloutBatch.reveal_rank must be -1 exactly at prompt positions and below the "
                                  f"length elsewhere; not so at rows {_fmt_rows(bad.nonzero())}")
+        if self.has_reference_terms:
+            _check_tensor("RolloutBatch.replay_mask", self.replay_mask, torch.bool, (shape[0], self.steps))
+            _check_tensor("RolloutBatch.reference_logprobs", self.reference_logprobs, torch.float32, shape)
+            _check_tensor("RolloutBatch.reference_selection", self.reference_selection, torch.float32,
+                          (shape[0], self.steps))
+            revealed = (self.reveal_step[:, None, :] == torch.arange(self.steps)[None, :, None]).any(-1)
+            bad = (self.replay_mask & ~revealed).any(1)
+            if bool(bad.any()):
+                raise ValueError(f"RolloutBatch.replay_mask marks steps that revealed nothing at rows "
+                                 f"{_fmt_rows(bad.nonzero())}")
+            bad = ~(torch.isfinite(self.reference_logprobs).all(1) & torch.isfinite(self.reference_selection).all(1))
+            if bool(bad.any()):
+                raise ValueError(f"RolloutBatch.reference_logprobs/selection have NaN/inf at rows "
+                                 f"{_fmt_rows(bad.nonzero())}")
         if self.num_samples == 0:
             return
         g = self.group_index
