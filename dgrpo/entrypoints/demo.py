@@ -34,7 +34,8 @@ def demo_config(out: str, corpus: str | None, minutes: float, threads: int, seed
                     "checkpoint_every": 20, "max_minutes": SHARES["grpo"] * minutes, "dashboard": True,
                     "selection": "eval_reward", "selection_kl_max": 1.5 * KL_TARGET},
             "grpo": {"group_size": 8, "prompts_per_step": 4, "minibatch_size": 32, "lr": 1e-4, "kl_coef": 0.5,
-                     "kl_target": KL_TARGET, "kl_horizon": 5, "replay_steps": 4},
+                     "kl_target": KL_TARGET, "kl_horizon": 5, "replay_steps": 4,
+                     "reference_on": "rollout"},
             "resources": {"rollout": {"num_workers": 2, "num_cpus": 0.5}, "torch_threads": threads}},
         "evaluate": {"prompts": 64, "samples_per_prompt": 2, "best_of": [], "samples_shown": 2},
     })
