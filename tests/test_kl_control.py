@@ -106,8 +106,9 @@ def make_loop(seed: int, order: str = "confidence", **grpo):
     return learner, one_step
 
 
-@pytest.mark.parametrize("order", ["random", "confidence"])
-@pytest.mark.parametrize("reference_on", ["learner", "rollout"])
+# the rollout workers' reference pass under confidence order, the order whose selection terms it must carry
+@pytest.mark.parametrize("order, reference_on", [("random", "learner"), ("confidence", "learner"),
+                                                 ("confidence", "rollout")])
 def test_kl_controller_holds_the_target_in_a_tiny_grpo_run(order, reference_on):
     """The budget holds the learner's kl_seq, the exact trajectory KL in both orders (under confidence order
     with the choice of positions), whichever side replays the reference."""
