@@ -235,16 +235,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ratios between interleaved configurations: replay_steps=K vs all, per (preset, S, chunk, old, threads)
     ratios = []
+
+    def ratio(r: dict, base: dict, compare: str, row_ratio: float = 1.0) -> dict:
+        return {"preset": r["preset"], "steps": r["steps"], "rows_per_chunk": r["rows_per_chunk"],
+                "old_logprob": r["old_logprob"], "threads": r["threads"], "compare": compare,
+                "speedup": base["seconds"] / r["seconds"], "row_ratio": row_ratio,
+                "gflops_ratio": r["gflops"] / base["gflops"]}
+
     # the reference's pass on the workers vs on the learner, same everything else
     rkey = lambda r: (r["preset"], r["steps"], r["replay"], r["rows_per_chunk"], r["old_logprob"], r["threads"])  # noqa: E731
     for r in rows:
         base = next((b for b in rows if b["reference_on"] == "learner" and rkey(b) == rkey(r)), None)
         if r["reference_on"] == "rollout" and base is not None:
-            ratios.append({"preset": r["preset"], "steps": r["steps"], "rows_per_chunk": r["rows_per_chunk"],
-                           "old_logprob": r["old_logprob"], "threads": r["threads"],
-                           "compare": f"replay {r['replay']}: reference on rollout vs learner",
-                           "speedup": base["seconds"] / r["seconds"], "row_ratio": 1.0,
-                           "gflops_ratio": r["gflops"] / base["gflops"]})
+            ratios.append(ratio(r, base, f"replay {r['replay']}: reference on rollout vs learner"))
     key = lambda r: (r["preset"], r["steps"], r["rows_per_chunk"], r["old_logprob"], r["reference_on"],  # noqa: E731
                      r["threads"])
     for r in rows:
@@ -252,34 +255,21 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         base = next((b for b in rows if b["replay_steps"] is None and key(b) == key(r)), None)
         if base is not None:
-            ratios.append({"preset": r["preset"], "steps": r["steps"], "rows_per_chunk": r["rows_per_chunk"],
-                           "old_logprob": r["old_logprob"], "threads": r["threads"],
-                           "compare": f"replay {r['replay']} vs all",
-                           "speedup": base["seconds"] / r["seconds"],
-                           "row_ratio": base["replay_rows"] / r["replay_rows"],
-                           "gflops_ratio": r["gflops"] / base["gflops"]})
+            ratios.append(ratio(r, base, f"replay {r['replay']} vs all", base["replay_rows"] / r["replay_rows"]))
 
     # rows_per_chunk c vs the largest chunk, same everything else
     ckey = lambda r: (r["preset"], r["steps"], r["replay"], r["old_logprob"], r["reference_on"], r["threads"])  # noqa: E731
     for r in rows:
         big = max((b for b in rows if ckey(b) == ckey(r)), key=lambda b: b["rows_per_chunk"])
         if big is not r:
-            ratios.append({"preset": r["preset"], "steps": r["steps"], "rows_per_chunk": r["rows_per_chunk"],
-                           "old_logprob": r["old_logprob"], "threads": r["threads"],
-                           "compare": f"replay {r['replay']}: chunk {r['rows_per_chunk']} vs {big['rows_per_chunk']}",
-                           "speedup": big["seconds"] / r["seconds"], "row_ratio": 1.0,
-                           "gflops_ratio": r["gflops"] / big["gflops"]})
+            ratios.append(ratio(r, big, f"replay {r['replay']}: chunk {r['rows_per_chunk']} vs {big['rows_per_chunk']}"))
     # threads t vs the fewest threads
     tkey = lambda r: (r["preset"], r["steps"], r["replay"], r["rows_per_chunk"], r["old_logprob"],  # noqa: E731
                       r["reference_on"])
     for r in rows:
         few = min((b for b in rows if tkey(b) == tkey(r)), key=lambda b: b["threads"])
         if few is not r:
-            ratios.append({"preset": r["preset"], "steps": r["steps"], "rows_per_chunk": r["rows_per_chunk"],
-                           "old_logprob": r["old_logprob"], "threads": r["threads"],
-                           "compare": f"replay {r['replay']}: {r['threads']} vs {few['threads']} threads",
-                           "speedup": few["seconds"] / r["seconds"], "row_ratio": 1.0,
-                           "gflops_ratio": r["gflops"] / few["gflops"]})
+            ratios.append(ratio(r, few, f"replay {r['replay']}: {r['threads']} vs {few['threads']} threads"))
 
     report = {"bench": "learner", "threads": thread_list[0], "thread_counts": thread_list, "machine": info,
               "precision": "fp32", "roofline_gflops": roofline[thread_list[0]],
