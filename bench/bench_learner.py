@@ -53,7 +53,7 @@ def make_scored_batch(model: DiffusionLM, n_prompts: int, group_size: int, steps
     g = torch.Generator().manual_seed(seed)
     prompts = torch.full((n_prompts * group_size, T), model.mask_id, dtype=torch.long)
     with torch.no_grad():
-        out = sample(model.eval(), prompts, steps=steps, order=order, generator=g)
+        out = sample(model.eval(), prompts, steps=steps, order=order, temperature=1.0, generator=g)  # as recorded below
     batch = RolloutBatch(request_id=request_id, tokens=out.tokens, reveal_step=out.reveal_step,
                          logprobs=out.logprobs,
                          group_index=torch.arange(n_prompts).repeat_interleave(group_size),

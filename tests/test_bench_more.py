@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from bench import (bench_driver_scale, bench_e2e, bench_learner, bench_quality, bench_scaling, bench_weight_sync,
+from bench import (bench_driver_scale, bench_e2e, bench_gpu, bench_learner, bench_quality, bench_scaling, bench_weight_sync,
                    common)
 
 
@@ -236,3 +236,28 @@ def test_eval_generator_pairs_each_checkpoint_with_the_first(tmp_path, capsys):
     assert (other["paired_vs_first"]["min"], other["paired_vs_first"]["max"]) == (min(diffs), max(diffs))
     assert min(diffs) != 0.0
     assert "vs first" in capsys.readouterr().out
+
+def test_bench_gpu_says_it_did_not_run_without_cuda(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the check would run")
+    out = tmp_path / "gpu.json"
+    report = bench_gpu.main(["--out", str(out)])
+    assert report["ran"] is False and "no CUDA device" in report["reason"]
+    assert json.loads(out.read_text())["device"] == {"type": "cpu"}
+
+
+def test_bench_gpu_every_part_on_the_cpu(ray_cluster, tmp_path, capsys):
+    """--device cpu --quick: the sampler, the learner with the reference's pass on either side, GRPO in process and
+    on Ray (the cluster of the session), each with figures."""
+    data, printed = _run(bench_gpu, tmp_path, capsys, "--device", "cpu", "--grpo-minutes", "0.05")
+    assert data["ran"] is True and data["precision"] == "fp32" and _positive(data["roofline_gflops"]["fp32"])
+    assert {(r["order"], r["batch"]) for r in data["sampler"]} == {("random", 4), ("confidence", 4)}
+    assert all(_positive(r["samples_per_s"]) for r in data["sampler"] + data["learner"])
+    assert {(r["replay"], r["reference_on"]) for r in data["learner"]} == {
+        ("4", "learner"), ("4", "rollout"), ("all", "learner"), ("all", "rollout")}
+    inproc = data["grpo_in_process"]
+    assert inproc["steps"] == 3 and _positive(inproc["samples_per_min"])
+    assert 0.5 < sum(inproc["shares"].values()) <= 1.0
+    ray_run = data["grpo_ray"]
+    assert ray_run["ran"] is True and ray_run["steps"] >= 1 and _positive(ray_run["samples_per_min"])
+    assert "GRPO in process" in printed
