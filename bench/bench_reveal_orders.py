@@ -10,7 +10,9 @@ measures are the fair comparison.
         --judge runs/headline/proxy_judge [--gold runs/headline/gold_judge] \\
         [--settings "confidence:1.0,random:0.5"] [--prompts 128] [--out bench/results/reveal_orders.json]
 
-A setting is ORDER:TEMPERATURE (orders: random, confidence, gumbel_confidence).
+A setting is ORDER:TEMPERATURE[:STEPS[:THRESHOLD]] (orders: random, confidence, gumbel_confidence; STEPS
+defaults to --steps; THRESHOLD is confidence order's reveal_threshold). Each row states the model forwards a
+sample took (fewer than its steps under a threshold) and the sampler's seconds per sample.
 """
 
 from __future__ import annotations
@@ -42,27 +44,34 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows, real = [], None
     for setting in args.settings.split(","):
-        order, temperature = setting.split(":")
-        sampler = {"order": order, "temperature": float(temperature), "steps": args.steps}
+        order, temperature, *rest = setting.split(":")
+        steps = int(rest[0]) if rest else args.steps
+        threshold = float(rest[1]) if len(rest) > 1 else None
+        sampler = {"order": order, "temperature": float(temperature), "steps": steps, "reveal_threshold": threshold}
         report = evaluate(EvaluateOptions(
             generator=args.generator, judges=[args.judge], gold=args.gold, lm=args.lm,
             prompts=args.prompts, samples_per_prompt=args.samples_per_prompt, precision=args.precision,
             corpus=args.corpus, sampler=sampler, examples=3), log=lambda *a: None)
         base, real = report["rows"][0], report["real_text"]
-        row = {"order": order, "temperature": float(temperature), "sampler": report["sampler"],
-               "examples": base["examples"]}
+        n_samples = args.prompts * args.samples_per_prompt
+        row = {"order": order, "temperature": float(temperature), "steps": steps, "reveal_threshold": threshold,
+               "setting": setting, "sampler": report["sampler"], "forwards_per_sample": base["forwards_per_sample"],
+               "sample_s_per_sample": report["timings"]["sample_s"] / n_samples, "examples": base["examples"]}
         for key in MEASURES:
             row[key] = base.get(key)
         rows.append(row)
-        print(f"{order}:{temperature}: " + ", ".join(f"{k} {row[k]['mean']:.4f}" for k in MEASURES if row[k]),
-              flush=True)
+        print(f"{setting}: forwards {row['forwards_per_sample']['mean']:.2f}, "
+              f"{1e3 * row['sample_s_per_sample']:.1f} ms/sample, "
+              + ", ".join(f"{k} {row[k]['mean']:.4f}" for k in MEASURES if row[k]), flush=True)
 
     def cell(metric):
         return "-" if metric is None else f"{metric['mean']:.4f} ± {metric['stderr']:.4f}"
-    print_table([{"order": r["order"], "temperature": r["temperature"], **{k: cell(r[k]) for k in MEASURES}}
-                 for r in rows] + [{"order": "held-out text", "temperature": "-",
+    print_table([{"order": r["setting"], "temperature": r["temperature"], "forwards": cell(r["forwards_per_sample"]),
+                  "ms": f"{1e3 * r['sample_s_per_sample']:.1f}", **{k: cell(r[k]) for k in MEASURES}}
+                 for r in rows] + [{"order": "held-out text", "temperature": "-", "forwards": "-", "ms": "-",
                                     **{k: cell(real.get(k)) for k in MEASURES}}],
-                [("order", "order"), ("temperature", "T"), ("lm_bits_per_char", "LM bits/char"),
+                [("order", "setting"), ("temperature", "T"), ("forwards", "forwards/sample"),
+                 ("ms", "ms/sample"), ("lm_bits_per_char", "LM bits/char"),
                  ("char_2gram_js", "char 2g JS to real"), ("distinct_2", "distinct-2"), ("repeated_word_2grams", "rep. word 2g"),
                  ("proxy_reward", "proxy"), ("gold_reward", "gold")])
     report = {"bench": "reveal_orders", "machine": machine_info(), "generator": args.generator, "lm": args.lm,

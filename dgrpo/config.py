@@ -54,6 +54,17 @@ class SamplerConfig(Section):
         "trajectory stays possible under any model, so the KL to the reference and its penalty stay finite"))
     reveal_temperature: float = Field(0.1, gt=0, description=(
         "gumbel_confidence: how sharply the likeliest positions come first (towards 0: strictly by confidence)"))
+    reveal_threshold: Optional[float] = Field(None, gt=0, le=1, description=(
+        "confidence order: a step also reveals every masked position whose drawn token is at least this likely, "
+        "besides the linear schedule's count for the step (at least one position), so `steps` becomes a most and "
+        "samples the model is sure of finish in fewer forwards; None: off"))
+
+    @model_validator(mode="after")
+    def _threshold_under_confidence(self):
+        if self.reveal_threshold is not None and self.order != "confidence":
+            raise ValueError(f"sampler.reveal_threshold applies to confidence order only, got order={self.order!r}; "
+                             "set sampler.order=confidence or sampler.reveal_threshold=null")
+        return self
 
 
 class PretrainConfig(Section):

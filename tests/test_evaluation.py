@@ -248,6 +248,8 @@ def test_evaluate_writes_every_measure_with_error_bars(tmp_path, checkpoints):
             assert all(_finite_bar(v) for v in row["paired_vs_base"].values())
     base, bon, policies = report["rows"][0], report["rows"][1:5], report["rows"][5:]
     assert base["kl_kind"] == "base" and base["kl_per_sequence"]["mean"] == 0.0
+    for row in [base] + policies:  # a model forward per step that revealed tokens: every step here
+        assert row["forwards_per_sample"]["mean"] == report["sampler"]["steps"]
     for row in bon:
         assert row["kl_kind"] == "bon_bound" and row["samples_per_prompt"] == 4
         assert row["kl_per_sequence"] == {"mean": pytest.approx(bon_kl_bound(row["n"])), "stderr": 0.0}

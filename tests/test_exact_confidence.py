@@ -159,7 +159,15 @@ def policy_and_reference():
     return policy, reference
 
 
-ORDERS = ["random", "confidence", "gumbel_confidence"]
+ORDERS = ["random", "confidence", "gumbel_confidence", "threshold"]
+THRESHOLD = 0.4  # the tiny toy's tokens are seldom surer than this: steps of one, two and more reveals
+
+
+def rule_settings(order: str) -> dict:
+    """The sampler settings of a rule by its test name ("threshold": confidence order with a reveal_threshold)."""
+    if order == "threshold":
+        return {"order": "confidence", "reveal_threshold": THRESHOLD}
+    return {"order": order}
 
 
 @pytest.mark.parametrize("order", ORDERS)
@@ -168,9 +176,9 @@ def test_replay_reproduces_the_recorded_step_probabilities(policy_and_reference,
     policy, _ = policy_and_reference
     prompt = torch.full((6, LENGTH), TOK.mask_id)
     prompt[3:, :5] = TOK.encode("abcde")
-    rule = RevealRule(order, 0.2, 0.3)
-    out = sample(policy, prompt, steps=5, order=order, random_reveal=0.2, reveal_temperature=0.3,
-                 autocast_dtype=dtype, generator=torch.Generator().manual_seed(3))
+    settings = {**rule_settings(order), "random_reveal": 0.2, "reveal_temperature": 0.3}
+    rule = RevealRule.of({**settings, "steps": 5})
+    out = sample(policy, prompt, steps=5, **settings, autocast_dtype=dtype, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         tokens_lp, selection = trajectory_step_logprobs(policy, out.tokens, out.reveal_step, 5, rule=rule,
                                                         reveal_rank=out.reveal_rank, autocast_dtype=dtype,
@@ -191,7 +199,7 @@ def one_batch(policy, order: str, seed: int = 0, random_reveal: float = 0.05, dt
     terms on `replay_steps` rows per sample (None: every step), as grpo.reference_on=rollout has it."""
     from dgrpo.protocols import WeightSnapshot
     ref_snapshot = None if reference is None else WeightSnapshot.from_module(reference, 0)
-    worker = RolloutWorker(0, policy.cfg, SamplerConfig(steps=4, order=order, random_reveal=random_reveal),
+    worker = RolloutWorker(0, policy.cfg, SamplerConfig(steps=4, random_reveal=random_reveal, **rule_settings(order)),
                            precision=dtype, reference=ref_snapshot if reference_on == "rollout" else None)
     worker.set_weights(WeightSnapshot.from_module(policy, 0))
     judge = JudgeWorker(0, RewardConfig(kind="char_frequency", chars="e"), TOK.to_dict())

@@ -65,10 +65,11 @@ def make_scored(seed: int = 0, members: int = 3, **kw) -> ScoredBatch:
 
 V4_ROLLOUT_FIELDS = ("order", "random_reveal", "reveal_temperature", "selection", "reveal_rank")
 V5_ROLLOUT_FIELDS = ("replay_mask", "reference_logprobs", "reference_selection")
+V6_ROLLOUT_FIELDS = ("reveal_threshold",)
 
 
 def strip_rollout_fields_after_2(rollout: dict) -> None:
-    for name in ("kl_to_reference",) + V4_ROLLOUT_FIELDS + V5_ROLLOUT_FIELDS:
+    for name in ("kl_to_reference",) + V4_ROLLOUT_FIELDS + V5_ROLLOUT_FIELDS + V6_ROLLOUT_FIELDS:
         del rollout[name]
 
 
@@ -402,11 +403,11 @@ def test_scored_batch_judge_version_and_version_1_logs():
     scored.judge_version = 7
     assert_same(decode(encode(scored)), scored)
     wire = msgpack.unpackb(encode(scored))
-    assert wire["version"] == SCHEMA_VERSION == 5 and wire["data"]["judge_version"] == 7
+    assert wire["version"] == SCHEMA_VERSION == 6 and wire["data"]["judge_version"] == 7
     old = dict(wire, version=1, data={k: v for k, v in wire["data"].items()
                                       if k not in ("judge_version", "member_rewards")})
     old["data"]["rollout"] = {k: v for k, v in old["data"]["rollout"].items()
-                              if k not in ("kl_to_reference",) + V4_ROLLOUT_FIELDS + V5_ROLLOUT_FIELDS}
+                              if k not in ("kl_to_reference",) + V4_ROLLOUT_FIELDS + V5_ROLLOUT_FIELDS + V6_ROLLOUT_FIELDS}
     back = decode(msgpack.packb(old, use_bin_type=True), expected=ScoredBatch)
     assert back.judge_version == 0
     assert_same(back.rollout, scored.rollout) and same_bits(back.rewards, scored.rewards)
@@ -427,7 +428,7 @@ def test_kl_to_reference_and_measure_kl_round_trip_and_default_in_version_2_mess
     for msg, field_name in ((request, "measure_kl"), (batch, "kl_to_reference")):
         wire = msgpack.unpackb(encode(msg))
         del wire["data"][field_name]
-        later = V4_ROLLOUT_FIELDS + V5_ROLLOUT_FIELDS if field_name == "kl_to_reference" else \
+        later = V4_ROLLOUT_FIELDS + V5_ROLLOUT_FIELDS + V6_ROLLOUT_FIELDS if field_name == "kl_to_reference" else \
             ("reference_terms", "replay_steps")
         for name in later:
             del wire["data"][name]
@@ -450,7 +451,7 @@ def test_reveal_rule_and_selection_round_trip_and_default_in_version_3_messages(
     assert back.order == "confidence" and back.random_reveal == 0.01 and same_bits(back.selection, batch.selection)
     back.validate()
     wire = msgpack.unpackb(encode(batch))
-    for name in V4_ROLLOUT_FIELDS + V5_ROLLOUT_FIELDS:
+    for name in V4_ROLLOUT_FIELDS + V5_ROLLOUT_FIELDS + V6_ROLLOUT_FIELDS:
         del wire["data"][name]
     old = decode(msgpack.packb(dict(wire, version=3), use_bin_type=True))
     assert old.order == "random" and old.random_reveal == 0.0 and old.selection.numel() == 0
@@ -480,6 +481,23 @@ def test_reveal_rule_and_selection_round_trip_and_default_in_version_3_messages(
         decode(msgpack.packb(wire, use_bin_type=True))
 
 
+def test_schema_6_reveal_threshold():
+    """Schema 6 added RolloutBatch.reveal_threshold: it round-trips; a version-5 batch reads with it off (0)."""
+    batch = make_rollout()
+    batch.order, batch.random_reveal, batch.reveal_threshold = "confidence", 0.01, 0.9
+    batch.selection = -torch.rand(batch.num_samples, batch.steps)
+    back = decode(encode(batch))
+    assert back.reveal_threshold == 0.9
+    back.validate()
+    wire = msgpack.unpackb(encode(batch))
+    del wire["data"]["reveal_threshold"]
+    old = decode(msgpack.packb(dict(wire, version=5), use_bin_type=True))
+    assert old.reveal_threshold == 0.0 and old.order == "confidence"
+    old.validate()
+    with pytest.raises(CodecError, match=r"unexpected fields \['reveal_threshold'\]"):
+        decode(msgpack.packb(dict(msgpack.unpackb(encode(batch)), version=5), use_bin_type=True))
+
+
 def test_schema_5_reference_terms():
     """Schema 5 added the reference's terms a rollout worker sends (grpo.reference_on=rollout) and the request
     fields that ask for them: they round-trip; a version-4 message reads without them; bad ones are named."""
@@ -494,7 +512,7 @@ def test_schema_5_reference_terms():
     assert back.has_reference_terms
     back.validate()
     wire = msgpack.unpackb(encode(batch))
-    for name in V5_ROLLOUT_FIELDS:
+    for name in V5_ROLLOUT_FIELDS + V6_ROLLOUT_FIELDS:
         del wire["data"][name]
     old = decode(msgpack.packb(dict(wire, version=4), use_bin_type=True))
     assert not old.has_reference_terms

@@ -129,7 +129,8 @@ class RolloutWorker:
             group_index=torch.arange(request.prompts.shape[0]).repeat_interleave(k),
             policy_version=self.version, worker_id=self.worker_id, steps=s.steps, temperature=s.temperature,
             top_k=s.top_k, top_p=s.top_p, order=s.order, random_reveal=s.random_reveal,
-            reveal_temperature=s.reveal_temperature, selection=out.selection.cpu(),
+            reveal_temperature=s.reveal_temperature, reveal_threshold=s.reveal_threshold or 0.0,
+            selection=out.selection.cpu(),
             reveal_rank=out.reveal_rank.cpu(),
             kl_to_reference=(out.kl_to_reference.cpu() if out.kl_to_reference is not None
                              else torch.zeros(0, dtype=torch.float64)),

@@ -179,16 +179,23 @@ def _judge(path: str, what: str, tokenizer: CharTokenizer, length: int):
 
 def sample_per_prompt(model: DiffusionLM, prompts: torch.Tensor, repeats: int, sampler: dict, seed: int,
                       chunk: int = 256, autocast_dtype: torch.dtype | None = None,
-                      reference: DiffusionLM | None = None):
+                      reference: DiffusionLM | None = None, forwards: bool = False):
     """(tokens, kl_to_reference) of `repeats` samples per prompt (rows i*repeats ... of prompt i), sampled in
     chunks of `chunk` rows from one generator seeded with `seed`; each sample's trajectory KL term to
-    `reference` (sampler.py), None without a reference."""
+    `reference` (sampler.py), None without a reference. With `forwards=True` also (B,) the model forwards each
+    sample took (its steps that revealed tokens: fewer than `steps` under a reveal threshold)."""
     x = prompts.repeat_interleave(repeats, dim=0)
     g = torch.Generator().manual_seed(seed)
     outs = [sample(model, x[i:i + chunk], generator=g, autocast_dtype=autocast_dtype, reference=reference,
                    **sampler) for i in range(0, len(x), chunk)]
     kl = None if reference is None else torch.cat([o.kl_to_reference for o in outs])
-    return torch.cat([o.tokens for o in outs]), kl
+    tokens = torch.cat([o.tokens for o in outs])
+    if not forwards:
+        return tokens, kl
+    reveal_step = torch.cat([o.reveal_step for o in outs])
+    steps = torch.arange(sampler["steps"])
+    taken = (reveal_step[:, None, :] == steps[None, :, None]).any(-1).sum(1)
+    return tokens, kl, taken.double()
 
 
 class Evaluator:
@@ -313,8 +320,10 @@ class Evaluator:
         return out
 
     def draw(self, model: DiffusionLM, repeats: int, seed: int, reference: DiffusionLM | None = None):
+        """(tokens, kl_to_reference, forwards per sample)."""
         return self._timed("sample_s", lambda: sample_per_prompt(
-            model, self.prompts, repeats, self.sampler, seed, self.opts.chunk, self.autocast_dtype, reference))
+            model, self.prompts, repeats, self.sampler, seed, self.opts.chunk, self.autocast_dtype, reference,
+            forwards=True))
 
     def measure(self, tokens: torch.Tensor) -> tuple[dict[str, torch.Tensor | None], TextStats, list[str]]:
         """Per-sample measures of (B, T) samples: PER_SAMPLE name -> (B,) float64 (None when not measured)."""
@@ -357,7 +366,7 @@ class Evaluator:
         """(row, per-prompt values) of a model sampled `samples_per_prompt` times per prompt; with a reference,
         the KL to it is measured on those samples."""
         P, m = self.opts.prompts, self.opts.samples_per_prompt
-        tokens, kl_samples = self.draw(model, m, self.seed + 1, reference)
+        tokens, kl_samples, forwards = self.draw(model, m, self.seed + 1, reference)
         values, stats, texts = self.measure(tokens)
         per_prompt = {k: None if v is None else per_prompt_means(v.view(P, m)) for k, v in values.items()}
         if reference is None:
@@ -366,14 +375,15 @@ class Evaluator:
             kl, kl_kind = mean_stderr(per_prompt_means(kl_samples.view(P, m))), "measured"
         sets = [[i * m + j for i in range(P)] for j in range(m)]  # sample j of every prompt
         row = self.row(name, kind, per_prompt, stats, sets, kl, kl_kind, texts, texts,
-                       n=1 if kind == "base" else None, samples_per_prompt=m)
+                       n=1 if kind == "base" else None, samples_per_prompt=m,
+                       forwards_per_sample=mean_stderr(per_prompt_means(forwards.view(P, m))))
         return row, per_prompt
 
     def best_of_n_rows(self) -> list[tuple[dict, dict]]:
         """(row, per-prompt values) of best-of-N for every N, all from one pool per prompt."""
         P = self.opts.prompts
         pool = self.opts.pool or max(self.opts.best_of)
-        tokens, _ = self.draw(self.base, pool, self.seed + 2)
+        tokens, _, _ = self.draw(self.base, pool, self.seed + 2)
         values, stats, texts = self.measure(tokens)
         proxy = values["proxy_reward"].view(P, pool)
         rows = []

@@ -64,7 +64,7 @@ class StackedBatch:
     ref_selection: torch.Tensor | None = None  # (N, S)
 
 
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "order", "random_reveal", "reveal_temperature")
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "order", "random_reveal", "reveal_temperature", "reveal_threshold")
 
 
 def stack_batches(batches: list[ScoredBatch], learner_version: int) -> StackedBatch:
@@ -110,7 +110,7 @@ def stack_batches(batches: list[ScoredBatch], learner_version: int) -> StackedBa
         staleness=cat(lambda b: torch.full((b.num_samples,), learner_version - b.rollout.policy_version)),
         reveal_rank=cat(reveal_rank), steps=first.steps,
         sampling={"temperature": first.temperature, "top_k": first.top_k, "top_p": first.top_p,
-                  "rule": RevealRule.of(settings)}, **terms)
+                  "rule": RevealRule.of({**settings, "steps": first.steps})}, **terms)
 
 
 def revealed_mask(reveal_step: torch.Tensor, rows: ReplayRows, steps: int) -> torch.Tensor:

@@ -6,7 +6,10 @@ distribution (temperature, optional top-k / top-p), and a scheduled number n of 
 
 - `random` order: n positions chosen uniformly at random;
 - `confidence` order: the n positions whose drawn tokens are most likely; with probability `random_reveal`
-  a step reveals n positions chosen at random instead (see "Support" below);
+  a step reveals n positions chosen at random instead (see "Support" below). With a `reveal_threshold` theta
+  the step also reveals every masked position whose drawn token is at least theta likely, and n is a floor:
+  the linear schedule's count for the step, at least 1; a sample whose tokens are sure gets ahead of the
+  schedule and finishes in fewer steps (fewer forwards to sample and to replay);
 - `gumbel_confidence` order: n positions drawn one after another without replacement, each with probability
   proportional to p_max^(1 / reveal_temperature), p_max the probability of the position's likeliest token
   (Gumbel-top-n on log p_max / reveal_temperature); the order of the draws is recorded (`reveal_rank`).
@@ -24,6 +27,15 @@ tau = min_{j in R} p_j(x_j) (or exactly as likely, for a position after the last
 the lower position), so with the random share eps
 
     Sel = (1 - eps) * prod_{i masked, not in R} p_i(tokens less likely than tau) + eps / C(m, n)
+
+With a threshold theta and floor f (the step reveals max(f, #positions at or above theta) by confidence), the
+hidden positions must have drawn tokens less likely than min(tau, theta) (strictly below theta: a token at theta
+is revealed), and a step revealing more than f must have tau >= theta. Its random share reveals f + g positions
+at random, g drawn from a geometric law halved at each count and cut at m - f, so that a step of any size stays
+possible under any model:
+
+    Sel = (1 - eps) * [n == f or n > f, tau >= theta] * prod_{i hidden} p_i(tokens less likely than min(tau, theta))
+          + eps * P(g = n - f) / C(m, n)
 
 gumbel_confidence: Sel is the Plackett-Luce probability of the recorded order, a product over the draws of
 w_j / (sum of w over the positions still masked), w = p_max^(1 / reveal_temperature) (`selection_logprob`). Summed over steps, token and selection terms give the log-likelihood of the trajectory
@@ -73,11 +85,28 @@ class RevealRule:
     order: str = DEFAULTS.order
     random_reveal: float = DEFAULTS.random_reveal  # confidence: the share of steps revealing at random
     reveal_temperature: float = DEFAULTS.reveal_temperature  # gumbel_confidence
+    reveal_threshold: float | None = DEFAULTS.reveal_threshold  # confidence: reveal every token this likely
+    steps: int | None = None  # the schedule's steps: the threshold's floor depends on them
+
+    def __post_init__(self):
+        if self.reveal_threshold is not None and self.steps is None:
+            raise ValueError("a reveal rule with a reveal_threshold needs the sampler's steps (its floor follows "
+                             "the linear schedule)")
+
+    @property
+    def log_threshold(self) -> float | None:
+        """log theta under confidence order with a threshold, else None."""
+        if self.order != "confidence" or self.reveal_threshold is None:
+            return None
+        return math.log(self.reveal_threshold)
 
     @classmethod
     def of(cls, settings: dict) -> "RevealRule":
         """The rule among sampler settings (a SamplerConfig dump or a RolloutBatch's fields)."""
-        return cls(**{k: settings[k] for k in ("order", "random_reveal", "reveal_temperature") if k in settings})
+        keys = ("order", "random_reveal", "reveal_temperature", "reveal_threshold", "steps")
+        rule = {k: settings[k] for k in keys if k in settings}
+        rule["reveal_threshold"] = rule.get("reveal_threshold") or None  # a RolloutBatch writes 0 for off
+        return cls(**rule)
 
 
 @dataclass
@@ -92,7 +121,8 @@ class SampleOutput:
 
 
 def validate_sampling(steps: int, temperature: float, top_k: int, top_p: float, order: str,
-                      random_reveal: float = 0.0, reveal_temperature: float = 1.0) -> None:
+                      random_reveal: float = 0.0, reveal_temperature: float = 1.0,
+                      reveal_threshold: float | None = None) -> None:
     if steps < 1:
         raise ValueError(f"sampler steps must be >= 1, got {steps}")
     if not temperature > 0:
@@ -107,6 +137,12 @@ def validate_sampling(steps: int, temperature: float, top_k: int, top_p: float, 
         raise ValueError(f"sampler random_reveal must be in [0, 1), got {random_reveal}")
     if not reveal_temperature > 0:
         raise ValueError(f"sampler reveal_temperature must be > 0, got {reveal_temperature}")
+    if reveal_threshold is not None:
+        if not 0 < reveal_threshold <= 1:
+            raise ValueError(f"sampler reveal_threshold must be in (0, 1] (or None: off), got {reveal_threshold}")
+        if order != "confidence":
+            raise ValueError(f"sampler reveal_threshold applies to confidence order only, got order={order!r}; "
+                             "set order=confidence or reveal_threshold=null")
 
 
 def sampling_logprobs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
@@ -142,11 +178,50 @@ def log_choose(n: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return (torch.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)).float()
 
 
+def extra_count_logprob(extra: torch.Tensor, most: torch.Tensor) -> torch.Tensor:
+    """log P(g = extra) for g in 0..most with P(g) proportional to 2^-(g + 1): how many positions beyond the floor
+    a random step of the threshold rule reveals."""
+    extra, most = extra.double(), most.double()
+    logp = -(extra + 1) * math.log(2) - torch.log1p(-torch.exp2(-(most + 1)))
+    return torch.where((extra >= 0) & (extra <= most), logp, LOG_ZERO).float()
+
+
+def draw_extra_count(most: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """(B,) g in 0..most with P(g) proportional to 2^-(g + 1) (inverse CDF)."""
+    u = torch.rand(most.shape, generator=generator, device=most.device, dtype=torch.float64)
+    v = u * -torch.expm1(-(most.double() + 1) * math.log(2))
+    return torch.minimum(torch.floor(-torch.log2(1 - v)).long(), most)
+
+
+def reveal_floor(n_total: torch.Tensor, n_masked: torch.Tensor, step: torch.Tensor | int, steps: int) -> torch.Tensor:
+    """The fewest positions a threshold step reveals: the linear schedule's count at `step` (at least 1), or every
+    masked position left if fewer. A step that reveals more than its count (tokens above the threshold) puts the
+    sample ahead of the schedule for good, so it finishes in fewer steps; without one it keeps to the schedule."""
+    step = torch.as_tensor(step, device=n_total.device)
+    count = (n_total * (step + 1)) // steps - (n_total * step) // steps
+    return torch.minimum(count.clamp_min(1), n_masked)
+
+
+def log_mass_below(logp: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """(B, T) log of the probability of the tokens with log-prob below `bound` (B, T), LOG_ZERO where there are none.
+    A log-sum-exp whose exponents are kept above -80: below that exp takes a slow path on the CPU (many times the
+    time of the rest), and what it drops is under e^-80 of the largest term."""
+    above = logp >= bound[..., None]
+    top = logp.masked_fill(above, float("-inf")).amax(-1)
+    some = top > float("-inf")
+    top = torch.where(some, top, 0.0)
+    terms = (logp - top[..., None]).clamp_min_(-80.0).exp_()
+    terms = terms.masked_fill(above, 0.0) if terms.requires_grad else terms.masked_fill_(above, 0.0)  # exp saved it
+    return torch.where(some, top + terms.sum(-1).clamp_min(1e-30).log(), LOG_ZERO)
+
+
 def confidence_selection(logp: torch.Tensor, token: torch.Tensor, reveal: torch.Tensor, masked: torch.Tensor,
-                         random_reveal: float) -> torch.Tensor:
+                         random_reveal: float, log_threshold: float | None = None,
+                         floor: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) log-probability of the confidence rule's choice: every hidden masked position drew a token less likely
     than tau, the least likely revealed token (ties go to the lower position), or, with probability
-    random_reveal, a uniformly random choice."""
+    random_reveal, a uniformly random choice. With a threshold (log_threshold, and the step's floor) the hidden
+    positions' tokens lie below min(tau, theta) and the random choice's size is floor + a geometric count."""
     token_logp = logp.gather(-1, token[..., None]).squeeze(-1)
     tau = torch.where(reveal, token_logp, float("inf")).amin(1)
     # ties go to the lower position (the sampler's stable sort): a hidden position after the last revealed one
@@ -154,12 +229,23 @@ def confidence_selection(logp: torch.Tensor, token: torch.Tensor, reveal: torch.
     positions = torch.arange(reveal.shape[1], device=reveal.device)
     last_at_tau = torch.where(reveal & (token_logp == tau[:, None]), positions, -1).amax(1)
     after = positions[None, :] > last_at_tau[:, None]
-    less_likely = (logp < tau[:, None, None]) | ((logp == tau[:, None, None]) & after[..., None])
-    below = torch.logsumexp(logp.masked_fill(~less_likely, LOG_ZERO), dim=-1)
-    below = torch.where(less_likely.any(-1), below, LOG_ZERO)
+    cut = tau
+    if log_threshold is not None:  # a token at theta would have been revealed: no ties there
+        cut = tau.clamp_max(log_threshold)
+        after = after & (tau < log_threshold)[:, None]
+    # "less likely than cut, or as likely after the last tie" is "below the next float up" there
+    bound = torch.where(after, torch.nextafter(cut[:, None], torch.tensor(float("inf"))), cut[:, None])
+    below = log_mass_below(logp, bound)
     by_confidence = torch.where(masked & ~reveal, below, 0.0).sum(1).clamp_min(LOG_ZERO)
+    n, m = reveal.sum(1), masked.sum(1)
+    if log_threshold is not None:
+        if floor is None:
+            raise ValueError("the threshold rule's selection term needs each step's floor")
+        by_confidence = torch.where((n == floor) | ((n > floor) & (tau >= log_threshold)), by_confidence, LOG_ZERO)
     if random_reveal > 0:
-        uniform = -log_choose(masked.sum(1), reveal.sum(1))
+        uniform = -log_choose(m, n)
+        if log_threshold is not None:
+            uniform = uniform + extra_count_logprob(n - floor, m - floor)
         by_confidence = torch.logaddexp(by_confidence + math.log1p(-random_reveal),
                                         uniform + math.log(random_reveal))
     return by_confidence
@@ -187,15 +273,15 @@ def plackett_luce_selection(score: torch.Tensor, reveal: torch.Tensor, masked: t
 
 
 def selection_logprob(logp: torch.Tensor, token: torch.Tensor, reveal: torch.Tensor, masked: torch.Tensor,
-                      rank: torch.Tensor | None, rule: RevealRule) -> torch.Tensor:
+                      rank: torch.Tensor | None, rule: RevealRule, floor: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) log-probability that a step, from a state whose masked positions are `masked` (B, T) and whose
     sampling log-probs are `logp` (B, T, V), chooses exactly the positions `reveal` (in the order `rank`, which
-    only gumbel_confidence needs) given the tokens `token` drawn there (see the module docstring).
-    Differentiable in `logp`. A row that reveals nothing scores 0."""
+    only gumbel_confidence needs; with a threshold, `floor` is the step's `reveal_floor`) given the tokens `token`
+    drawn there (see the module docstring). Differentiable in `logp`. A row that reveals nothing scores 0."""
     if rule.order == "random":  # 1 / C(m, n) for every model: only ratios between models matter, so 0
         return torch.zeros(logp.shape[0], dtype=torch.float32, device=logp.device)
     if rule.order == "confidence":
-        chosen = confidence_selection(logp, token, reveal, masked, rule.random_reveal)
+        chosen = confidence_selection(logp, token, reveal, masked, rule.random_reveal, rule.log_threshold, floor)
     else:
         chosen = plackett_luce_selection(gumbel_scores(logp, rule.reveal_temperature), reveal, masked, rank)
     return torch.where(reveal.any(1), chosen, 0.0)
@@ -221,12 +307,14 @@ def reveal_schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
 def sample(model, prompt: torch.Tensor, steps: int = DEFAULTS.steps, temperature: float = DEFAULTS.temperature,
            top_k: int = DEFAULTS.top_k, top_p: float = DEFAULTS.top_p, order: str = DEFAULTS.order,
            random_reveal: float = DEFAULTS.random_reveal, reveal_temperature: float = DEFAULTS.reveal_temperature,
-           generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
-           reference=None) -> SampleOutput:
-    """Fill every [MASK] of `prompt` (B, T) in `steps` denoising steps, batched over B. With a `reference`
-    model, also log model(trajectory) - log reference(trajectory) of each trajectory (`kl_to_reference`)."""
-    validate_sampling(steps, temperature, top_k, top_p, order, random_reveal, reveal_temperature)
-    rule = RevealRule(order, random_reveal, reveal_temperature)
+           reveal_threshold: float | None = DEFAULTS.reveal_threshold, generator: torch.Generator | None = None,
+           autocast_dtype: torch.dtype | None = None, reference=None) -> SampleOutput:
+    """Fill every [MASK] of `prompt` (B, T) in at most `steps` denoising steps, batched over B (a step runs the
+    model on the rows with positions left to reveal). With a `reference` model, also log model(trajectory) -
+    log reference(trajectory) of each trajectory (`kl_to_reference`)."""
+    validate_sampling(steps, temperature, top_k, top_p, order, random_reveal, reveal_temperature, reveal_threshold)
+    rule = RevealRule(order, random_reveal, reveal_temperature, reveal_threshold, steps)
+    log_threshold = rule.log_threshold
     mask_id = model.mask_id
     x = prompt.clone()
     B, T = x.shape
@@ -235,15 +323,19 @@ def sample(model, prompt: torch.Tensor, steps: int = DEFAULTS.steps, temperature
     reveal_rank = torch.full_like(x, PROMPT_STEP)
     logprobs = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     selection = torch.zeros((B, steps), dtype=torch.float32, device=x.device)
-    counts = reveal_schedule(masked.sum(1), steps)
+    n_total = masked.sum(1)
+    counts = reveal_schedule(n_total, steps)
     positions = torch.arange(T, device=x.device).expand_as(x)
     kl = None if reference is None else torch.zeros(B, dtype=torch.float64, device=x.device)
+    floor = None
     for s in range(steps):
-        n_reveal = counts[:, s]
+        if log_threshold is None:
+            n_reveal = counts[:, s]
+        else:
+            n_reveal = floor = reveal_floor(n_total, masked.sum(1), s, steps)
         if not bool(n_reveal.any()):
             continue
-        with autocast_context(x.device, autocast_dtype):
-            logits = model(x)
+        logits = forward_rows(model, x, n_reveal > 0, autocast_dtype)
         logp = sampling_logprobs(logits, temperature, top_k, top_p)
         token = (logp + gumbel_noise(logp.shape, generator, x.device)).argmax(-1)
         token_logp = logp.gather(-1, token[..., None]).squeeze(-1)
@@ -253,25 +345,29 @@ def sample(model, prompt: torch.Tensor, steps: int = DEFAULTS.steps, temperature
             score = gumbel_scores(logp, reveal_temperature) + gumbel_noise(x.shape, generator, x.device)
         else:
             score = token_logp.clone()
+            if log_threshold is not None:
+                n_reveal = torch.maximum(n_reveal, (masked & (token_logp >= log_threshold)).sum(1))
             if random_reveal > 0:
                 at_random = torch.rand(B, generator=generator, device=x.device) < random_reveal
                 if bool(at_random.any()):
                     noise = torch.rand(x.shape, generator=generator, device=x.device)
                     score = torch.where(at_random[:, None], noise, score)
+                    if log_threshold is not None:
+                        extra = draw_extra_count(masked.sum(1) - floor, generator)
+                        n_reveal = torch.where(at_random, floor + extra, n_reveal)
         score = score.masked_fill(~masked, float("-inf"))
         ranked = score.argsort(dim=1, descending=True, stable=True)  # ties: the lower position first
         rank = torch.empty_like(ranked).scatter_(1, ranked, positions)
         reveal = masked & (rank < n_reveal[:, None])
-        step_selection = selection_logprob(logp, token, reveal, masked, rank, rule)
+        step_selection = selection_logprob(logp, token, reveal, masked, rank, rule, floor)
         if reference is not None:
-            with autocast_context(x.device, autocast_dtype):
-                ref_logits = reference(x)
+            ref_logits = forward_rows(reference, x, n_reveal > 0, autocast_dtype)
             ref_logp = sampling_logprobs(ref_logits, temperature, top_k, top_p)
             if order == "random":
                 kl += torch.where(reveal, position_kl(logp, ref_logp), 0.0).sum(1, dtype=torch.float64)
             else:
                 ref_token_logp = ref_logp.gather(-1, token[..., None]).squeeze(-1)
-                ref_selection = selection_logprob(ref_logp, token, reveal, masked, rank, rule)
+                ref_selection = selection_logprob(ref_logp, token, reveal, masked, rank, rule, floor)
                 kl += (torch.where(reveal, token_logp - ref_token_logp, 0.0).sum(1)
                        + step_selection - ref_selection).double()
         x = torch.where(reveal, token, x)
@@ -283,6 +379,18 @@ def sample(model, prompt: torch.Tensor, steps: int = DEFAULTS.steps, temperature
     assert not bool(masked.any()), "reveal schedule left masked positions"
     return SampleOutput(tokens=x, reveal_step=reveal_step, reveal_rank=reveal_rank, logprobs=logprobs,
                         selection=selection, kl_to_reference=kl)
+
+
+def forward_rows(model, x: torch.Tensor, rows: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """The model's logits on the rows of `x` marked in `rows` (B,); zeros on the others, which reveal nothing."""
+    every = bool(rows.all())
+    with autocast_context(x.device, autocast_dtype):
+        logits = model(x if every else x[rows])
+    if every:
+        return logits
+    out = logits.new_zeros((x.shape[0], *logits.shape[1:]))
+    out[rows] = logits
+    return out
 
 
 def gumbel_noise(shape, generator: torch.Generator | None, device) -> torch.Tensor:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..precision import autocast_context
-from .sampler import DEFAULTS, RevealRule, selection_logprob, sampling_logprobs
+from .sampler import DEFAULTS, RevealRule, reveal_floor, selection_logprob, sampling_logprobs
 
 
 @dataclass
@@ -110,7 +110,12 @@ def row_logprobs(model, tokens: torch.Tensor, reveal_step: torch.Tensor, rows: R
     logp = logp_all.gather(-1, row_tokens[..., None]).squeeze(-1)
     logp = torch.where(targets, logp, torch.zeros_like(logp))
     rank = None if reveal_rank is None or not reveal_rank.numel() else reveal_rank[rows.sample_idx]
-    selection = selection_logprob(logp_all, row_tokens, targets, inputs == model.mask_id, rank, rule)
+    masked = inputs == model.mask_id
+    floor = None
+    if rule.log_threshold is not None:
+        n_total = (reveal_step[rows.sample_idx] >= 0).sum(1)
+        floor = reveal_floor(n_total, masked.sum(1), rows.step_idx, rule.steps)
+    selection = selection_logprob(logp_all, row_tokens, targets, masked, rank, rule, floor)
     entropy = None
     if with_entropy:
         p = logp_all.exp()

@@ -21,7 +21,7 @@ from ..config import RevealOrder
 
 REVEAL_ORDERS = typing.get_args(RevealOrder)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """The wire version this build writes. It reads every version from 1 up: a field added by a later
 version carries `metadata={"since": version}` and takes its default in messages of older versions.
 
@@ -34,6 +34,7 @@ version carries `metadata={"since": version}` and takes its default in messages 
        needs to be exact under the confidence rules)
     5: RolloutRequest.reference_terms and .replay_steps, RolloutBatch.replay_mask, .reference_logprobs and
        .reference_selection (grpo.reference_on=rollout: the worker replays the reference on the rows it chose)
+    6: RolloutBatch.reveal_threshold (confidence order's threshold, 0 = off)
 """
 
 
@@ -100,6 +101,7 @@ class RolloutBatch:
     order: str = field(default="random", metadata={"since": 4})
     random_reveal: float = field(default=0.0, metadata={"since": 4})
     reveal_temperature: float = field(default=1.0, metadata={"since": 4})
+    reveal_threshold: float = field(default=0.0, metadata={"since": 6})  # 0: off
     # (G*k, steps) float32 log-probability of each step's choice of positions given its tokens; empty in older
     # messages (then 0: exact under random order, where it does not depend on the model)
     selection: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.float32),
@@ -154,6 +156,9 @@ class RolloutBatch:
             raise ValueError(f"RolloutBatch.random_reveal must be in [0, 1), got {self.random_reveal}")
         if not self.reveal_temperature > 0:
             raise ValueError(f"RolloutBatch.reveal_temperature must be > 0, got {self.reveal_temperature}")
+        if not 0 <= self.reveal_threshold <= 1 or (self.reveal_threshold and self.order != "confidence"):
+            raise ValueError(f"RolloutBatch.reveal_threshold must be 0 (off) or in (0, 1] under confidence order, got "
+                             f"{self.reveal_threshold} with order {self.order!r}")
         if self.selection.numel() or self.order != "random":
             _check_tensor("RolloutBatch.selection", self.selection, torch.float32, (shape[0], self.steps))
             bad = ~torch.isfinite(self.selection).all(dim=1)
