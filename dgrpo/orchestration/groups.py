@@ -167,8 +167,9 @@ class ActorManager:
 
     def results(self, methods: Iterable[str] | None = None, timeout: float = 1.0) -> list[tuple[Call, object]]:
         """Waits up to `timeout` for the next answer (of a call of `methods`, default any), checks every
-        deadline and, every check_s, every group's membership. Returns the (call, result) pairs for the
-        driver; probes, weight loads and lost calls are dealt with on the way (whatever `methods` says)."""
+        deadline and, every check_s, every group's membership. Returns the (call, result) pairs of every answer
+        in by then, for the driver; probes, weight loads and lost calls are dealt with on the way (whatever
+        `methods` says)."""
         self.tick()
         wanted = None if methods is None else set(methods)
         refs = [r for r, c in self.in_flight.items()
@@ -176,7 +177,9 @@ class ActorManager:
         if any(s.state == RECOVERING for g in self.groups for s in g.slots):
             timeout = min(timeout, REPROBE_S)
         if refs:
-            done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+            done, rest = ray.wait(refs, num_returns=1, timeout=timeout)
+            if done and rest:  # every other answer already in: one pass of the driver's loop takes them all
+                done += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
         else:
             time.sleep(timeout)
             done = []
