@@ -31,6 +31,17 @@ TOK = CharTokenizer.from_text("abcde \n")
 LENGTH = 16
 
 
+class FixedLogits(torch.nn.Module):
+    """A model whose every state gets the same (T, V) logits; [MASK] is token V."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits, self.mask_id = logits, logits.shape[-1]
+
+    def forward(self, idx):
+        return self.logits[None].expand(idx.shape[0], -1, -1)
+
+
 def enumerate_step(logp: torch.Tensor, masked: torch.Tensor, n: int, random_reveal: float) -> float:
     """Sum of the step probability over every (set of n masked positions, tokens there)."""
     T, V = logp.shape[1:]
@@ -58,7 +69,7 @@ def test_step_probabilities_sum_to_one_over_every_outcome(random_reveal, n):
 def test_step_probabilities_sum_to_one_with_a_very_confident_hidden_position():
     """A position whose every token is likelier than some revealed token (the case without support): the
     probabilities still sum to 1, and with a random share no outcome of the step has probability 0."""
-    T, V = 4, 3
+    T = 4
     logp = torch.tensor([[[-0.01, -5.3, -5.3], [-1.1, -1.1, -1.1], [-1.1, -1.1, -1.1], [-0.7, -0.9, -2.1]]])
     logp = logp.log_softmax(-1)
     masked = torch.ones(1, T, dtype=torch.bool)
@@ -89,13 +100,7 @@ def test_sampler_frequencies_match_the_mixture():
     T, V, n, eps = 3, 2, 30000, 0.4
     logits = torch.randn(T, V, generator=g) * 1.5
 
-    class Fixed(torch.nn.Module):
-        mask_id = V
-
-        def forward(self, idx):
-            return logits[None].expand(idx.shape[0], -1, -1)
-
-    out = sample(Fixed(), torch.full((n, T), V), steps=T, order="confidence", random_reveal=eps, temperature=1.0,
+    out = sample(FixedLogits(logits), torch.full((n, T), V), steps=T, order="confidence", random_reveal=eps, temperature=1.0,
                  generator=torch.Generator().manual_seed(0))
     first = (out.reveal_step == 0).float().argmax(1)
     outcome = first * V + out.tokens.gather(1, first[:, None]).squeeze(1)
@@ -116,32 +121,43 @@ def test_sampler_frequencies_match_the_mixture():
     assert float(out.selection[row, 0]) == pytest.approx(float(expected), abs=1e-6)
 
 
+def assert_gradient_matches_finite_differences(f, x: torch.Tensor, h: float = 1e-6, atol: float = 1e-5) -> torch.Tensor:
+    """f's autograd gradient at x (float64) against central differences in every coordinate; returns those."""
+    leaf = x.clone().requires_grad_(True)
+    f(leaf).backward()
+    numeric = torch.zeros_like(x)
+    for idx in itertools.product(*(range(n) for n in x.shape)):
+        plus, minus = x.clone(), x.clone()
+        plus[idx] += h
+        minus[idx] -= h
+        numeric[idx] = (f(plus) - f(minus)) / (2 * h)
+    assert torch.allclose(leaf.grad, numeric, atol=atol), (leaf.grad - numeric).abs().max()
+    return numeric
+
+
+def toy_step(reveal: torch.Tensor, boosts: tuple[float, float]):
+    """(logits, masked, token) of a two-row step (T 6, V 4, float64) revealing `reveal`, the revealed tokens'
+    logits raised by boosts[row] (towards the likeliest at their positions, so tau sits inside the distributions)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 4, generator=g, dtype=torch.float64)
+    masked = torch.tensor([[True] * 6, [True, False, True, True, False, True]])
+    token = torch.randint(0, 4, (2, 6), generator=g)
+    for row, boost in enumerate(boosts):
+        logits[row][reveal[row].nonzero(as_tuple=True) + (token[row][reveal[row]],)] += boost
+    return logits, masked, token
+
+
 @pytest.mark.parametrize("random_reveal", [0.0, 0.05])
 def test_selection_gradient_matches_finite_differences(random_reveal):
-    g = torch.Generator().manual_seed(0)
-    T, V = 6, 4
-    logits = torch.randn(2, T, V, generator=g, dtype=torch.float64)
-    masked = torch.tensor([[True] * 6, [True, False, True, True, False, True]])
     reveal = torch.tensor([[True, False, False, True, False, False], [False, False, True, False, False, False]])
-    token = torch.randint(0, V, (2, T), generator=g)
-    # make the revealed tokens the likeliest at their positions, so tau sits inside the distributions
-    logits[reveal.nonzero(as_tuple=True) + (token[reveal],)] += 2.0
+    logits, masked, token = toy_step(reveal, (2.0, 2.0))
 
     def f(lg):
         lp = lg.log_softmax(-1)
         tok_lp = torch.where(reveal, lp.gather(-1, token[..., None]).squeeze(-1), 0.0).sum()
         return tok_lp + selection_logprob(lp, token, reveal, masked, None, RevealRule("confidence", random_reveal)).sum()
 
-    x = logits.clone().requires_grad_(True)
-    f(x).backward()
-    h = 1e-6
-    numeric = torch.zeros_like(logits)
-    for idx in itertools.product(range(2), range(T), range(V)):
-        plus, minus = logits.clone(), logits.clone()
-        plus[idx] += h
-        minus[idx] -= h
-        numeric[idx] = (f(plus) - f(minus)) / (2 * h)
-    assert torch.allclose(x.grad, numeric, atol=1e-5), (x.grad - numeric).abs().max()
+    numeric = assert_gradient_matches_finite_differences(f, logits)
     assert float(numeric.abs().sum()) > 0
 
 
@@ -340,14 +356,8 @@ def test_gumbel_confidence_sampler_matches_its_probabilities():
     T, V, n = 3, 4, 30000
     logits = torch.randn(T, V, generator=g) * 2
 
-    class Fixed(torch.nn.Module):
-        mask_id = V
-
-        def forward(self, idx):
-            return logits[None].expand(idx.shape[0], -1, -1)
-
     temp = 0.7
-    out = sample(Fixed(), torch.full((n, T), V), steps=2, order="gumbel_confidence", reveal_temperature=temp,
+    out = sample(FixedLogits(logits), torch.full((n, T), V), steps=2, order="gumbel_confidence", reveal_temperature=temp,
                  temperature=1.0, generator=torch.Generator().manual_seed(0))
     first = out.reveal_step == 0
     assert bool((first.sum(1) == 1).all())  # schedule: 1 then 2 of 3 positions
@@ -375,14 +385,5 @@ def test_gumbel_confidence_gradient_matches_finite_differences():
     def f(lg):
         return selection_logprob(lg.log_softmax(-1), token, reveal, masked, rank, rule).sum()
 
-    x = logits.clone().requires_grad_(True)
-    f(x).backward()
-    h = 1e-6
-    numeric = torch.zeros_like(logits)
-    for idx in itertools.product(range(2), range(T), range(V)):
-        plus, minus = logits.clone(), logits.clone()
-        plus[idx] += h
-        minus[idx] -= h
-        numeric[idx] = (f(plus) - f(minus)) / (2 * h)
-    assert torch.allclose(x.grad, numeric, atol=1e-5)
+    numeric = assert_gradient_matches_finite_differences(f, logits)
     assert float(numeric.abs().sum()) > 0

@@ -17,6 +17,8 @@ from dgrpo.models.sampler import (RevealRule, draw_extra_count, extra_count_logp
                                   sampling_logprobs, selection_logprob)
 from dgrpo.protocols import RolloutBatch
 
+from test_exact_confidence import FixedLogits, assert_gradient_matches_finite_differences, toy_step
+
 
 def step_logprob(logp, token, reveal, masked, rule, floor):
     token_logp = torch.where(reveal, logp.gather(-1, token[..., None]).squeeze(-1), 0.0).sum(1)
@@ -62,13 +64,7 @@ def test_sampler_frequencies_match_the_step_probabilities():
     T, V, n, eps, theta = 3, 2, 40000, 0.3, 0.45
     logits = torch.randn(T, V, generator=g) * 1.5
 
-    class Fixed(torch.nn.Module):
-        mask_id = V
-
-        def forward(self, idx):
-            return logits[None].expand(idx.shape[0], -1, -1)
-
-    out = sample(Fixed(), torch.full((n, T), V), steps=T, order="confidence", random_reveal=eps, temperature=1.0,
+    out = sample(FixedLogits(logits), torch.full((n, T), V), steps=T, order="confidence", random_reveal=eps, temperature=1.0,
                  reveal_threshold=theta, generator=torch.Generator().manual_seed(0))
     first = out.reveal_step == 0
     code = (first.long() * (1 + out.tokens)).mul(torch.tensor([1, 3, 9])).sum(1)  # 0: hidden, 1 + token: revealed
@@ -93,14 +89,8 @@ def test_sampler_frequencies_match_the_step_probabilities():
 @pytest.mark.parametrize("random_reveal", [0.0, 0.05])
 def test_selection_gradient_matches_finite_differences(random_reveal):
     """One row revealing its floor below theta, one revealing more than its floor, every token above theta."""
-    g = torch.Generator().manual_seed(0)
-    T, V = 6, 4
-    logits = torch.randn(2, T, V, generator=g, dtype=torch.float64)
-    masked = torch.tensor([[True] * 6, [True, False, True, True, False, True]])
     reveal = torch.tensor([[True, False, False, True, False, False], [False, False, True, True, False, False]])
-    token = torch.randint(0, V, (2, T), generator=g)
-    logits[0][reveal[0].nonzero(as_tuple=True) + (token[0][reveal[0]],)] += 1.0
-    logits[1][reveal[1].nonzero(as_tuple=True) + (token[1][reveal[1]],)] += 6.0  # well above theta
+    logits, masked, token = toy_step(reveal, (1.0, 6.0))  # the second row's tokens well above theta
     rule = RevealRule("confidence", random_reveal, reveal_threshold=0.7, steps=4)
     floor = torch.tensor([2, 1])
 
@@ -110,16 +100,7 @@ def test_selection_gradient_matches_finite_differences(random_reveal):
     lp = logits.log_softmax(-1)
     tau = torch.where(reveal, lp.gather(-1, token[..., None]).squeeze(-1), 0.0).min(1).values
     assert float(tau[0]) < math.log(0.7) <= float(tau[1])  # the two cases
-    x = logits.clone().requires_grad_(True)
-    f(x).backward()
-    h = 1e-6
-    numeric = torch.zeros_like(logits)
-    for idx in itertools.product(range(2), range(T), range(V)):
-        plus, minus = logits.clone(), logits.clone()
-        plus[idx] += h
-        minus[idx] -= h
-        numeric[idx] = (f(plus) - f(minus)) / (2 * h)
-    assert torch.allclose(x.grad, numeric, atol=1e-5), (x.grad - numeric).abs().max()
+    assert_gradient_matches_finite_differences(f, logits)
     assert float(f(logits)) > -50  # neither row impossible
 
 
