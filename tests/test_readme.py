@@ -148,17 +148,19 @@ import ray
 from click.testing import CliRunner
 from dgrpo.entrypoints.cli import main
 
-commands = json.loads(open(sys.argv[1]).read())
-ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-results = []
-for args in commands:
-    result = CliRunner().invoke(main, args[1:], prog_name="dgrpo")
-    error = result.exception if not isinstance(result.exception, SystemExit) else None
-    results.append({"args": args, "exit_code": result.exit_code, "output": result.output,
-                    "exception": repr(error) if error else None})
-    if result.exit_code != 0:
-        break
+commands = json.loads(open(sys.argv[1]).read())  # document -> its commands, in order
+# OMP_NUM_THREADS=1 comes with the environment (a runtime_env would start every worker through Ray's shim process)
+ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+results = {}
+for doc, runs in commands.items():
+    results[doc] = []
+    for args in runs:  # a document's commands stop at its first failure
+        result = CliRunner().invoke(main, args[1:], prog_name="dgrpo")
+        error = result.exception if not isinstance(result.exception, SystemExit) else None
+        results[doc].append({"args": args, "exit_code": result.exit_code, "output": result.output,
+                             "exception": repr(error) if error else None})
+        if result.exit_code != 0:
+            break
 open(sys.argv[2], "w").write(json.dumps(results))
 ray.shutdown()
 """
@@ -171,18 +173,17 @@ def documented_runs(tmp_path_factory) -> tuple[Path, dict[str, list[dict]]]:
     (cwd / "tinyshakespeare.txt").write_text(_make_corpus_text())
     for folder in ("examples", "deploy"):
         shutil.copytree(REPO / folder, cwd / folder)
-    results = {}
+    runs = {doc: [tiny(argv(c, cwd)) for d, block, why in doc_blocks() if d == doc and why is None
+                  for c in commands(block)] for doc in DOCS}
+    (cwd / "commands.json").write_text(json.dumps(runs))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", RUNNER, "commands.json", "results.json"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((cwd / "results.json").read_text())
     for doc in DOCS:
-        runs = [tiny(argv(c, cwd)) for d, block, why in doc_blocks() if d == doc and why is None
-                for c in commands(block)]
-        (cwd / "commands.json").write_text(json.dumps(runs))
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env.update(OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO))
-        proc = subprocess.run([sys.executable, "-c", RUNNER, "commands.json", "results.json"], cwd=cwd, env=env,
-                              capture_output=True, text=True, timeout=1200)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[doc] = json.loads((cwd / "results.json").read_text())
-        assert len(results[doc]) == len(runs), results[doc][-1]
+        assert len(results[doc]) == len(runs[doc]), results[doc][-1]
     return cwd, results
 
 
