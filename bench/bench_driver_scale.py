@@ -17,11 +17,11 @@ part 2, broadcast  ActorGroup.publish of one snapshot of --broadcast-preset to N
 Every actor asks for 0.01 CPU so that 64 of them can be placed on a small machine; they share its cores,
 so the broadcast's loads run side by side only as far as the cores allow. Each actor is a process holding
 torch and a model replica: a worker count whose actors would need more than MEMORY_SHARE of the memory
-available (estimated from the previous count's) is not run, and the report says so (`not_run`). Figures
+available (estimated from the previous count's; --memory-share) is not run, and the report says so (`not_run`). Figures
 are medians over the steps after the first (which starts the actors).
 
     python -m bench.bench_driver_scale [--workers 1,4,16,64] [--steps 6] [--delay-s 2] [--reps 5]
-        [--broadcast-preset small] [--quick] [--out bench/results/driver_scale.json]
+        [--broadcast-preset small] [--memory-share 0.6] [--quick] [--out bench/results/driver_scale.json]
 """
 
 from __future__ import annotations
@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--delay-s", type=float, default=2.0, help="seconds each premade request takes")
     ap.add_argument("--reps", type=int, default=5, help="broadcasts per worker count (after one warm-up)")
     ap.add_argument("--broadcast-preset", default="small", help="model broadcast in part 2 (tiny, small, base)")
+    ap.add_argument("--memory-share", type=float, default=MEMORY_SHARE,
+                    help="most of the available memory the actors of one worker count may take")
     ap.add_argument("--quick", action="store_true", help="1 and 2 workers, 3 steps, 0.2 s delay, tiny: seconds")
     ap.add_argument("--out", default=str(default_out("driver_scale")), help="JSON output file")
     args = ap.parse_args(argv)
@@ -197,10 +199,10 @@ def main(argv: list[str] | None = None) -> dict:
         for n in counts:
             if over:  # n workers, a learner and a judge: as much memory each as the last count's actors took
                 need = over[-1]["actors_pss_mb"] / (over[-1]["workers"] + 2) * (n + 2)
-                if need > MEMORY_SHARE * available_mb():
+                if need > args.memory_share * available_mb():
                     skipped.append({"workers": n, "needs_mb": need, "available_mb": available_mb()})
                     print(f"{n} workers: not run; their actors need about {need:.0f} MB, more than "
-                          f"{MEMORY_SHARE:.0%} of the {available_mb():.0f} MB available")
+                          f"{args.memory_share:.0%} of the {available_mb():.0f} MB available")
                     continue
             over.append(overhead(ray, n, steps, delay, corpus, Path(tmp)))
             print_table([over[-1]], [("workers", "workers"), ("step_s", "step s", ".3f"),

@@ -11,8 +11,9 @@ steps left out as warm-up) it reports:
   generation = sum of worker generate seconds / (workers x wall),
   scoring = sum of judge score seconds / (judges x wall),
   learning = learner busy share (learn_s / wall),
-  sync = the driver's publish + broadcast time / wall (in async mode it waits
-  only for the publish; workers load the new weights between requests),
+  sync = the driver's publish time / wall (each worker loads the new weights
+  with its next request, inside its generation time; with
+  run.weight_sync=collective, the broadcast too),
   learner idle = 1 - learning, rollout idle = 1 - generation;
   `other` (sync mode only) = 1 - (generation + scoring + learning + sync):
   the driver's own latency between phases on the critical path (in async
@@ -25,7 +26,8 @@ workers (grpo.reference_on), round-robin, and compares samples/min between them.
 resident memory (VmHWM) of its learner and rollout worker processes is read from /proc (Linux; Ray names
 their processes ray::LearnerActor, ray::RolloutWorker).
 
-    python -m bench.bench_e2e [--preset tiny] [--steps 12] [--repeats 2] [--workers 2] [--reference-on learner]
+    python -m bench.bench_e2e [--preset tiny] [--steps 12] [--repeats 2] [--workers 2] [--worker-cpus 0.5]
+        [--judge-cpus 0.5] [--reference-on learner]
         [--generator CKPT] [--judge CKPT] [--corpus PATH] [--quick] [--out bench/results/e2e.json]
 """
 
@@ -101,7 +103,7 @@ def build_config(args, mode: str, out_dir: Path, corpus: str, reference_on: str 
         "grpo": {"group_size": args.group_size, "prompts_per_step": args.prompts, "minibatch_size":
                  args.minibatch_size, "lr": 1e-4, "replay_steps": args.replay_steps, "reference_on": reference_on},
         "resources": {"rollout": {"num_workers": args.workers, "num_cpus": args.worker_cpus, "precision": "fp32"},
-                      "judge": {"num_workers": 1, "num_cpus": 0.5, "precision": "fp32"},
+                      "judge": {"num_workers": 1, "num_cpus": args.judge_cpus, "precision": "fp32"},
                       "learner": {"num_cpus": 1.0, "precision": "fp32", "max_restarts": 0},
                       "torch_threads": args.threads},
     }
@@ -153,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=2, help="runs per mode, alternating modes")
     ap.add_argument("--workers", type=int, default=2, help="rollout workers")
     ap.add_argument("--worker-cpus", type=float, default=0.5, help="logical CPUs per rollout worker")
+    ap.add_argument("--judge-cpus", type=float, default=0.5, help="logical CPUs of the judge")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per actor")
     ap.add_argument("--sampler-steps", type=int, default=16)
     ap.add_argument("--group-size", type=int, default=8)

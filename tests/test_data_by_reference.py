@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from dgrpo.actors.references import fetch
+from dgrpo.actors.references import Receipt, fetch
 from dgrpo.orchestration.metrics import read_jsonl
 from raynodes import REPO, LocalCluster
 from test_multinode import HEALTH_CHECKS, run_config
@@ -56,15 +56,15 @@ def kill_node(node_id, why):
 
 
 class KillsNodes(Driver):
-    def collect(self, call, receipt):
-        super().collect(call, receipt)
-        if self.step == 1 and not killed and not receipt.lost:
+    def collect(self, call, receipts):
+        super().collect(call, receipts)
+        if self.step == 1 and not killed and not any(r.lost for r in receipts):
             kill_node(call.slot.node_id, "a judge node holding a scored batch of step 2")
 
     def score(self, call, receipt):
         if self.step == 3 and len(killed) == 1:
             kill_node(call.slot.node_id, "a rollout node holding a batch of step 4")
-        super().score(call, receipt)
+        return super().score(call, receipt)
 
 
 cfg = TrainConfig.model_validate(config)
@@ -156,11 +156,18 @@ class Loader:
     def set_weights(self, weights):
         return {"version": 1, "load_s": 0.0}
 
+    def work_by_ref(self, request_id, weights=None):
+        """A request that takes the weights along (ActorGroup.carry_method): loads them first."""
+        if weights is not None:
+            ray.get(weights[0])
+        return b"batch", Receipt(request_id, 1, 1, 1, 0.0)
 
-def test_weights_lost_with_their_owner_stop_the_run_as_the_owners_loss(ray_cluster):
+
+@pytest.mark.parametrize("carried", [False, True], ids=["own_load", "with_a_request"])
+def test_weights_lost_with_their_owner_stop_the_run_as_the_owners_loss(ray_cluster, carried):
     """Weights die with the learner that put them (their owner): a worker's load then fails, and the run stops
     with the learner's loss (resume), not with a worker's bad call (a race seen when a learner node is lost
-    between the learner's publish and the workers' loads)."""
+    between the learner's publish and the workers' loads); so does a request that takes them along."""
     from dgrpo.errors import RunError
     from dgrpo.orchestration.groups import ActorManager
 
@@ -168,7 +175,8 @@ def test_weights_lost_with_their_owner_stop_the_run_as_the_owners_loss(ray_clust
     try:
         owner = manager.group("learner", 1, lambda _: ray.remote(Owner).options(num_cpus=0).remote(),
                               restartable=False)
-        loaders = manager.group("rollout", 1, lambda _: ray.remote(Loader).options(num_cpus=0).remote())
+        loaders = manager.group("rollout", 1, lambda _: ray.remote(Loader).options(num_cpus=0).remote(),
+                                carry_method="work_by_ref")
         manager.wait_placed()
         [weights] = owner.call("put")
         ray.kill(owner.slots[0].handle, no_restart=True)
@@ -187,9 +195,15 @@ def test_weights_lost_with_their_owner_stop_the_run_as_the_owners_loss(ray_clust
             except ray.exceptions.ObjectLostError:
                 break
             time.sleep(0.5)
-        loaders.publish(weights, source=(owner, owner.slots[0]))
-        with pytest.raises(RunError, match=r"the learner actor died during rollout.set_weights .*--resume"):
-            while loaders.loading():
-                manager.results(methods=(), timeout=0.5)
+        if not carried:
+            loaders.publish(weights, source=(owner, owner.slots[0]))
+        else:
+            loaders.slots[0].version = 0  # it holds an earlier version: the next request takes the new one along
+            loaders.publish(weights, source=(owner, owner.slots[0]), version=1)
+            loaders.submit(loaders.slots[0], "work_by_ref", 7, stored=1)
+        method = "work_by_ref" if carried else "set_weights"
+        with pytest.raises(RunError, match=rf"the learner actor died during rollout.{method} .*--resume"):
+            while manager.busy():
+                manager.results(timeout=0.5)
     finally:
         manager.close()

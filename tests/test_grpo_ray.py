@@ -85,6 +85,7 @@ def test_grpo_raises_reward_with_two_workers(ray_cluster, tiny_corpus_file, tmp_
                                   "learner": {"precision": learner_precision}})
     summary = run_training(cfg)
     assert summary["steps"] == 20
+    assert summary["worker_restarts"] == 0  # a request sent with the wrong weights would read as a restart
     before, after = summary["eval_reward_before"], summary["eval_reward_after"]
     assert after - before > 3 * summary["eval_reward_after_stderr"], summary
     rows = read_metrics(tmp_path / "run")

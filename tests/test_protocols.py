@@ -153,6 +153,17 @@ def test_round_trip_each_message_type():
     assert decode(encode(messages[-1])) == messages[-1]  # MetricsRecord keeps dataclass equality
 
 
+def test_a_pickled_request_travels_in_the_wire_codec():
+    """Ray pickles a request for every worker every step: it goes as the codec's bytes."""
+    import copyreg
+    import pickle
+    request = RolloutRequest(request_id=7, prompts=torch.randint(0, 50, (3, 8)), group_size=4, seed=11,
+                             min_version=2, measure_kl=True, reference_terms=True, replay_steps=3)
+    function, (data, expected) = copyreg.dispatch_table[RolloutRequest](request)
+    assert function is decode and expected is RolloutRequest and data == encode(request)
+    assert_same(request, pickle.loads(pickle.dumps(request)))
+
+
 def test_schema_1_messages_still_decode():
     """Logs written before ScoredBatch.member_rewards (schema 1) read back, without member rewards; a v1 message
     holding the v2 field, or a v2 message without it, is corrupt."""

@@ -55,14 +55,14 @@ class JudgeWorker:
         self.judge_version = snapshot.version
         return {"judge_id": self.judge_id, "version": self.judge_version, "load_s": time.perf_counter() - t0}
 
-    def score_by_ref(self, refs: list) -> tuple[ScoredBatch | None, Receipt]:
-        """score the batch of refs[0], for the driver's calls with num_returns=2: the scored batch stays in the
-        object store. (None, LOST) when that batch was lost with its node."""
+    def score_by_ref(self, refs: list) -> tuple:
+        """score the batches of `refs`, for the driver's calls with num_returns=len(refs)+1: the scored batches
+        stay in the object store, and the answer is their receipts, in order. A batch lost with its node
+        scores as None with the receipt LOST."""
         batches, lost = fetch(refs)
-        if lost:
-            return None, LOST
-        scored = self.score(batches[0])
-        return scored, Receipt.of(scored)
+        batches = iter(batches)
+        scored = [None if i in lost else self.score(next(batches)) for i in range(len(refs))]
+        return (*scored, [LOST if s is None else Receipt.of(s) for s in scored])
 
     def score(self, batch: RolloutBatch) -> ScoredBatch:
         if self.reward_error is not None:

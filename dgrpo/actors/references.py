@@ -2,7 +2,7 @@
 actor takes batches it was given by reference.
 
     driver  --RolloutRequest-->  RolloutWorker.generate_by_ref  -> (RolloutBatch, Receipt)   num_returns=2
-    driver  --[ObjectRef]----->  JudgeWorker.score_by_ref       -> (ScoredBatch, Receipt)    num_returns=2
+    driver  --[ObjectRef...]-->  JudgeWorker.score_by_ref       -> (ScoredBatch..., [Receipt...])  num_returns=k+1
     driver  --[ObjectRef...]-->  LearnerActor.train_by_ref      -> metrics, or the inputs that were lost
 
 The driver reads only the receipts; the batches stay in the object store of the node that made them and
@@ -31,6 +31,7 @@ class Receipt:
     score_s: float = 0.0
     judge_version: int = -1  # of the judge that scored it; -1: not scored
     lost: bool = False  # the call's input batch was lost with its node: nothing was made
+    load_s: float = 0.0  # the weight load the request carried (ActorGroup.publish with a version), if any
 
     @classmethod
     def of(cls, batch: RolloutBatch | ScoredBatch) -> "Receipt":

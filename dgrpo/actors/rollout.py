@@ -3,8 +3,8 @@
 A plain class; the driver turns it into a Ray actor with the resources of the
 `resources.rollout` config section. Given a GPU it samples there, otherwise on CPU.
 The driver's calls leave the batches in the object store (`generate_by_ref`, references.py). Weights arrive
-as one object of the object store (`set_weights`) or by the learner's collective broadcast
-(`receive_weights`, collective.py).
+as one object of the object store, with the next request (`generate_by_ref(request, weights=[ref])`) or on
+their own (`set_weights`), or by the learner's collective broadcast (`receive_weights`, collective.py).
 
 With grpo.reference_on=rollout the worker is built with the reference (the run's starting generator) and a
 request with `reference_terms` has it replay the reference right after sampling, on replay rows it draws from
@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import time
 
+import dataclasses
+
+import ray
 import torch
 
 from ..config import SamplerConfig
@@ -82,10 +85,13 @@ class RolloutWorker:
         self.telemetry.gauge("policy_version", self.version)
         return {"worker_id": self.worker_id, "version": self.version, "load_s": result["seconds"]}
 
-    def generate_by_ref(self, request: RolloutRequest) -> tuple[RolloutBatch, Receipt]:
-        """generate, for the driver's calls with num_returns=2: the batch stays in the object store."""
+    def generate_by_ref(self, request: RolloutRequest, weights: list | None = None) -> tuple[RolloutBatch, Receipt]:
+        """generate, for the driver's calls with num_returns=2: the batch stays in the object store.
+        weights: [the ObjectRef of a WeightSnapshot] the driver sends with the request when this worker holds an
+        older version; loaded first (one call where a load and a request would take two)."""
+        load_s = self.set_weights(ray.get(weights[0]))["load_s"] if weights is not None else 0.0
         batch = self.generate(request)
-        return batch, Receipt.of(batch)
+        return batch, dataclasses.replace(Receipt.of(batch), load_s=load_s)
 
     def generate(self, request: RolloutRequest, reference: WeightSnapshot | None = None) -> RolloutBatch:
         """Sample `group_size` completions of each prompt with the weights this worker holds. A request with

@@ -1,8 +1,8 @@
 """The requests the driver issues and the batches they become, up to the step that trains them.
 
     issue(version, training)   every idle rollout worker that holds weights gets a request (lost ones first)
-    to_judge(call)             a rollout batch, by reference, to the least busy judge
-    collect(call, receipt)     a scored batch waits for its step; one whose input was lost is made again
+    to_judge(calls)            rollout batches in together, by reference, to the judges (one call per judge)
+    collect(call, receipts)    scored batches wait for their step; one whose input was lost is made again
     take_step(version)         the next step's batches, stale ones dropped; None while too few are ready
     give_back(batches, lost)   a step that lost inputs trained nothing: the lost are made again, the rest wait first
 
@@ -53,7 +53,9 @@ class BatchFlow:
 
     def requests_in_flight(self) -> set[int]:
         """Ids of the issued requests not yet scored: generating, scoring, or lost and waiting to be issued again."""
-        return {c.payload.request_id for c in self.workers.manager.calls("generate_by_ref", "score_by_ref")} | \
+        manager = self.workers.manager
+        return {c.payload.request_id for c in manager.calls("generate_by_ref")} | \
+            {r.request_id for c in manager.calls("score_by_ref") for r in c.payload} | \
             {r.request_id for r in self.workers.requeued}
 
     def issue(self, version: int, training: bool) -> None:
@@ -64,12 +66,14 @@ class BatchFlow:
         # async: generate the next step's groups while the learner trains on this step's;
         # more look-ahead than max_staleness steps would only produce batches to drop
         limit = per_step if sync else per_step * max(1, cfg.run.max_staleness)
-        for slot in self.workers.idle_slots():
-            if sync and (training or slot.version != version):
+        idle = self.workers.idle_slots()
+        in_flight = self.groups_in_flight() if idle else 0
+        for slot in idle:
+            if sync and (training or self.workers.holds(slot) != version):
                 continue
             request = self.workers.pop_requeued()
             if request is None:
-                room = limit - self.groups_in_flight()
+                room = limit - in_flight
                 if room <= 0:
                     return
                 n = min(per_request, room)
@@ -81,23 +85,27 @@ class BatchFlow:
                 self.request_counter += 1
             request.min_version = version if sync else max(0, version - cfg.run.max_staleness)
             self.workers.submit(slot, "generate_by_ref", request, size=request.prompts.shape[0], stored=1)
+            in_flight += request.prompts.shape[0]
 
-    def to_judge(self, call: Call) -> None:
-        self.judges.submit_least_loaded("score_by_ref", [call.values[0]], size=call.size, work=call.payload,
-                                        stored=1)
+    def to_judge(self, calls: list[Call]) -> None:
+        """The rollout batches of `calls` (answered together), by reference, spread over the placed judges: one
+        scoring call per judge, the least busy first."""
+        parts = max(1, min(len(calls), self.judges.placed()))
+        for part in (calls[i::parts] for i in range(parts)):
+            self.judges.submit_least_loaded("score_by_ref", [c.values[0] for c in part], size=sum(c.size for c in part),
+                                            work=[c.payload for c in part], stored=len(part))
 
-    def collect(self, call: Call, receipt: Receipt) -> None:
-        request = call.payload
-        if receipt.lost:
-            self.regenerate([request], f"the judge's input (rollout batch of request {request.request_id})")
-            return
-        if receipt.request_id in self.consumed:
-            self.counters["duplicate_batches"] += 1
-            return
-        self.consumed.add(receipt.request_id)
-        if self.rollout_log is not None:  # the only place the driver fetches a batch's bytes
-            self.rollout_log.write(ray.get(call.values[0]))
-        self.ready.append(Scored(call.values[0], receipt, request))
+    def collect(self, call: Call, receipts: list[Receipt]) -> None:
+        for request, ref, receipt in zip(call.payload, call.values, receipts):
+            if receipt.lost:
+                self.regenerate([request], f"the judge's input (rollout batch of request {request.request_id})")
+            elif receipt.request_id in self.consumed:
+                self.counters["duplicate_batches"] += 1
+            else:
+                self.consumed.add(receipt.request_id)
+                if self.rollout_log is not None:  # the only place the driver fetches a batch's bytes
+                    self.rollout_log.write(ray.get(ref))
+                self.ready.append(Scored(ref, receipt, request))
 
     def regenerate(self, requests: list[RolloutRequest], what: str) -> None:
         print(f"{what} was lost with its node; request(s) {[r.request_id for r in requests]} are issued again",

@@ -1,6 +1,6 @@
 """The run's checkpoints, from the driver's side: writing one (the learner saves its state and the driver's
 in one atomic checkpoint; checkpoints/best.json follows the best evaluation; old ones are pruned) and
-finding the newest usable one on --resume (torn and corrupt ones are skipped).
+resuming from the newest usable one on --resume (torn and corrupt ones are skipped; the logs cut back to it).
 """
 
 from __future__ import annotations
@@ -55,6 +55,25 @@ def load_newest(out: Path, learner: ActorGroup, judge_refresh: bool) -> tuple[Pa
         # the policy version is the learner's (the manifest's), not in the driver's state
         return path, state, int(ckpt.state["version"]), saved_refresh
     raise RunError(f"--resume: no usable checkpoint under {out / 'checkpoints'}; start without --resume")
+
+
+def resume_run(out: Path, learner: ActorGroup, prompts, counters: dict, heldout: HeldOut,
+               judge_refresh: JudgeRefreshRole | None) -> tuple[int, int, int]:
+    """The run's state from its newest usable checkpoint: the learner's loaded, the prompt stream's, the counters,
+    evaluations and judge refresh restored, the logs cut back to it -> (step, policy version, requests issued)."""
+    path, state, version, saved_refresh = load_newest(out, learner, judge_refresh is not None)
+    step, requests_issued = state["step"], state["request_counter"]
+    prompts.load_state_dict(state["prompts"])
+    counters.update(state["counters"])
+    heldout.restore(state.get("eval_history", []), state.get("best"))
+    kept = truncate_logs(out, step, requests_issued)
+    print(f"resumed from {path}: step {step}, policy version {version}, {kept} metric rows kept")
+    if judge_refresh is not None:
+        judge_refresh.restore(saved_refresh, step)
+    elif "judge_refresh" in state:
+        print(f"note: the checkpoint holds judge version {state['judge_refresh']['version']} of a judge "
+              f"refresh; with judge_refresh.enabled=false the judges score with reward.judge_checkpoint")
+    return step, version, requests_issued
 
 
 def truncate_logs(out: Path, step: int, request_counter: int) -> int:

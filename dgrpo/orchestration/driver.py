@@ -5,10 +5,10 @@ the object store of the node that made them and go from there to the actor that 
 driver reads only receipts (ids, versions, sizes, timings):
 
     driver  --RolloutRequest-->  RolloutWorker.generate_by_ref  (policy version v) -> batch ref + receipt
-    driver  --[batch ref]----->  JudgeWorker.score_by_ref       (rewards) -> scored batch ref + receipt
+    driver  --[batch refs]---->  JudgeWorker.score_by_ref       (rewards) -> scored batch refs + receipts
     driver  --[scored refs]--->  LearnerActor.train_by_ref      (advantages, PPO-clip + KL, AdamW)
     driver  <--ObjectRef-------  LearnerActor.publish           (ray.put of version v+1, once)
-    driver  --ObjectRef------->  RolloutWorker.set_weights      (every worker loads the same object)
+    driver  --ObjectRef------->  with each worker's next RolloutRequest (every worker loads the same object)
         or, with run.weight_sync: collective (weights.py), a broadcast from the learner:
     driver  --epoch, ranks---->  LearnerActor.broadcast_weights + RolloutWorker.receive_weights
 
@@ -47,7 +47,7 @@ from ..config import TrainConfig, to_dict
 from ..errors import RunError, TrainingHalted
 from ..protocols.rollout_log import RolloutLogWriter
 from .batches import BatchFlow
-from .checkpoints import load_newest, save_checkpoint, truncate_logs
+from .checkpoints import resume_run, save_checkpoint
 from .cluster import connect
 from .groups import ActorManager, Call
 from .heldout import HeldOut
@@ -103,9 +103,10 @@ class Driver:
         self.reference, self.learner, self.workers, self.judges = roles.reference, roles.learner, roles.workers, \
             roles.judges
         self.weights, self.scale, self.judge_refresh = roles.weights, roles.scale, roles.judge_refresh
-        self.step = 0
-        self.version = 0
-        requests_issued = self._resume() if resume else 0
+        self.step, self.version, requests_issued = 0, 0, 0
+        if resume:  # the run's state from its newest usable checkpoint; the logs cut back to it
+            self.step, self.version, requests_issued = resume_run(self.out, self.learner, self.prompts, self.counters,
+                                                                  self.heldout, self.judge_refresh)
         self.logger = MetricsLogger(self.out, ray_metrics=run.metrics_export, tensorboard=run.tensorboard,
                                     wandb_project=run.wandb_project, config=to_dict(cfg))
         self.rollout_log = RolloutLogWriter(self.out / "rollouts.msgpack", repair_tail=True) if run.log_rollouts else None
@@ -115,24 +116,6 @@ class Driver:
         self.clock = StepClock(self.step)
         self.step_batches = []  # the step the learner trains now
 
-    # -- resume ----------------------------------------------------------
-    def _resume(self) -> int:
-        """The run's state from its newest usable checkpoint (checkpoints.py); the logs cut back to it.
-        -> the number of requests issued before it."""
-        path, state, self.version, saved_refresh = load_newest(self.out, self.learner, self.judge_refresh is not None)
-        self.step, requests_issued = state["step"], state["request_counter"]
-        self.prompts.load_state_dict(state["prompts"])
-        self.counters.update(state["counters"])
-        self.heldout.restore(state.get("eval_history", []), state.get("best"))
-        kept = truncate_logs(self.out, self.step, requests_issued)
-        print(f"resumed from {path}: step {self.step}, policy version {self.version}, {kept} metric rows kept")
-        if self.judge_refresh is not None:
-            self.judge_refresh.restore(saved_refresh, self.step)
-        elif "judge_refresh" in state:
-            print(f"note: the checkpoint holds judge version {state['judge_refresh']['version']} of a judge "
-                  f"refresh; with judge_refresh.enabled=false the judges score with reward.judge_checkpoint")
-        return requests_issued
-
     # -- the loop ----------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
@@ -141,7 +124,7 @@ class Driver:
         self.scale.poll(force=True)
         self.actors.wait_placed()
         self.broadcast()
-        if not self.eval_history:
+        if not self.heldout.history:
             first = self.evaluate()
             if self.heldout.select(first):
                 self.save_checkpoint()
@@ -149,7 +132,7 @@ class Driver:
                              **self.heldout.best_fields()})
         self.logger.phase("generating")
         self.clock.loop_started()
-        self.progress.start(self.step, self.eval_history[-1] if self.eval_history else None)
+        self.progress.start(self.step, self.heldout.history[-1] if self.heldout.history else None)
         self.finished = self.step >= cfg.run.steps
         while not self.finished:
             self.scale.poll()
@@ -157,10 +140,11 @@ class Driver:
             self.maybe_train()
             if not self.actors.busy():
                 raise RunError("driver has nothing in flight; no rollout worker holds weights")
+            rollouts = []
             for call, result in self.actors.results():
-                if call.method == "generate_by_ref":  # a rollout batch: to the least busy judge
-                    self.score(call, result)
-                elif call.method == "score_by_ref":  # a scored batch (or a lost input): waits for its step
+                if call.method == "generate_by_ref":  # a rollout batch: to a judge, with the others in by now
+                    rollouts.append(self.score(call, result))
+                elif call.method == "score_by_ref":  # scored batches (or lost inputs): each waits for its step
                     self.collect(call, result)
                 elif call.method == "train_by_ref":  # a step: publish, broadcast, log, evaluate, checkpoint
                     self.after_train(result)
@@ -169,6 +153,8 @@ class Driver:
                 elif call.method == "refresh":  # a judge version: to every judge actor
                     self.judge_refresh.apply(result, self.step)
                 # add_batches answers need nothing
+            if rollouts:
+                self.flow.to_judge(rollouts)
         summary = self.summary()
         self.progress.best(summary["best"])
         return summary
@@ -189,14 +175,15 @@ class Driver:
     def requests_in_flight(self) -> set[int]:
         return self.flow.requests_in_flight()
 
-    def score(self, call: Call, receipt: Receipt) -> None:
-        """A rollout batch is in (call.values[0]): to the least busy judge, by reference."""
+    def score(self, call: Call, receipt: Receipt) -> Call:
+        """A rollout batch is in (call.values[0]): it goes to a judge, by reference, with the others that came in
+        at the same pass of the loop."""
         self.clock.generate_s += receipt.generate_s
-        self.flow.to_judge(call)
+        return call
 
-    def collect(self, call: Call, receipt: Receipt) -> None:
-        """A scored batch is in (call.values[0]): it waits for its step (batches.py)."""
-        self.flow.collect(call, receipt)
+    def collect(self, call: Call, receipts: list[Receipt]) -> None:
+        """Scored batches are in (call.values): each waits for its step (batches.py)."""
+        self.flow.collect(call, receipts)
 
     def maybe_train(self) -> None:
         """Once a step's groups are ready (stale ones dropped), they go to the learner."""
@@ -261,14 +248,6 @@ class Driver:
         self.logger.phase("evaluating")
         return self.heldout.evaluate(self.workers, self.judges, self.reference, self.step, self.version)
 
-    @property
-    def eval_history(self) -> list[dict]:
-        return self.heldout.history
-
-    @property
-    def best(self) -> dict | None:
-        return self.heldout.best
-
     # -- checkpoints -------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         self.logger.phase("checkpointing")
@@ -278,9 +257,10 @@ class Driver:
 
     # -- the end ---------------------------------------------------------------
     def summary(self) -> dict:
-        first, last = (self.eval_history[0], self.eval_history[-1]) if self.eval_history else ({}, {})
+        first, last = (self.heldout.history[0], self.heldout.history[-1]) if self.heldout.history else ({}, {})
         refresh = {"judge_version": self.judge_refresh.version} if self.judge_refresh is not None else {}
-        best = self.best and {**self.best, "checkpoint": str(self.out / "checkpoints" / self.best["checkpoint"])}
+        best = self.heldout.best
+        best = best and {**best, "checkpoint": str(self.out / "checkpoints" / best["checkpoint"])}
         return {"steps": self.step, "policy_version": self.version, "wall_time_s": self.clock.elapsed_s(),
                 "eval_reward_before": first.get("eval_reward_mean"), "eval_reward_after": last.get("eval_reward_mean"),
                 "eval_reward_after_stderr": last.get("eval_reward_stderr"),

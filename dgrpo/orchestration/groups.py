@@ -113,6 +113,7 @@ class Call:
     epoch: int = 0
     submitted: float = field(default_factory=time.perf_counter)
     probe: bool = False  # a placement probe: no deadline
+    carried: int | None = None  # the weights version the call took along (ActorGroup.carry_method)
 
     @property
     def payload(self):
@@ -284,6 +285,9 @@ class ActorGroup:
     restarted      errors a call raises when it reached a restarted incarnation (a death, not a bug)
     load_method    the actor method that loads published weights (it answers {"version", "load_s"}); methods
                    that load weights otherwise (a collective broadcast) join load_methods through load_via
+    carry_method   a method that takes the published weights along (`weights=[ref]`, loaded before the call;
+                   its answer has `load_s`): weights published with a version go to a live slot with its next
+                   such call instead of a load of their own (publish)
     call_names     method -> what one call is called in messages ("a step")
     min_size       fewest placed actors the run goes on with (for longer than run.placement_timeout_s)
     max_size       most actors the target may ask for
@@ -292,11 +296,11 @@ class ActorGroup:
 
     def __init__(self, manager: ActorManager, role: str, factory: Callable[[int], object], restartable: bool = True,
                  on_lost: dict[str, str] | None = None, restarted: tuple[type[BaseException], ...] = (),
-                 load_method: str = "set_weights", call_names: dict[str, str] | None = None, min_size: int = 1,
-                 max_size: int = 1, needs: str = ""):
+                 load_method: str = "set_weights", carry_method: str | None = None,
+                 call_names: dict[str, str] | None = None, min_size: int = 1, max_size: int = 1, needs: str = ""):
         self.manager, self.role, self.factory = manager, role, factory
         self.restartable, self.on_lost, self.restarted = restartable, on_lost or {}, restarted
-        self.load_method, self.call_names = load_method, call_names or {}
+        self.load_method, self.carry_method, self.call_names = load_method, carry_method, call_names or {}
         self.load_methods = {load_method}
         self.min_size, self.max_size, self.needs = min_size, max_size, needs
         self.target = 0
@@ -304,6 +308,7 @@ class ActorGroup:
         self.slots: list[Slot] = []
         self.next_index = 0
         self.weights = None  # the published weights (an ObjectRef, or a function making one when first needed)
+        self.weights_version: int | None = None  # their version, when they travel with carry_method's calls
         self.recovery_only = False  # the weights are only for recovered slots (keep_for_recovery)
         self.weights_source = None  # (group, slot) whose actor owns the published object, if not the driver
         self.requeued: deque = deque()  # lost work the driver issues again (same id, same seed)
@@ -410,11 +415,15 @@ class ActorGroup:
               stored: int = 0) -> Call:
         call = Call(self, slot, method, args, size=size, work=work, stored=stored, epoch=slot.epoch, probe=probe)
         remote = getattr(slot.handle, method)
+        kwargs = {}
+        if method == self.carry_method and self.behind(slot):  # the call loads the published weights first
+            kwargs["weights"] = [self.current_weights()]  # in a list: the actor gets it itself (ObjectLostError)
+            call.carried = slot.version = self.weights_version  # the actor answers its calls in order
         if stored:
-            *values, answer = remote.options(num_returns=stored + 1).remote(*args)
+            *values, answer = remote.options(num_returns=stored + 1).remote(*args, **kwargs)
             call.values = tuple(values)
         else:
-            answer = remote.remote(*args)
+            answer = remote.remote(*args, **kwargs)
         self.manager.in_flight[answer] = call
         slot.in_flight += 1
         return call
@@ -467,6 +476,8 @@ class ActorGroup:
 
     def _call_once(self, method: str, args: tuple, what: str, passthrough: tuple[type[BaseException], ...]):
         slot = self.wait_usable(what)
+        if self.behind(slot):  # weights published to travel with requests: this call needs them too
+            self._send(slot, self.load_method, (self.current_weights(),))
         epoch = slot.epoch
         timeout = self.manager.timeout_s
         try:
@@ -517,7 +528,7 @@ class ActorGroup:
             if isinstance(e, self.restarted):
                 self._lost(call, e)  # the call reached a restarted incarnation that holds nothing yet
                 return False, None
-            if call.method in self.load_methods and self.weights_source is not None \
+            if (call.method in self.load_methods or call.carried is not None) and self.weights_source is not None \
                     and isinstance(getattr(e, "cause", None), ray.exceptions.ObjectLostError):
                 # the weights died with their owner (the learner's ray.put): the publisher is lost, not this actor
                 source, source_slot = self.weights_source
@@ -535,6 +546,8 @@ class ActorGroup:
         if call.method in self.load_methods:
             self._loaded(slot, current, result)
             return False, None
+        if call.carried is not None:
+            self.load_seconds.append(result.load_s)
         if slot.retiring and slot.in_flight == 0 and not slot.removed:
             self._remove(slot)
         return True, result
@@ -559,19 +572,31 @@ class ActorGroup:
             self.weights = self.weights()
         return self.weights
 
-    def publish(self, weights, source: tuple | None = None) -> None:
+    def publish(self, weights, source: tuple | None = None, version: int | None = None) -> None:
         """Every placed slot loads `weights` (one object in the object store); so does each slot placed or
-        recovered later, before its first call. source: (group, slot) of the actor that put the object (its
-        owner: a load failing because the object died with it stops the run as that actor's loss)."""
+        recovered later, before its first call. With `version` and a carry_method, a slot that holds weights
+        already takes them with its next carry_method call instead (one call a request, not two); a blocking
+        call() loads them first. source: (group, slot) of the actor that put the object (its owner: a load
+        failing because the object died with it stops the run as that actor's loss)."""
         self.weights, self.recovery_only, self.weights_source = weights, False, source
+        self.weights_version = version if self.carry_method is not None else None
         for slot in self.placed_slots():
-            self._send(slot, self.load_method, (weights,))
+            if self.weights_version is None or slot.version < 0:
+                self._send(slot, self.load_method, (weights,))
+
+    def behind(self, slot: Slot) -> bool:
+        """Whether weights published to travel with calls are newer than those the slot holds."""
+        return self.weights_version is not None and not self.recovery_only and slot.version < self.weights_version
+
+    def holds(self, slot: Slot) -> int:
+        """The weights version the slot's next carry_method call runs with (-1: none)."""
+        return self.weights_version if slot.version >= 0 and self.behind(slot) else slot.version
 
     def load_via(self, method: str, args: dict, weights) -> None:
         """Each slot of `args` (slot -> its call's arguments) loads new weights by its own `method` call (a
         collective broadcast it takes part in); every other slot, placed or recovered later, or whose call
         fails, loads `weights` (an ObjectRef, or a function making one when first needed)."""
-        self.weights, self.recovery_only, self.weights_source = weights, False, None
+        self.weights, self.recovery_only, self.weights_source, self.weights_version = weights, False, None, None
         self.load_methods.add(method)
         for slot, slot_args in args.items():
             self._send(slot, method, slot_args)
@@ -579,7 +604,7 @@ class ActorGroup:
     def keep_for_recovery(self, weights) -> None:
         """What a recovered slot loads before its next call, not sent to the live slots (a trainer's
         own state, which it holds already)."""
-        self.weights, self.recovery_only = weights, True
+        self.weights, self.recovery_only, self.weights_version = weights, True, None
 
     def loading(self) -> bool:
         return any(c.group is self and c.method in self.load_methods for c in self.manager.in_flight.values())

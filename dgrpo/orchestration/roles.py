@@ -57,6 +57,7 @@ def start_roles(cfg: TrainConfig, actors: ActorManager, model, tokenizer, out: P
                              res.torch_threads, metrics_on, reference=reference,
                              replay_rows_per_chunk=cfg.grpo.replay_rows_per_chunk),
         *res.rollout.bounds, on_lost={"generate_by_ref": "requeue"}, restarted=(StaleWorkerError,),
+        carry_method="generate_by_ref",
         needs=describe_needs(res.rollout))
     judges = actors.group(
         "judge", res.judge.num_workers,

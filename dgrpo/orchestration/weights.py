@@ -41,7 +41,7 @@ class WeightSync:
         while wait and (self.workers.loading() or self.sending()):
             for _call, answer in self.learner.manager.results(methods=("broadcast_weights",)):
                 self.answered(answer)
-        loads = self.workers.take_load_seconds() if wait else previous_loads
+        loads = previous_loads + self.workers.take_load_seconds() if wait else previous_loads
         return {"time/sync_s": time.perf_counter() - t0, "sync_load_s_mean": sum(loads) / max(len(loads), 1),
                 "weights_mb": self.info["nbytes"] / 2**20, "time/publish_s": self.info["publish_s"]}
 
@@ -62,7 +62,7 @@ class ObjectStoreSync(WeightSync):
 
     def publish(self, version: int) -> None:
         ref, self.info = self.learner.call("publish")
-        self.workers.publish(ref, source=(self.learner, self.learner.slots[0]))
+        self.workers.publish(ref, source=(self.learner, self.learner.slots[0]), version=version)
 
 
 class CollectiveSync(WeightSync):
