@@ -13,6 +13,11 @@ part 1, overhead   the real Driver in sync mode, N workers, one request of one p
                    included), and time/sync_s (publish + every worker's load acknowledged).
 part 2, broadcast  ActorGroup.publish of one snapshot of --broadcast-preset to N PremadeRollout actors
                    until every one has acknowledged its load (the driver's own code path); median of --reps.
+part 3, Ray's floor  the same calls without the driver: N stand-in workers each get a RolloutRequest and
+                   answer at once (num_returns=2, a 4 KB batch and a receipt), then one stand-in judge scores
+                   all N batches in one call (num_returns=N+1); this process's CPU per worker and step is
+                   what Ray itself costs the caller for the calls a driver step makes (median of --reps
+                   rounds of 10 steps).
 
 Every actor asks for 0.01 CPU so that 64 of them can be placed on a small machine; they share its cores,
 so the broadcast's loads run side by side only as far as the cores allow. Each actor is a process holding
@@ -33,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import ray
 import torch
 
 from bench.common import (SHARED_CORPUS, default_out, ints, local_ray, machine_info, median, print_table,
@@ -149,6 +155,44 @@ def broadcast(ray, workers: int, preset: str, reps: int) -> dict:
         manager.close()
 
 
+class StandInWorker:
+    def info(self):
+        return {}
+
+    def generate_by_ref(self, request, weights=None):
+        return bytes(4096), {"request_id": request.request_id}
+
+
+class StandInJudge:
+    def score_by_ref(self, refs):
+        batches = ray.get(refs)
+        return (*[b[:64] for b in batches], [{"ok": True}] * len(batches))
+
+
+def ray_floor(ray, workers: int, reps: int, steps: int = 10) -> dict:
+    """Part 3: the calls of a driver step (a request per worker, one batched scoring call) without the driver;
+    the caller's CPU per worker and step, median of `reps` rounds."""
+    from dgrpo.protocols import RolloutRequest
+    gens = [ray.remote(StandInWorker).options(num_cpus=0.01).remote() for _ in range(workers)]
+    judge = ray.remote(StandInJudge).options(num_cpus=0.01).remote()
+    try:
+        ray.get([g.info.remote() for g in gens])
+        request = RolloutRequest(request_id=0, prompts=torch.zeros(1, LENGTH, dtype=torch.long), group_size=8, seed=0)
+        rounds = []
+        for _ in range(reps + 1):  # the first is a warm-up
+            cpu0 = sum(os.times()[:2])
+            for _step in range(steps):
+                outs = [g.generate_by_ref.options(num_returns=2).remote(request) for g in gens]
+                ray.get([answer for _batch, answer in outs])
+                scored = judge.score_by_ref.options(num_returns=workers + 1).remote([batch for batch, _ in outs])
+                ray.get(scored[-1])
+            rounds.append((sum(os.times()[:2]) - cpu0) / (steps * workers))
+        return {"workers": workers, "cpu_ms_per_worker_step": 1000 * median(rounds[1:])}
+    finally:
+        for actor in [*gens, judge]:
+            ray.kill(actor)
+
+
 def actors_pss_mb() -> float:
     """Proportional set size (shared pages split among their users) of the Ray actor processes this process
     started, MB: what they take of the machine's memory."""
@@ -193,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         counts, steps, delay, reps, preset = [1, 2], 3, 0.2, 2, "tiny"
     info = {**machine_info(1), "cpu_flags": cpu_flags()}
-    over, casts, skipped = [], [], []
+    over, casts, floors, skipped = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="dgscale_") as tmp, local_ray(num_cpus=max(os.cpu_count() or 1, 2)) as ray:
         corpus = corpus_file(Path(tmp))
         for n in counts:
@@ -209,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      ("driver_cpu_s", "driver CPU s", ".4f"), ("driver_cpu_pct", "% of step", ".2f"),
                                      ("sync_s", "sync s", ".3f"), ("actors_pss_mb", "actors MB (PSS)", ".0f")])
             casts.append(broadcast(ray, n, preset, reps))
+            floors.append(ray_floor(ray, n, reps))
     print_table(over, [("workers", "workers"), ("step_s", "step s", ".3f"), ("driver_cpu_s", "driver CPU s/step", ".4f"),
                        ("driver_cpu_pct", "driver CPU % of step", ".2f"), ("sync_s", "sync s (tiny)", ".3f"),
                        ("learn_s", "learn s", ".3f"), ("actors_pss_mb", "actors MB (PSS)", ".0f")],
@@ -216,8 +261,10 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(casts, [("workers", "workers"), ("mb", "MB", ".2f"), ("broadcast_s", "broadcast s", ".4f"),
                         ("broadcast_s_min", "min s", ".4f"), ("worker_load_s_max", "slowest load s", ".4f")],
                 title=f"broadcast of one {preset} snapshot (ActorGroup.publish until every ack)")
+    print_table(floors, [("workers", "workers"), ("cpu_ms_per_worker_step", "caller CPU ms per worker-step", ".3f")],
+                title="Ray's own cost of a step's calls (a request per worker, one batched scoring call)")
     report = {"bench": "driver_scale", "machine": info, "delay_s": delay, "steps": steps, "reps": reps,
-              "overhead": over, "broadcast": casts, "not_run": skipped}
+              "overhead": over, "broadcast": casts, "ray_floor": floors, "not_run": skipped}
     write_json(report, args.out)
     return report
 

@@ -102,6 +102,8 @@ def test_bench_driver_scale(ray_cluster, tmp_path, capsys):
     assert [r["workers"] for r in data["broadcast"]] == [1, 2]
     assert all(_positive(r["broadcast_s"]) and r["broadcast_s"] >= r["worker_load_s_max"] for r in data["broadcast"])
     assert "driver CPU % of step" in printed
+    assert [r["workers"] for r in data["ray_floor"]] == [1, 2]
+    assert all(_positive(r["cpu_ms_per_worker_step"]) for r in data["ray_floor"])
 
 
 def test_bench_scaling(ray_cluster, tmp_path, capsys):
