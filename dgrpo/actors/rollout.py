@@ -14,9 +14,8 @@ replays only the policy on exactly those rows. The terms are computed in this wo
 
 from __future__ import annotations
 
-import time
-
 import dataclasses
+import time
 
 import ray
 import torch
