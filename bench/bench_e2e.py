@@ -27,7 +27,7 @@ resident memory (VmHWM) of its learner and rollout worker processes is read from
 their processes ray::LearnerActor, ray::RolloutWorker).
 
     python -m bench.bench_e2e [--preset tiny] [--steps 12] [--repeats 2] [--workers 2] [--worker-cpus 0.5]
-        [--judge-cpus 0.5] [--reference-on learner]
+        [--judge-cpus 0.5] [--reference-on learner] [--set grpo.old_logprob=recompute ...]
         [--generator CKPT] [--judge CKPT] [--corpus PATH] [--quick] [--out bench/results/e2e.json]
 """
 
@@ -43,7 +43,7 @@ from pathlib import Path
 
 from bench.common import (corpus_path, default_out, local_ray, machine_info, names, pct, print_table,
                           ray_cluster_kind, write_json)
-from dgrpo.config import TrainConfig
+from dgrpo.config import TrainConfig, load_config
 from dgrpo.orchestration.cluster import required_resources
 from dgrpo.orchestration.driver import run_training
 
@@ -107,7 +107,7 @@ def build_config(args, mode: str, out_dir: Path, corpus: str, reference_on: str 
                       "learner": {"num_cpus": 1.0, "precision": "fp32", "max_restarts": 0},
                       "torch_threads": args.threads},
     }
-    return TrainConfig.model_validate(cfg)
+    return load_config(TrainConfig, overrides=args.set, base=cfg)
 
 
 def summarise(rows: list[dict], skip: int, n_workers: int, n_judges: int) -> dict:
@@ -142,7 +142,7 @@ def summarise(rows: list[dict], skip: int, n_workers: int, n_judges: int) -> dic
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"], help="fresh generator preset")
     ap.add_argument("--generator", default=None, help="generator checkpoint (instead of a fresh preset)")
@@ -167,8 +167,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-prompts", type=int, default=8)
     ap.add_argument("--run-dir", default=None, help="keep the runs here (default: a temporary folder, removed)")
     ap.add_argument("--quick", action="store_true", help="3 tiny steps per mode, small batches: seconds")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every run, e.g. grpo.old_logprob=recompute (repeatable)")
     ap.add_argument("--out", default=str(default_out("e2e")), help="JSON output file")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     if args.quick:
         args.preset, args.steps, args.repeats, args.sampler_steps = "tiny", 3, 1, 4
         args.group_size, args.prompts, args.minibatch_size, args.eval_prompts = 4, 4, 16, 4
@@ -244,7 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
              "torch_threads": args.threads, "sampler_steps": args.sampler_steps, "group_size": args.group_size,
              "prompts_per_step": args.prompts, "minibatch_size": args.minibatch_size,
              "replay_steps": args.replay_steps, "max_staleness": args.max_staleness, "reference_on": sides,
-             "prompt_kind": args.prompt_kind, "corpus": corpus, "ray_num_cpus": n_cpus, "ray_cluster": cluster}
+             "prompt_kind": args.prompt_kind, "overrides": args.set, "corpus": corpus, "ray_num_cpus": n_cpus,
+             "ray_cluster": cluster}
     report = {"bench": "e2e", "threads": args.threads, "machine": info, "setup": setup, "modes": modes_out,
               "runs": runs}
     print(f"\nend-to-end GRPO, {setup['reward']} reward, {'generator ' + args.generator if args.generator else args.preset}"

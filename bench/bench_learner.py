@@ -76,10 +76,11 @@ def with_reference_terms(scored: ScoredBatch, reference: DiffusionLM, replay_ste
     return dataclasses.replace(scored, rollout=rollout), seconds
 
 
-def passes_per_row(epochs: int, old_logprob: str, reference_on: str = "learner") -> int:
+def passes_per_row(epochs: int, old_logprob: str, reference_on: str = "learner", one_minibatch: bool = False) -> int:
     """Forward-equivalents per replayed row: reference fwd (on the learner), (fwd + 2x bwd) per epoch,
-    recompute fwd."""
-    return (reference_on == "learner") + 3 * epochs + (1 if old_logprob == "recompute" else 0)
+    recompute fwd (none with one update a step: the update's forward gives pi_old)."""
+    recompute = old_logprob == "recompute" and not (epochs == 1 and one_minibatch)
+    return (reference_on == "learner") + 3 * epochs + recompute
 
 
 def _replay_label(v) -> str:
@@ -202,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
         m = c["metrics"][-1]
         replay_rows = m["replay_rows"]
         n_samples = m["num_samples"]
-        passes = passes_per_row(args.epochs, c["old_logprob"], c["reference_on"])
+        passes = passes_per_row(args.epochs, c["old_logprob"], c["reference_on"],
+                                one_minibatch=n_samples <= args.minibatch_size)
         flops = forward_flops_per_token(model.cfg, T, model.n_chars) * replay_rows * T * passes
         ref_s = median(x["ref_replay_s"] for x in c["metrics"])
         learn_s = median(x["learn_s"] for x in c["metrics"])

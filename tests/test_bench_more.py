@@ -13,6 +13,7 @@ import torch
 
 from bench import (bench_driver_scale, bench_e2e, bench_gpu, bench_learner, bench_quality, bench_scaling, bench_weight_sync,
                    common)
+from dgrpo.errors import ConfigError
 
 
 def _positive(x) -> bool:
@@ -59,6 +60,8 @@ def test_bench_learner_passes():
     assert bench_learner.passes_per_row(1, "behaviour") == 4
     assert bench_learner.passes_per_row(2, "recompute") == 8
     assert bench_learner.passes_per_row(1, "behaviour", "rollout") == 3
+    assert bench_learner.passes_per_row(1, "recompute", "rollout") == 4
+    assert bench_learner.passes_per_row(1, "recompute", "rollout", one_minibatch=True) == 3
 
 
 def test_bench_learner_reference_on_rollout(tmp_path, capsys):
@@ -144,6 +147,14 @@ def test_bench_e2e_reference_on_both_sides(ray_cluster, tmp_path, capsys):
     for m in data["modes"]:
         assert _positive(m["learner_peak_rss_mib"]) and _positive(m["rollout_peak_rss_mib"])
     assert "vs ref on learner" in printed
+
+
+def test_bench_e2e_overrides_reach_every_run(tmp_path):
+    args = bench_e2e.parse_args(["--set", "grpo.old_logprob=recompute", "--set", "grpo.tis_cap=3"])
+    cfg = bench_e2e.build_config(args, "async", tmp_path, "corpus.txt")
+    assert (cfg.grpo.old_logprob, cfg.grpo.tis_cap, cfg.run.mode) == ("recompute", 3.0, "async")
+    with pytest.raises(ConfigError, match="old_logprob"):
+        bench_e2e.build_config(bench_e2e.parse_args(["--set", "grpo.old_logprob=both"]), "sync", tmp_path, "c.txt")
 
 
 def test_e2e_summarise_shares():

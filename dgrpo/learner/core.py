@@ -142,6 +142,9 @@ class StepData:
     old: torch.Tensor | None = None  # (N, T) PPO's old shares
     old_surrogate: torch.Tensor | None = None  # (N, T) the same with the selection terms weighted down
     importance: torch.Tensor | None = None  # (N, T) truncated importance weight (recompute mode)
+    ref_selection: torch.Tensor | None = None  # (N, S) the reference's selection terms
+    old_selection: torch.Tensor | None = None  # (N, S) PPO's old policy's selection terms
+    old_from_update: bool = False  # recompute mode, one update: the update's own forward gives old (reference_pass)
 
     def subset(self, keep: torch.Tensor) -> "StepData":
         """The samples where `keep` holds, with their rows renumbered."""
@@ -157,7 +160,8 @@ class StepData:
                         self.advantages[kept], self.keep[kept],
                         self.fresh[kept], self.steps, self.sampling,
                         None if self.ref_terms is None else tuple(t[kept] for t in self.ref_terms),
-                        pick(self.ref), pick(self.old), pick(self.old_surrogate), pick(self.importance))
+                        pick(self.ref), pick(self.old), pick(self.old_surrogate), pick(self.importance),
+                        pick(self.ref_selection), pick(self.old_selection), self.old_from_update)
 
 
 @dataclass
@@ -238,15 +242,18 @@ class LearnerCore:
         t0 = time.perf_counter()
         data, metrics = self.prepare(batches)
         metrics.update(self.reference_pass(data))
-        kl_coef = self.kl_coef
+        kl_coef = self.kl_coef  # this step's; kl_seq steers the next step's
         metrics["kl_coef"] = kl_coef
-        if self.kl_controller is not None:
-            self.kl_controller.update(metrics["kl_seq"], self.step)
         if bool(data.keep.any()):
-            sums = self.update(data.subset(data.keep), kl_coef)
+            trained = data.subset(data.keep)
+            sums = self.update(trained, kl_coef)
+            if data.old_from_update:  # every sample was trained: the update's forward gave pi_old on all of them
+                metrics.update(self.old_policy_metrics(trained))
             metrics.update(self.statistics(sums, data))
         else:
             metrics["skipped_update"] = 1.0
+        if self.kl_controller is not None:
+            self.kl_controller.update(metrics["kl_seq"], self.step)
         if metrics["skipped_update"] == 0.0:
             self.version += 1
         self.end_step(metrics)
@@ -328,28 +335,55 @@ class LearnerCore:
             t_ref = time.perf_counter()
             ref_tokens, ref_selection = replay(self.reference)
             metrics["ref_replay_s"] = time.perf_counter() - t_ref
+        data.ref_selection = ref_selection
         data.ref = token_shares(ref_tokens, ref_selection, data.reveal)
+        if cfg.old_logprob == "recompute" and self.old_from_update(data):
+            # the update's first forward runs the same weights: its detached shares are pi_old (update())
+            data.old_from_update = True
+            data.old, data.old_surrogate = torch.zeros_like(data.behaviour), torch.zeros_like(data.behaviour)
+            data.importance, data.old_selection = torch.ones_like(data.behaviour), torch.zeros_like(ref_selection)
+            metrics["old_replay_s"] = 0.0
+            return metrics
         if cfg.old_logprob == "recompute":
+            t_old = time.perf_counter()
             self.policy.eval()
-            old_tokens, old_selection = replay(self.policy)
+            old_tokens, data.old_selection = replay(self.policy)
             self.policy.train()
-            data.old = token_shares(old_tokens, old_selection, data.reveal)
-            data.old_surrogate = token_shares(old_tokens, old_selection, data.reveal, cfg.selection_weight)
+            metrics["old_replay_s"] = time.perf_counter() - t_old
+            data.old = token_shares(old_tokens, data.old_selection, data.reveal)
+            data.old_surrogate = token_shares(old_tokens, data.old_selection, data.reveal, cfg.selection_weight)
             data.importance = grpo.truncated_importance_weight(data.old, data.behaviour, cfg.tis_cap)
+        else:
+            data.old, data.old_selection = data.behaviour, data.behaviour_selection
+            data.old_surrogate = token_shares(data.behaviour_tokens, data.old_selection, data.reveal,
+                                              cfg.selection_weight)
+        metrics.update(self.old_policy_metrics(data))
+        return metrics
+
+    def old_from_update(self, data: StepData) -> bool:
+        """Whether recompute mode can take pi_old from the update's own forward instead of a replay of its own:
+        one optimizer step over every sample of the step (no weight changes before the last chunk's forward) and
+        no dropout (the update's train-mode forward is then the policy's eval-mode forward)."""
+        one_update = self.cfg.epochs == 1 and int(data.keep.sum()) <= self.cfg.minibatch_size
+        rates = [m.p if isinstance(m, torch.nn.Dropout) else getattr(m, "dropout", 0.0) for m in self.policy.modules()]
+        no_dropout = not any(r > 0 for r in rates if isinstance(r, float))
+        return bool(data.keep.all()) and one_update and no_dropout
+
+    @torch.no_grad()
+    def old_policy_metrics(self, data: StepData) -> dict:
+        """pi_old's KL to the reference on every sample of the step (`kl_seq`, its selection part) and, in
+        recompute mode, its gap to the rollouts' log-probs and the mean truncated importance weight."""
+        kl_seq = grpo.sequence_kl(data.old, data.ref, data.mask, data.scale)
+        replayed = torch.zeros_like(data.ref_selection, dtype=torch.bool)
+        replayed[data.rows.sample_idx, data.rows.step_idx] = True
+        kl_selection = torch.where(replayed, data.old_selection - data.ref_selection, 0.0).sum(1) * data.scale
+        metrics = {"kl_seq": float(kl_seq.mean()), "kl_seq_selection": float(kl_selection.mean())}
+        if self.cfg.old_logprob == "recompute":
             gap = (data.old - data.behaviour).abs()
             metrics["logp_lag"] = float(grpo.masked_mean(gap, data.mask))
             if bool(data.fresh.any()):
                 metrics["logp_mismatch"] = float(grpo.masked_mean(gap, data.mask & data.fresh[:, None]))
             metrics["tis_mean"] = float(grpo.masked_mean(data.importance, data.mask))
-        else:
-            data.old, old_selection = data.behaviour, data.behaviour_selection
-            data.old_surrogate = token_shares(data.behaviour_tokens, old_selection, data.reveal, cfg.selection_weight)
-        # pi_old's KL to the reference on every sample of the step, before the update
-        kl_seq = grpo.sequence_kl(data.old, data.ref, data.mask, data.scale)
-        replayed = torch.zeros_like(ref_selection, dtype=torch.bool)
-        replayed[data.rows.sample_idx, data.rows.step_idx] = True
-        kl_selection = torch.where(replayed, old_selection - ref_selection, 0.0).sum(1) * data.scale
-        metrics.update(kl_seq=float(kl_seq.mean()), kl_seq_selection=float(kl_selection.mean()))
         return metrics
 
     def update(self, data: StepData, kl_coef: float) -> UpdateSums:
@@ -371,6 +405,8 @@ class LearnerCore:
                                        autocast_dtype=self.autocast_dtype, with_entropy=True, **data.sampling)
                     new = out.shares()
                     sel = chunk.sample_idx
+                    if data.old_from_update:
+                        self.fill_old(data, chunk, out)
                     surrogate = None if cfg.selection_weight == 1 else (out.shares(cfg.selection_weight),
                                                                         data.old_surrogate[sel])
                     tl = grpo.token_loss(
@@ -390,6 +426,17 @@ class LearnerCore:
                 sums.grad_norms.append(grad_norm)
                 self.optimizer.step()
         return sums
+
+    @torch.no_grad()
+    def fill_old(self, data: StepData, chunk: ReplayRows, out) -> None:
+        """pi_old on a chunk's rows from the update's forward (recompute mode, one update: same weights)."""
+        row, pos = out.targets.nonzero(as_tuple=True)
+        sample = chunk.sample_idx[row]
+        data.old[sample, pos] = out.shares()[row, pos].detach()
+        data.old_surrogate[sample, pos] = out.shares(self.cfg.selection_weight)[row, pos].detach()
+        data.importance[sample, pos] = grpo.truncated_importance_weight(
+            data.old[sample, pos], data.behaviour[sample, pos], self.cfg.tis_cap)
+        data.old_selection[chunk.sample_idx, chunk.step_idx] = out.selection.detach().to(data.old_selection.dtype)
 
     def statistics(self, sums: UpdateSums, data: StepData) -> dict:
         kept_adv = data.advantages[data.keep]
