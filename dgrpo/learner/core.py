@@ -247,8 +247,10 @@ class LearnerCore:
         if bool(data.keep.any()):
             trained = data.subset(data.keep)
             sums = self.update(trained, kl_coef)
-            if data.old_from_update:  # every sample was trained: the update's forward gave pi_old on all of them
-                metrics.update(self.old_policy_metrics(trained))
+            if data.old_from_update:  # the update's forward gave pi_old on the samples it trained
+                for name in ("old", "old_surrogate", "importance", "old_selection"):
+                    getattr(data, name)[data.keep] = getattr(trained, name)
+                metrics.update(self.old_policy_metrics(data))
             metrics.update(self.statistics(sums, data))
         else:
             metrics["skipped_update"] = 1.0
@@ -326,8 +328,8 @@ class LearnerCore:
     def reference_pass(self, data: StepData) -> dict:
         """The reference's shares (and in recompute mode the current policy's) on the replay rows; `kl_seq`."""
         cfg, metrics = self.cfg, {}
-        replay = lambda model: trajectory_step_logprobs(  # noqa: E731
-            model, data.tokens, data.reveal, data.steps, reveal_rank=data.reveal_rank, rows=data.rows,
+        replay = lambda model, rows=data.rows: trajectory_step_logprobs(  # noqa: E731
+            model, data.tokens, data.reveal, data.steps, reveal_rank=data.reveal_rank, rows=rows,
             rows_per_chunk=cfg.replay_rows_per_chunk, autocast_dtype=self.autocast_dtype, **data.sampling)
         if data.ref_terms is not None:  # the rollout workers replayed the reference
             (ref_tokens, ref_selection), metrics["ref_replay_s"] = data.ref_terms, 0.0
@@ -337,22 +339,27 @@ class LearnerCore:
             metrics["ref_replay_s"] = time.perf_counter() - t_ref
         data.ref_selection = ref_selection
         data.ref = token_shares(ref_tokens, ref_selection, data.reveal)
-        if cfg.old_logprob == "recompute" and self.old_from_update(data):
-            # the update's first forward runs the same weights: its detached shares are pi_old (update())
-            data.old_from_update = True
-            data.old, data.old_surrogate = torch.zeros_like(data.behaviour), torch.zeros_like(data.behaviour)
-            data.importance, data.old_selection = torch.ones_like(data.behaviour), torch.zeros_like(ref_selection)
-            metrics["old_replay_s"] = 0.0
-            return metrics
         if cfg.old_logprob == "recompute":
+            # with one update, its forward runs the same weights: its detached shares are pi_old on the samples it
+            # trains (update(), fill_old); only the samples it leaves out (groups without signal) are replayed here
+            data.old_from_update = self.old_from_update(data)
+            rows = data.rows
+            if data.old_from_update:
+                left_out = ~data.keep[rows.sample_idx]
+                rows = ReplayRows(rows.sample_idx[left_out], rows.step_idx[left_out])
             t_old = time.perf_counter()
-            self.policy.eval()
-            old_tokens, data.old_selection = replay(self.policy)
-            self.policy.train()
-            metrics["old_replay_s"] = time.perf_counter() - t_old
+            if rows.sample_idx.numel():
+                self.policy.eval()
+                old_tokens, data.old_selection = replay(self.policy, rows)
+                self.policy.train()
+            else:
+                old_tokens, data.old_selection = torch.zeros_like(ref_tokens), torch.zeros_like(ref_selection)
+            metrics["old_replay_s"] = time.perf_counter() - t_old if rows.sample_idx.numel() else 0.0
             data.old = token_shares(old_tokens, data.old_selection, data.reveal)
             data.old_surrogate = token_shares(old_tokens, data.old_selection, data.reveal, cfg.selection_weight)
             data.importance = grpo.truncated_importance_weight(data.old, data.behaviour, cfg.tis_cap)
+            if data.old_from_update:
+                return metrics  # kl_seq once the update has given pi_old on the rest (train())
         else:
             data.old, data.old_selection = data.behaviour, data.behaviour_selection
             data.old_surrogate = token_shares(data.behaviour_tokens, data.old_selection, data.reveal,
@@ -362,12 +369,12 @@ class LearnerCore:
 
     def old_from_update(self, data: StepData) -> bool:
         """Whether recompute mode can take pi_old from the update's own forward instead of a replay of its own:
-        one optimizer step over every sample of the step (no weight changes before the last chunk's forward) and
+        one optimizer step over the samples it trains (no weight changes before the last chunk's forward) and
         no dropout (the update's train-mode forward is then the policy's eval-mode forward)."""
-        one_update = self.cfg.epochs == 1 and int(data.keep.sum()) <= self.cfg.minibatch_size
+        one_update = self.cfg.epochs == 1 and 0 < int(data.keep.sum()) <= self.cfg.minibatch_size
         rates = [m.p if isinstance(m, torch.nn.Dropout) else getattr(m, "dropout", 0.0) for m in self.policy.modules()]
         no_dropout = not any(r > 0 for r in rates if isinstance(r, float))
-        return bool(data.keep.all()) and one_update and no_dropout
+        return one_update and no_dropout
 
     @torch.no_grad()
     def old_policy_metrics(self, data: StepData) -> dict:
