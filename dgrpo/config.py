@@ -274,7 +274,8 @@ class GRPOConfig(Section):
     grad_clip: float = Field(1.0, gt=0)
     old_logprob: Literal["behaviour", "recompute"] = Field(
         "behaviour", description="PPO's old policy: the rollout's recorded log-probs, or recomputed by the "
-                                 "learner before the update (then the rollout's give a truncated IS weight)")
+                                 "learner before the update (then the rollout's give a truncated IS weight; with one "
+                                 "update a step, from the update's own forward)")
     tis_cap: float = Field(2.0, gt=0, description="cap of the truncated importance weight (recompute mode)")
     replay_steps: Optional[int] = Field(None, ge=1, description="replay this many random steps per sample "
                                                                 "(None = all: exact)")
