@@ -347,14 +347,14 @@ class LearnerCore:
             if data.old_from_update:
                 left_out = ~data.keep[rows.sample_idx]
                 rows = ReplayRows(rows.sample_idx[left_out], rows.step_idx[left_out])
-            t_old = time.perf_counter()
+            old_tokens, data.old_selection = torch.zeros_like(ref_tokens), torch.zeros_like(ref_selection)
+            metrics["old_replay_s"] = 0.0
             if rows.sample_idx.numel():
+                t_old = time.perf_counter()
                 self.policy.eval()
                 old_tokens, data.old_selection = replay(self.policy, rows)
                 self.policy.train()
-            else:
-                old_tokens, data.old_selection = torch.zeros_like(ref_tokens), torch.zeros_like(ref_selection)
-            metrics["old_replay_s"] = time.perf_counter() - t_old if rows.sample_idx.numel() else 0.0
+                metrics["old_replay_s"] = time.perf_counter() - t_old
             data.old = token_shares(old_tokens, data.old_selection, data.reveal)
             data.old_surrogate = token_shares(old_tokens, data.old_selection, data.reveal, cfg.selection_weight)
             data.importance = grpo.truncated_importance_weight(data.old, data.behaviour, cfg.tis_cap)
@@ -413,7 +413,7 @@ class LearnerCore:
                     new = out.shares()
                     sel = chunk.sample_idx
                     if data.old_from_update:
-                        self.fill_old(data, chunk, out)
+                        self.fill_old(data, chunk, out, new)
                     surrogate = None if cfg.selection_weight == 1 else (out.shares(cfg.selection_weight),
                                                                         data.old_surrogate[sel])
                     tl = grpo.token_loss(
@@ -435,11 +435,11 @@ class LearnerCore:
         return sums
 
     @torch.no_grad()
-    def fill_old(self, data: StepData, chunk: ReplayRows, out) -> None:
+    def fill_old(self, data: StepData, chunk: ReplayRows, out, shares: torch.Tensor) -> None:
         """pi_old on a chunk's rows from the update's forward (recompute mode, one update: same weights)."""
         row, pos = out.targets.nonzero(as_tuple=True)
         sample = chunk.sample_idx[row]
-        data.old[sample, pos] = out.shares()[row, pos].detach()
+        data.old[sample, pos] = shares[row, pos].detach()
         data.old_surrogate[sample, pos] = out.shares(self.cfg.selection_weight)[row, pos].detach()
         data.importance[sample, pos] = grpo.truncated_importance_weight(
             data.old[sample, pos], data.behaviour[sample, pos], self.cfg.tis_cap)
